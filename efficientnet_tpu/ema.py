@@ -1,0 +1,90 @@
+"""Exponential moving average of model weights, distribution-aware.
+
+Averages every floating-point model variable: the trainable weights and the
+batch-norm moving statistics (as TPU-EN does). The decay warms up as
+`min(decay, (1 + step) / (10 + step))`, so early averages are not dominated
+by the random initialization.
+
+Updates run inside the replicated train step with a single `merge_call`, then
+`strategy.extended.update` on each average, so each device updates its own
+copy from its own (identical) weights with no communication.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def _tf_variable(v):
+  """The tf.Variable behind a Keras 3 variable (or `v` itself)."""
+  return getattr(v, 'value', v) if not isinstance(v, tf.Variable) else v
+
+
+class ExponentialMovingAverage(tf.Module):
+  """Shadow copies of model variables, updated every train step.
+
+  Create it inside `strategy.scope()`, so the averages are mirrored like the
+  weights they follow. Track it in the checkpoint.
+  """
+
+  def __init__(self, variables, decay: float, name: str = 'ema'):
+    super().__init__(name=name)
+    self.decay = float(decay)
+    self._model_variables = [
+        v for v in variables if tf.as_dtype(v.dtype).is_floating]
+    with tf.name_scope(name):
+      self.averages = [
+          tf.Variable(_tf_variable(v).read_value(), trainable=False,
+                      name=_tf_variable(v).name.split(':')[0]
+                      .replace('/', '_'))
+          for v in self._model_variables
+      ]
+
+  @property
+  def model_variables(self):
+    return self._model_variables
+
+  def decay_at(self, step) -> tf.Tensor:
+    """The warmed-up decay used at (0-based) `step`."""
+    step = tf.cast(step, tf.float32)
+    return tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
+
+  def update(self, step) -> None:
+    """Moves the averages towards the current weights.
+
+    Call from replica context (inside `strategy.run`) or with no strategy.
+    """
+    decay = self.decay_at(step)
+
+    def _apply(average, value, decay):
+      return average.assign_sub((1.0 - decay) *
+                                (average - tf.cast(value, average.dtype)))
+
+    def merge_fn(strategy, decay):
+      for average, var in zip(self.averages, self._model_variables):
+        strategy.extended.update(average, _apply,
+                                 args=(_tf_variable(var), decay), group=False)
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:  # Cross-replica context: update directly.
+      merge_fn(tf.distribute.get_strategy(), decay)
+    else:
+      ctx.merge_call(merge_fn, args=(decay,))
+
+  def swap(self) -> None:
+    """Exchanges model weights and averages (call twice to undo).
+
+    Call in cross-replica context (outside `strategy.run`), e.g. before and
+    after evaluation or export; training state is restored exactly.
+    """
+    strategy = tf.distribute.get_strategy()
+
+    def _swap(average, var):
+      tmp = tf.identity(average.read_value())
+      average.assign(tf.cast(var.read_value(), average.dtype))
+      var.assign(tf.cast(tmp, var.dtype))
+      return tmp
+
+    for average, var in zip(self.averages, self._model_variables):
+      strategy.extended.update(average, _swap, args=(_tf_variable(var),),
+                               group=False)

@@ -1,0 +1,332 @@
+r"""Trains and evaluates EfficientNets on TPU pods, GPUs and CPUs.
+
+Flags keep the TPUEstimator-era names of tensorflow/tpu where they exist, and
+`--flagfile=launch/presets/NAME.cfg` loads a preset. Flags are read here only:
+they become an `ExperimentConfig`, validated before any work starts.
+
+Local smoke run (4 simulated replicas, tiny model, synthetic data):
+
+  efficientnet-tpu-train --flagfile=launch/presets/cpu_smoke.cfg \
+      --model_dir=/tmp/effnet_smoke
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from efficientnet_tpu import config as config_lib
+
+FLAGS = flags.FLAGS
+
+# ---- cluster -----------------------------------------------------------------
+flags.DEFINE_enum('strategy', 'cpu', config_lib.STRATEGIES,
+                  'tf.distribute strategy: tpu (TPUStrategy), gpu '
+                  '(MirroredStrategy), multi_worker (MultiWorkerMirrored'
+                  'Strategy from TF_CONFIG), cpu (N logical CPU replicas).')
+flags.DEFINE_string('tpu', None, "TPU name, 'local' on a TPU VM, or a "
+                    'grpc:// address (legacy TPU Node). Implies '
+                    '--strategy=tpu.')
+flags.DEFINE_string('tpu_zone', None, 'GCE zone of the TPU (TPU Nodes).')
+flags.DEFINE_string('gcp_project', None, 'GCP project of the TPU (TPU Nodes).')
+flags.DEFINE_integer('num_cpu_replicas', 1, 'Logical CPU devices (replicas) '
+                     'for --strategy=cpu: simulates a pod slice locally.')
+flags.DEFINE_integer('num_gpus', 0, 'GPUs to use with --strategy=gpu; 0 = all.')
+
+# ---- data --------------------------------------------------------------------
+flags.DEFINE_string('data_dir', None, 'Directory (local or gs://) of ImageNet '
+                    'TFRecords train-*-of-* / validation-*-of-*, or a '
+                    'prepared tensorflow-datasets data_dir with --data=tfds:.')
+flags.DEFINE_string('data', None, "Data source: 'synthetic', 'tfrecord' or "
+                    "'tfds:NAME'. Default: tfrecord when --data_dir is set, "
+                    'else synthetic.')
+flags.DEFINE_integer('num_train_images', 1281167, 'Images in the train split.')
+flags.DEFINE_integer('num_eval_images', 50000, 'Images in the eval split.')
+flags.DEFINE_integer('num_label_classes', 1000, 'Classes; 1001 keeps label 0 '
+                     'as background (labels in the records are 1-based).')
+flags.DEFINE_enum('augment_name', 'none', config_lib.AUGMENTATIONS,
+                  'Training augmentation after the random crop.')
+flags.DEFINE_integer('randaug_num_layers', 2, 'RandAugment ops per image.')
+flags.DEFINE_float('randaug_magnitude', 10.0, 'RandAugment magnitude [0, 30].')
+flags.DEFINE_enum('resize_method', 'bicubic', config_lib.RESIZE_METHODS,
+                  'Image resize method.')
+flags.DEFINE_integer('shuffle_buffer', 1024, 'Examples in the shuffle buffer.')
+flags.DEFINE_bool('skip_corrupt', False, 'Skip (and count) corrupt training '
+                  'records instead of failing.')
+flags.DEFINE_integer('seed', 0, 'Seed for synthetic data and shuffling.')
+
+# ---- model -------------------------------------------------------------------
+flags.DEFINE_enum('model_name', 'efficientnet-b0',
+                  list(config_lib.MODEL_TABLE), 'EfficientNet variant.')
+flags.DEFINE_integer('image_size', None, 'Input resolution; default: the '
+                     "model's (224 for B0 ... 600 for B7).")
+flags.DEFINE_float('width_coefficient', None, "Override the model's width "
+                   'multiplier (scaled-down test models).')
+flags.DEFINE_float('depth_coefficient', None, "Override the model's depth "
+                   'multiplier (scaled-down test models).')
+flags.DEFINE_float('dropout_rate', None, "Dropout before the classifier; "
+                   "default: the model's.")
+flags.DEFINE_float('stochastic_depth_rate', 0.2, 'Drop rate of the last '
+                   'block (grows linearly from 0 at the first block).')
+flags.DEFINE_float('batch_norm_momentum', 0.99, 'Batch-norm moving-average '
+                   'momentum.')
+flags.DEFINE_float('batch_norm_epsilon', 1e-3, 'Batch-norm epsilon.')
+flags.DEFINE_integer('bn_group_size', None, 'Replicas per batch-norm group: '
+                     '1 = local BN, 0 = all replicas (global sync BN).')
+flags.DEFINE_integer('bn_group_batch_size', None, 'Target images per '
+                     'batch-norm group; the group size is derived from the '
+                     'actual replica count and per-replica batch.')
+flags.DEFINE_bool('use_bfloat16', False, 'bfloat16 activations (mixed '
+                  'precision) with float32 weights and logits.')
+
+# ---- optimization ------------------------------------------------------------
+flags.DEFINE_enum('optimizer', 'rmsprop', config_lib.OPTIMIZERS, 'Optimizer.')
+flags.DEFINE_float('base_learning_rate', 0.016, 'Learning rate per 256 '
+                   'images with --lr_scaling=linear, or the absolute peak '
+                   'with --lr_scaling=none.')
+flags.DEFINE_enum('lr_scaling', 'linear', config_lib.LR_SCALINGS,
+                  'linear: peak = base * batch / 256; none: peak = base.')
+flags.DEFINE_enum('lr_schedule', 'exponential', config_lib.LR_SCHEDULES,
+                  'Decay after warmup.')
+flags.DEFINE_float('lr_warmup_epochs', 5.0, 'Linear warmup epochs.')
+flags.DEFINE_float('lr_decay_epochs', 2.4, 'Epochs per exponential decay.')
+flags.DEFINE_float('lr_decay_factor', 0.97, 'Exponential decay factor.')
+flags.DEFINE_float('poly_power', 2.0, 'Polynomial decay power.')
+flags.DEFINE_float('end_learning_rate', 0.0, 'Final LR of poly decay.')
+flags.DEFINE_float('momentum', 0.9, 'Momentum (LARS, RMSProp, SGD).')
+flags.DEFINE_bool('nesterov', False, 'Nesterov momentum (LARS, momentum).')
+flags.DEFINE_float('rmsprop_decay', 0.9, 'RMSProp decay (rho).')
+flags.DEFINE_float('rmsprop_epsilon', 1e-3, 'RMSProp epsilon.')
+flags.DEFINE_float('lars_eeta', 0.001, 'LARS trust coefficient.')
+flags.DEFINE_float('lars_epsilon', 0.0, 'LARS epsilon in the trust ratio.')
+flags.DEFINE_float('weight_decay', 1e-5, 'Weight decay, applied once: by LARS '
+                   'itself, or as an L2 loss term for the other optimizers.')
+flags.DEFINE_list('weight_decay_exclude',
+                  list(config_lib.DEFAULT_WEIGHT_DECAY_EXCLUDE),
+                  'Regexes on variable paths excluded from weight decay and '
+                  'LARS adaptation.')
+flags.DEFINE_float('label_smoothing', 0.1, 'Label smoothing.')
+flags.DEFINE_float('moving_average_decay', 0.9999, 'EMA decay of the weights '
+                   'used for evaluation and export; 0 disables EMA.')
+
+# ---- loop --------------------------------------------------------------------
+flags.DEFINE_string('model_dir', None, 'Directory (local or gs://) for '
+                    'checkpoints, summaries and the resolved config. An '
+                    'existing run there is resumed, never overwritten.')
+flags.DEFINE_enum('mode', 'train', config_lib.MODES, 'What to run.')
+flags.DEFINE_integer('train_batch_size', 2048, 'Global training batch.')
+flags.DEFINE_integer('eval_batch_size', 1024, 'Global eval batch.')
+flags.DEFINE_integer('train_steps', None, 'Training steps (wins over '
+                     '--train_epochs).')
+flags.DEFINE_float('train_epochs', 350.0, 'Training epochs.')
+flags.DEFINE_integer('iterations_per_loop', 1251, 'Steps per host call (and '
+                     'per checkpoint).')
+flags.DEFINE_float('eval_every_epochs', 0.0, 'train_and_eval: epochs between '
+                   'evaluations; 0 = only at the end.')
+flags.DEFINE_integer('eval_every_steps', None, 'train_and_eval: steps between '
+                     'evaluations (wins over --eval_every_epochs).')
+flags.DEFINE_integer('eval_steps', None, 'Limit evaluation to this many '
+                     'batches (default: the whole eval set, exactly once).')
+flags.DEFINE_integer('eval_timeout', 0, '--mode=eval: seconds to wait for a '
+                     'new checkpoint; 0 = evaluate the latest and exit.')
+flags.DEFINE_integer('keep_checkpoint_max', 5, 'Checkpoints kept.')
+flags.DEFINE_string('export_dir', None, 'Write a SavedModel serving JPEG '
+                    'bytes here after training / evaluation.')
+flags.DEFINE_enum('jit_compile', 'auto', ['auto', 'true', 'false'],
+                  'XLA: auto = on for TPU/GPU, off for CPU.')
+flags.DEFINE_bool('dry_run', False, 'Print the resolved config and LR '
+                  'schedule, plot it to model_dir/lr_schedule.png, and exit.')
+
+
+def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
+  """Turns parsed flags into a validated ExperimentConfig."""
+  if f.model_dir is None:
+    raise config_lib.ConfigError('--model_dir: expected a directory for '
+                                 'checkpoints and summaries, got None')
+  source = f.data or ('tfrecord' if f.data_dir else 'synthetic')
+  strategy = 'tpu' if (f.tpu and f['strategy'].using_default_value) else (
+      f.strategy)
+  return config_lib.ExperimentConfig(
+      model=config_lib.ModelConfig(
+          name=f.model_name,
+          num_classes=f.num_label_classes,
+          width_coefficient=f.width_coefficient,
+          depth_coefficient=f.depth_coefficient,
+          image_size=f.image_size,
+          dropout_rate=f.dropout_rate,
+          stochastic_depth_rate=f.stochastic_depth_rate,
+          bn_momentum=f.batch_norm_momentum,
+          bn_epsilon=f.batch_norm_epsilon,
+          bn_group_size=f.bn_group_size,
+          bn_group_batch_size=f.bn_group_batch_size,
+          use_bfloat16=f.use_bfloat16),
+      data=config_lib.DataConfig(
+          source=source,
+          data_dir=f.data_dir,
+          num_train_images=f.num_train_images,
+          num_eval_images=f.num_eval_images,
+          include_background_label=f.num_label_classes == 1001,
+          augment=f.augment_name,
+          randaug_num_layers=f.randaug_num_layers,
+          randaug_magnitude=f.randaug_magnitude,
+          resize_method=f.resize_method,
+          shuffle_buffer=f.shuffle_buffer,
+          skip_corrupt=f.skip_corrupt,
+          seed=f.seed),
+      optimizer=config_lib.OptimizerConfig(
+          optimizer=f.optimizer,
+          base_learning_rate=f.base_learning_rate,
+          lr_scaling=f.lr_scaling,
+          lr_schedule=f.lr_schedule,
+          lr_warmup_epochs=f.lr_warmup_epochs,
+          lr_decay_epochs=f.lr_decay_epochs,
+          lr_decay_factor=f.lr_decay_factor,
+          poly_power=f.poly_power,
+          end_learning_rate=f.end_learning_rate,
+          momentum=f.momentum,
+          nesterov=f.nesterov,
+          rmsprop_decay=f.rmsprop_decay,
+          rmsprop_epsilon=f.rmsprop_epsilon,
+          lars_eeta=f.lars_eeta,
+          lars_epsilon=f.lars_epsilon,
+          weight_decay=f.weight_decay,
+          weight_decay_exclude=tuple(f.weight_decay_exclude),
+          label_smoothing=f.label_smoothing,
+          moving_average_decay=f.moving_average_decay),
+      distribute=config_lib.DistributeConfig(
+          strategy=strategy,
+          tpu=f.tpu,
+          tpu_zone=f.tpu_zone,
+          gcp_project=f.gcp_project,
+          num_cpu_replicas=f.num_cpu_replicas,
+          num_gpus=f.num_gpus),
+      train=config_lib.TrainConfig(
+          model_dir=f.model_dir,
+          mode=f.mode,
+          train_batch_size=f.train_batch_size,
+          eval_batch_size=f.eval_batch_size,
+          train_steps=f.train_steps,
+          train_epochs=f.train_epochs,
+          iterations_per_loop=f.iterations_per_loop,
+          eval_every_epochs=f.eval_every_epochs,
+          eval_every_steps=f.eval_every_steps,
+          eval_timeout=f.eval_timeout,
+          eval_steps=f.eval_steps,
+          keep_checkpoint_max=f.keep_checkpoint_max,
+          export_dir=f.export_dir,
+          jit_compile={'auto': None, 'true': True,
+                       'false': False}[f.jit_compile],
+          dry_run=f.dry_run,
+          seed=f.seed))
+
+
+def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
+  """Checks that need the filesystem, before any strategy or model exists."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import data as data_lib  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import schedules  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  if cfg.distribute.strategy == 'cpu':
+    # Replica divisibility is known up front on CPU; elsewhere it is checked
+    # once the strategy reports the real replica count.
+    cfg.validate_for_replicas(cfg.distribute.num_cpu_replicas)
+  schedules.validate_schedule(cfg.optimizer, cfg.train.train_batch_size,
+                              cfg.steps_per_epoch, cfg.total_train_steps)
+  data_lib.check_data_files(cfg.data, cfg.train.mode)
+  previous = train_lib.read_config(cfg.train.model_dir)
+  if previous is not None:
+    old_model = previous.get('model', {})
+    new_model = json.loads(cfg.to_json())['model']
+    changed = sorted(k for k in new_model
+                     if k not in ('use_bfloat16', 'bn_group_size',
+                                  'bn_group_batch_size')
+                     and old_model.get(k) != new_model[k])
+    if changed:
+      k = changed[0]
+      raise config_lib.ConfigError(
+          f'--model_dir: {cfg.train.model_dir} holds a run with model '
+          f'{k}={old_model.get(k)!r}, this run asks for {new_model[k]!r}; '
+          'use a new --model_dir (existing runs are resumed, never '
+          'overwritten)')
+  export_dir = cfg.train.export_dir
+  if export_dir and tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(
+      export_dir):
+    raise config_lib.ConfigError(
+        f'--export_dir: expected a new or empty directory, {export_dir} is '
+        'not empty (exports never overwrite)')
+
+
+def dry_run(cfg: config_lib.ExperimentConfig) -> None:
+  """Prints the resolved config and schedule; plots the LR curve."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import schedules  # pylint: disable=g-import-not-at-top
+  schedule = schedules.build_learning_rate_schedule(
+      cfg.optimizer, cfg.train.train_batch_size, cfg.steps_per_epoch,
+      cfg.total_train_steps)
+  summary = schedules.describe_schedule(
+      cfg.optimizer, cfg.train.train_batch_size, cfg.steps_per_epoch,
+      cfg.total_train_steps)
+  print(cfg.to_json())
+  print('Learning-rate schedule:')
+  for k, v in summary.items():
+    print(f'  {k}: {v}')
+  tf.io.gfile.makedirs(cfg.train.model_dir)
+  path = os.path.join(cfg.train.model_dir, 'lr_schedule.png')
+  schedules.plot_schedule(schedule, cfg.total_train_steps, path)
+  print(f'  plot: {path}')
+
+
+def run_experiment(cfg: config_lib.ExperimentConfig) -> dict:
+  """Builds the strategy and runs cfg.train.mode; returns final metrics."""
+  from efficientnet_tpu import distribute  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import evaluation  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import export  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  strategy = distribute.build_strategy(cfg.distribute)
+  trainer = train_lib.Trainer(cfg, strategy)
+  mode = cfg.train.mode
+  if mode == 'train':
+    metrics = trainer.train()
+  elif mode == 'train_and_eval':
+    metrics = trainer.train(evaluator=evaluation.Evaluator(trainer))
+  else:
+    metrics = evaluation.continuous_eval(trainer, evaluation.Evaluator(trainer),
+                                         cfg.train.eval_timeout)
+  if cfg.train.export_dir and trainer.is_writer:
+    export.export_saved_model(trainer, cfg.train.export_dir)
+  return metrics
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    cfg = config_from_flags(FLAGS)
+    check_before_start(cfg)
+    if cfg.train.dry_run:
+      dry_run(cfg)
+      return 0
+    metrics = run_experiment(cfg)
+  except config_lib.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  logging.info('Final metrics: %s', metrics)
+  print(json.dumps({k: round(v, 6) if isinstance(v, float) else v
+                    for k, v in metrics.items()}, sort_keys=True))
+  return 0
+
+
+def run():
+  """Console-script entry point."""
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == '__main__':
+  run()
