@@ -30,6 +30,9 @@ class ExponentialMovingAverage(tf.Module):
   def __init__(self, variables, decay: float, name: str = 'ema'):
     super().__init__(name=name)
     self.decay = float(decay)
+    # The averages live where the weights do: remember whose they are, since
+    # swap() may be called outside the strategy's scope.
+    self._strategy = tf.distribute.get_strategy()
     self._model_variables = [
         v for v in variables if tf.as_dtype(v.dtype).is_floating]
     with tf.name_scope(name):
@@ -67,7 +70,7 @@ class ExponentialMovingAverage(tf.Module):
 
     ctx = tf.distribute.get_replica_context()
     if ctx is None:  # Cross-replica context: update directly.
-      merge_fn(tf.distribute.get_strategy(), decay)
+      merge_fn(self._strategy, decay)
     else:
       ctx.merge_call(merge_fn, args=(decay,))
 
@@ -77,7 +80,7 @@ class ExponentialMovingAverage(tf.Module):
     Call in cross-replica context (outside `strategy.run`), e.g. before and
     after evaluation or export; training state is restored exactly.
     """
-    strategy = tf.distribute.get_strategy()
+    strategy = self._strategy
 
     def _swap(average, var):
       tmp = tf.identity(average.read_value())

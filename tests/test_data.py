@@ -1,0 +1,107 @@
+"""Tests for the synthetic source and the shared eval padding."""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from efficientnet_tpu import config as config_lib
+from efficientnet_tpu import data as data_lib
+
+
+def _ctx(num_pipelines, pipeline_id, num_replicas):
+  return tf.distribute.InputContext(num_input_pipelines=num_pipelines,
+                                    input_pipeline_id=pipeline_id,
+                                    num_replicas_in_sync=num_replicas)
+
+
+@pytest.mark.parametrize('num_images,global_batch,pipelines,replicas', [
+    (37, 8, 1, 1), (37, 8, 2, 4), (37, 12, 3, 3), (50, 16, 4, 8),
+    (5, 16, 2, 2),
+])
+def test_eval_padding_covers_every_example_exactly_once(
+    num_images, global_batch, pipelines, replicas):
+  steps = data_lib.num_eval_steps(num_images, global_batch)
+  assert steps == -(-num_images // global_batch)
+  seen = collections.Counter()
+  for pid in range(pipelines):
+    ctx = _ctx(pipelines, pid, replicas)
+    per_replica = ctx.get_per_replica_batch_size(global_batch)
+    examples = (tf.data.Dataset.range(num_images)
+                .shard(pipelines, pid)
+                .map(lambda i: {'images': tf.zeros([2, 2, 3]),
+                                'labels': tf.cast(i, tf.int32)}))
+    ds = data_lib.batch_eval_examples(examples, per_replica,
+                                      replicas // pipelines, steps)
+    batches = list(ds.as_numpy_iterator())
+    # Every replica of this pipeline runs exactly `steps` fixed-shape steps.
+    assert len(batches) == steps * (replicas // pipelines)
+    for b in batches:
+      assert b['images'].shape == (per_replica, 2, 2, 3)
+      for label, m in zip(b['labels'], b['mask']):
+        if m == 1.0:
+          seen[int(label)] += 1
+        else:
+          assert m == 0.0 and label == 0
+  assert sorted(seen) == list(range(num_images))
+  assert set(seen.values()) == {1}
+
+
+def _synthetic(is_training, dtype=tf.float32, **kw):
+  cfg = config_lib.DataConfig(num_train_images=64, num_eval_images=21, **kw)
+  return data_lib.make_input_fn(cfg, num_classes=5, image_size=8,
+                                is_training=is_training, global_batch_size=8,
+                                dtype=dtype)
+
+
+@pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
+def test_synthetic_element_spec(dtype):
+  train = _synthetic(True, dtype)(_ctx(1, 0, 2))
+  assert train.element_spec == {
+      'images': tf.TensorSpec([4, 8, 8, 3], dtype),
+      'labels': tf.TensorSpec([4], tf.int32)}
+  evaluation = _synthetic(False, dtype)(_ctx(1, 0, 2))
+  assert evaluation.element_spec == {
+      'images': tf.TensorSpec([4, 8, 8, 3], dtype),
+      'labels': tf.TensorSpec([4], tf.int32),
+      'mask': tf.TensorSpec([4], tf.float32)}
+  # 21 images at global batch 8: 3 steps x 2 replicas, 21 of them real.
+  batches = list(evaluation.as_numpy_iterator())
+  assert len(batches) == 6
+  assert sum(b['mask'].sum() for b in batches) == 21
+
+
+def test_synthetic_is_deterministic_and_labels_in_range():
+  a = next(iter(_synthetic(False)(_ctx(1, 0, 1))))
+  b = next(iter(_synthetic(False)(_ctx(1, 0, 1))))
+  np.testing.assert_array_equal(a['images'], b['images'])
+  labels = np.concatenate([x['labels'] for x in
+                           _synthetic(False)(_ctx(1, 0, 1))
+                           .as_numpy_iterator()])
+  assert labels.min() >= 0 and labels.max() < 5
+
+
+def test_synthetic_pipelines_shard_the_eval_set():
+  """Two pipelines together hold the one-pipeline eval set, once."""
+  def images(pipelines):
+    out = []
+    for pid in range(pipelines):
+      for b in _synthetic(False)(_ctx(pipelines, pid, 2)).as_numpy_iterator():
+        out += [img.tobytes() for img, m in zip(b['images'], b['mask'])
+                if m == 1]
+    return sorted(out)
+  one, two = images(1), images(2)
+  assert len(one) == 21 and one == two
+
+
+def test_missing_tfrecords_fail_with_the_pattern(tmp_path):
+  cfg = config_lib.DataConfig(source='tfrecord', data_dir=str(tmp_path))
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'^--data_dir: expected ImageNet TFRecords '
+                     r'matching .*/train-\*'):
+    data_lib.check_data_files(cfg, 'train')
+  (tmp_path / 'train-00000-of-00001').write_bytes(b'')
+  data_lib.check_data_files(cfg, 'train')
+  with pytest.raises(config_lib.ConfigError, match='validation-'):
+    data_lib.check_data_files(cfg, 'train_and_eval')

@@ -1,0 +1,66 @@
+"""EMA against a numpy reference, under a replicated step and swapping."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from efficientnet_tpu import ema as ema_lib
+
+
+def _strategy(n):
+  return tf.distribute.MirroredStrategy(
+      [f'/cpu:{i}' for i in range(n)],
+      cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def test_ema_matches_numpy_with_decay_warmup_on_replicas():
+  strategy = _strategy(2)
+  decay = 0.9
+  with strategy.scope():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    ema = ema_lib.ExponentialMovingAverage(model.variables, decay)
+    step = tf.Variable(0, dtype=tf.int64)
+  rng = np.random.default_rng(0)
+  new_values = [[rng.normal(size=v.shape).astype(np.float32)
+                 for v in model.variables] for _ in range(15)]
+  expected = [v.numpy().copy() for v in model.variables]
+
+  for i, values in enumerate(new_values):
+    # Weights change identically on all replicas (as after an all-reduce).
+    for var, value in zip(model.variables, values):
+      var.assign(value)
+    strategy.run(lambda: ema.update(step))
+    step.assign_add(1)
+    d = min(decay, (1 + i) / (10 + i))
+    expected = [d * e + (1 - d) * v for e, v in zip(expected, values)]
+  for average, e in zip(ema.averages, expected):
+    for component in strategy.experimental_local_results(average):
+      np.testing.assert_allclose(component.numpy(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_swap_exchanges_and_restores_exactly():
+  strategy = _strategy(2)
+  with strategy.scope():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    ema = ema_lib.ExponentialMovingAverage(model.variables, 0.5)
+  weights = [v.numpy().copy() for v in model.variables]
+  for v in model.variables:
+    v.assign(v + 1.0)
+  trained = [v.numpy().copy() for v in model.variables]
+  ema.swap()
+  for v, w in zip(model.variables, weights):
+    for c in strategy.experimental_local_results(v.value):
+      np.testing.assert_array_equal(c.numpy(), w)
+  ema.swap()
+  for v, t in zip(model.variables, trained):
+    for c in strategy.experimental_local_results(v.value):
+      np.testing.assert_array_equal(c.numpy(), t)
+  for a, w in zip(ema.averages, weights):
+    np.testing.assert_array_equal(a.numpy(), w)
+
+
+def test_only_floating_variables_are_averaged():
+  v_float = tf.Variable([1.0, 2.0])
+  v_int = tf.Variable([1, 2])
+  ema = ema_lib.ExponentialMovingAverage([v_float, v_int], 0.9)
+  assert len(ema.averages) == 1
