@@ -1,0 +1,289 @@
+"""Optimizers: LARS for large batches, TF1-style RMSProp, momentum and SGD.
+
+Weight decay is applied exactly once:
+
+* LARS applies it itself (inside the trust ratio and the update), so
+  `optimizer_applies_weight_decay` is True and `l2_loss` returns 0.
+* For rmsprop / momentum / sgd the training loop adds `l2_loss` to the loss
+  (the TPU-EN convention `weight_decay * sum(tf.nn.l2_loss(w))`).
+
+TPU-EN's paper code added its L2 loss term on top of LARS's own decay, so
+decay was applied twice; `l2_loss` prevents that by construction.
+
+All optimizers here are Keras 3 optimizers on the TensorFlow backend. Inside
+`strategy.run` (MirroredStrategy / TPUStrategy) Keras all-reduces the
+gradients with SUM and then calls `update_step(gradient, variable, lr)` once
+per variable through `distribution.extended.update`; `variable` may then be
+the per-device `tf.Variable`, which is why per-variable settings are looked up
+with `_get_variable_index` (which maps per-device copies back to the index
+given in `build`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from efficientnet_tpu.config import (ConfigError, DEFAULT_WEIGHT_DECAY_EXCLUDE,
+                                     OptimizerConfig)
+
+_PACKAGE = 'efficientnet_tpu'
+
+
+def variable_path(variable) -> str:
+  """Layer path of a variable, e.g. "block1a_bn/gamma".
+
+  Keras 3 variables carry it in `.path` (their `.name` is only "gamma");
+  plain tf.Variables fall back to `.name` without the ":0" suffix.
+  """
+  path = getattr(variable, 'path', None)
+  if path:
+    return path
+  return variable.name.split(':')[0]
+
+
+def _compile_patterns(patterns: Iterable[str], flag: str):
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except (re.error, TypeError) as e:
+      raise ConfigError(f'--{flag}: expected valid regular expressions, got '
+                        f'{pattern!r} ({e})') from None
+  return compiled
+
+
+def is_excluded(variable, patterns: Sequence[str]) -> bool:
+  """True if the variable's path matches any regex (re.search) in patterns."""
+  path = variable_path(variable)
+  return any(p.search(path) for p in
+             _compile_patterns(patterns, 'weight_decay_exclude'))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LARS(keras.optimizers.Optimizer):
+  """Layer-wise Adaptive Rate Scaling (You et al. 2017) with momentum.
+
+  For each variable `w` with (all-reduced) gradient `g` and learning rate
+  `lr`:
+
+      trust_ratio = eeta * ||w|| / (||g|| + weight_decay * ||w|| + epsilon)
+                    (1.0 where ||w|| == 0 or ||g|| == 0)
+      scaled = (g + weight_decay * w) * lr * trust_ratio
+      v = momentum * v + scaled
+      w -= v                          (nesterov: w -= momentum * v + scaled)
+
+  Variables whose path matches any regex in `exclude_from_adaptation` get
+  neither trust ratio nor weight decay: `scaled = g * lr` (plain momentum
+  SGD). Norms and the update are computed in float32 whatever the variable
+  dtype (with the mixed_bfloat16 policy the variables are float32 anyway).
+
+  This matches the LARS used by the paper's code (tensorflow/tpu
+  `efficientnet/lars_optimizer.py`, classic momentum as in ApplyMomentum).
+  The Keras base-class `weight_decay` (decoupled decay) is deliberately left
+  None so decay is not applied a second time; `get_config` still reports it.
+  """
+
+  def __init__(self,
+               learning_rate=0.1,
+               momentum: float = 0.9,
+               nesterov: bool = False,
+               eeta: float = 0.001,
+               weight_decay: float = 0.0,
+               epsilon: float = 0.0,
+               exclude_from_adaptation: Optional[Sequence[str]] = (
+                   DEFAULT_WEIGHT_DECAY_EXCLUDE),
+               name: str = 'lars',
+               **kwargs):
+    super().__init__(learning_rate=learning_rate, weight_decay=None,
+                     name=name, **kwargs)
+    if not 0.0 <= momentum < 1.0:
+      raise ConfigError(f'--momentum: expected a value in [0, 1), got '
+                        f'{momentum!r}')
+    if not eeta > 0:
+      raise ConfigError(f'--lars_eeta: expected a value > 0, got {eeta!r}')
+    if not weight_decay >= 0:
+      raise ConfigError(f'--weight_decay: expected a value >= 0, got '
+                        f'{weight_decay!r}')
+    if not epsilon >= 0:
+      raise ConfigError(f'--lars_epsilon: expected a value >= 0, got '
+                        f'{epsilon!r}')
+    self.momentum = float(momentum)
+    self.nesterov = bool(nesterov)
+    self.eeta = float(eeta)
+    self.lars_weight_decay = float(weight_decay)
+    self.epsilon = float(epsilon)
+    self.exclude_from_adaptation = tuple(exclude_from_adaptation or ())
+    self._exclude_res = _compile_patterns(self.exclude_from_adaptation,
+                                          'weight_decay_exclude')
+
+  def build(self, var_list):
+    """Creates momentum slots and records, per variable, whether to adapt."""
+    if self.built:
+      return
+    super().build(var_list)
+    self._momentums = self.add_optimizer_variables(var_list, 'momentum')
+    # Indexed like var_list, which is how _get_variable_index numbers them.
+    self._adapt = tuple(
+        not any(p.search(variable_path(v)) for p in self._exclude_res)
+        for v in var_list)
+
+  def excluded_paths(self):
+    """Paths of the variables that get plain momentum SGD (for logging)."""
+    return [variable_path(v) for v, a in
+            zip(self._trainable_variables, self._adapt) if not a]
+
+  def update_step(self, gradient, variable, learning_rate):
+    index = self._get_variable_index(variable)
+    if isinstance(gradient, tf.IndexedSlices):
+      gradient = tf.convert_to_tensor(gradient)
+    w = tf.cast(tf.convert_to_tensor(variable), tf.float32)
+    g = tf.cast(gradient, tf.float32)
+    lr = tf.cast(learning_rate, tf.float32)
+
+    if self._adapt[index]:
+      wd = self.lars_weight_decay
+      w_norm = tf.norm(w)
+      g_norm = tf.norm(g)
+      denom = g_norm + wd * w_norm + self.epsilon
+      safe_denom = tf.where(denom > 0.0, denom, 1.0)
+      ratio = tf.where(
+          tf.logical_and(w_norm > 0.0, g_norm > 0.0),
+          self.eeta * w_norm / safe_denom, 1.0)
+      scaled = (g + wd * w) * (lr * ratio)
+    else:
+      scaled = g * lr
+
+    if self.momentum == 0.0:
+      self.assign_sub(variable, scaled)
+      return
+    m = self._momentums[index]
+    v = self.momentum * tf.cast(tf.convert_to_tensor(m), tf.float32) + scaled
+    self.assign(m, v)
+    if self.nesterov:
+      self.assign_sub(variable, self.momentum * v + scaled)
+    else:
+      self.assign_sub(variable, v)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        'momentum': self.momentum,
+        'nesterov': self.nesterov,
+        'eeta': self.eeta,
+        'weight_decay': self.lars_weight_decay,
+        'epsilon': self.epsilon,
+        'exclude_from_adaptation': list(self.exclude_from_adaptation),
+    })
+    return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RMSpropTF1(keras.optimizers.RMSprop):
+  """Keras RMSprop with the TF1 `tf.train.RMSPropOptimizer` initial state.
+
+  The update is the same in both (epsilon INSIDE the square root):
+
+      ms = rho * ms + (1 - rho) * g**2
+      mom = momentum * mom + lr * g / sqrt(ms + epsilon)
+      w -= mom
+
+  but TF1 (which TPU-EN's recipe was tuned with) initializes `ms` to ONES,
+  while Keras initializes it to zeros; with zeros the first updates are
+  ~1/sqrt(1 - rho) = 3.2x larger. (PyTorch's RMSprop differs more: epsilon
+  outside the sqrt.) This subclass only changes the initial `ms`.
+  """
+
+  def build(self, var_list):
+    if self.built:
+      return
+    keras.optimizers.Optimizer.build(self, var_list)
+    self._velocities = self.add_optimizer_variables(
+        var_list, 'velocity', initializer='ones')
+    self._momentums = []
+    if self.momentum > 0:
+      self._momentums = self.add_optimizer_variables(var_list, 'momentum')
+    self._average_gradients = []
+    if self.centered:
+      self._average_gradients = self.add_optimizer_variables(
+          var_list, 'average_gradient')
+
+
+def build_optimizer(opt_cfg: OptimizerConfig,
+                    learning_rate) -> keras.optimizers.Optimizer:
+  """The optimizer `opt_cfg.optimizer` names.
+
+  Args:
+    opt_cfg: optimizer section of the config.
+    learning_rate: a float or a LearningRateSchedule (see schedules.py).
+
+  Returns:
+    lars: `LARS` (momentum, nesterov, lars_eeta, weight_decay, lars_epsilon,
+      weight_decay_exclude); rmsprop: `RMSpropTF1` (rho=rmsprop_decay,
+      momentum, epsilon=rmsprop_epsilon; TPU-EN: 0.9 / 0.9 / 1e-3);
+      momentum: Keras SGD with momentum (and nesterov); sgd: plain SGD.
+    Build it under `strategy.scope()` and call `.build(trainable_variables)`
+    there before the first `strategy.run`.
+  """
+  name = opt_cfg.optimizer
+  if name == 'lars':
+    return LARS(learning_rate, momentum=opt_cfg.momentum,
+                nesterov=opt_cfg.nesterov, eeta=opt_cfg.lars_eeta,
+                weight_decay=opt_cfg.weight_decay,
+                epsilon=opt_cfg.lars_epsilon,
+                exclude_from_adaptation=opt_cfg.weight_decay_exclude)
+  if name == 'rmsprop':
+    return RMSpropTF1(learning_rate, rho=float(opt_cfg.rmsprop_decay),
+                      momentum=float(opt_cfg.momentum),
+                      epsilon=float(opt_cfg.rmsprop_epsilon), name='rmsprop')
+  if name == 'momentum':
+    return keras.optimizers.SGD(learning_rate,
+                                momentum=float(opt_cfg.momentum),
+                                nesterov=bool(opt_cfg.nesterov),
+                                name='momentum')
+  if name == 'sgd':
+    return keras.optimizers.SGD(learning_rate, momentum=0.0, name='sgd')
+  raise ConfigError(f'--optimizer: expected one of lars, rmsprop, momentum, '
+                    f'sgd, got {name!r}')
+
+
+def optimizer_applies_weight_decay(opt_cfg: OptimizerConfig) -> bool:
+  """True when the optimizer itself decays weights (LARS): no L2 loss term."""
+  return opt_cfg.optimizer == 'lars'
+
+
+def l2_loss(opt_cfg: OptimizerConfig, variables) -> tf.Tensor:
+  """The L2 regularization term to add to the loss, or 0.0 (float32 scalar).
+
+  Returns `weight_decay * sum(||w||^2) / 2` over `variables` (pass the
+  model's trainable variables) whose path matches none of
+  `opt_cfg.weight_decay_exclude` (TPU-EN: `wd * sum(tf.nn.l2_loss(w))`),
+  computed in float32; 0.0 when the optimizer applies decay itself (LARS) or
+  weight_decay is 0.
+
+  Distributed convention: Keras all-reduces gradients with SUM over replicas,
+  so in `strategy.run` each replica must minimize
+
+      sum(per_example_loss) / global_batch_size + l2_loss(...) / num_replicas
+
+  (num_replicas = strategy.num_replicas_in_sync). The summed gradient is then
+  grad(mean cross-entropy over the global batch) + grad(l2_loss), exactly as
+  one device would compute on the whole batch. Adding the full l2_loss on
+  every replica would apply the decay num_replicas times.
+  """
+  zero = tf.constant(0.0, tf.float32)
+  if optimizer_applies_weight_decay(opt_cfg) or opt_cfg.weight_decay == 0:
+    return zero
+  patterns = _compile_patterns(opt_cfg.weight_decay_exclude,
+                               'weight_decay_exclude')
+  terms = [
+      tf.nn.l2_loss(tf.cast(tf.convert_to_tensor(v), tf.float32))
+      for v in variables
+      if not any(p.search(variable_path(v)) for p in patterns)
+  ]
+  if not terms:
+    return zero
+  return opt_cfg.weight_decay * tf.add_n(terms)
