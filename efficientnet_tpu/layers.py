@@ -1,0 +1,358 @@
+"""EfficientNet building blocks and the group-synchronized batch norm.
+
+Every normalization layer of the network comes from `make_batch_norm`, so
+the whole model switches between local, grouped and global BN (or Keras'
+own BatchNormalization, for comparison) in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from efficientnet_tpu import collectives
+from efficientnet_tpu.config import ModelConfig
+
+_PACKAGE = 'efficientnet_tpu'
+
+BN_IMPLS = ('group', 'keras', 'keras_sync')
+
+
+def dtype_policy(config: ModelConfig) -> str:
+  """Per-layer dtype policy: bfloat16 compute with float32 variables."""
+  return 'mixed_bfloat16' if config.use_bfloat16 else 'float32'
+
+
+def conv_kernel_initializer():
+  """TPU-EN conv init: normal, stddev sqrt(2 / fan_out), fan_out = k*k*out."""
+  return keras.initializers.VarianceScaling(
+      scale=2.0, mode='fan_out', distribution='untruncated_normal')
+
+
+def dense_kernel_initializer():
+  """TPU-EN dense init: uniform(-1/sqrt(out), 1/sqrt(out))."""
+  return keras.initializers.VarianceScaling(
+      scale=1.0 / 3.0, mode='fan_out', distribution='uniform')
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class GroupSyncBatchNormalization(keras.layers.Layer):
+  """Batch norm whose training statistics are shared by groups of replicas.
+
+  `group_size` replicas (contiguous replica ids) form a group; in training
+  every replica normalizes with the mean and variance of the concatenation
+  of its group's batches, as if the group were one device:
+
+  * per replica, float32 mean and mean of squares over all axes but `axis`
+    (also for bfloat16 input);
+  * both summed over the group in ONE collective of the concatenated
+    [mean, mean_sq] vector and divided by the group size;
+  * variance = E[x^2] - E[x]^2, clamped at 0 (biased, like Keras BN).
+
+  group_size 1 is local BN, group_size == number of replicas (or 0) is global
+  sync BN. The layer is used for group_size 1 too, because Keras' own
+  BatchNormalization lets the moving statistics drift apart per replica
+  (its moving variables have aggregation NONE and each replica assigns its
+  local statistics).
+
+  Moving statistics: every replica assigns the same value, namely the mean
+  over all groups of the group mean/variance used for normalization, so they
+  stay identical on all replicas without any aggregation on the variables
+  (aggregation NONE is a purely local, communication-free assign):
+  * group_size == replicas: the group statistics are already global;
+  * off TPU the one grouped all-reduce hands every replica all groups' sums;
+  * group_size 1, and grouped BN on TPU: one extra all-reduce MEAN of the
+    (gradient-stopped) [mean, variance] per layer.
+
+  Outside a replica context (plain `model.predict`, a single device), or with
+  one replica, it is ordinary batch norm. Inference uses moving statistics.
+  Output has the compute dtype of the layer (the input dtype after Keras'
+  autocasting); all arithmetic is float32.
+  """
+
+  def __init__(self,
+               group_size: int = 1,
+               axis: int = -1,
+               momentum: float = 0.99,
+               epsilon: float = 1e-3,
+               center: bool = True,
+               scale: bool = True,
+               beta_initializer='zeros',
+               gamma_initializer='ones',
+               moving_mean_initializer='zeros',
+               moving_variance_initializer='ones',
+               **kwargs):
+    super().__init__(**kwargs)
+    if group_size < 0:
+      raise ValueError(f'GroupSyncBatchNormalization: expected group_size '
+                       f'>= 0 (0 = all replicas), got {group_size}')
+    if axis != -1:
+      raise ValueError(f'GroupSyncBatchNormalization: only axis=-1 (channels '
+                       f'last) is supported, got {axis}')
+    self.group_size = int(group_size)
+    self.axis = axis
+    self.momentum = float(momentum)
+    self.epsilon = float(epsilon)
+    self.center = center
+    self.scale = scale
+    self.beta_initializer = keras.initializers.get(beta_initializer)
+    self.gamma_initializer = keras.initializers.get(gamma_initializer)
+    self.moving_mean_initializer = keras.initializers.get(
+        moving_mean_initializer)
+    self.moving_variance_initializer = keras.initializers.get(
+        moving_variance_initializer)
+    self.supports_masking = True
+
+  def build(self, input_shape):
+    channels = input_shape[-1]
+    if channels is None:
+      raise ValueError('GroupSyncBatchNormalization: the channel dimension '
+                       'must be known')
+    shape = (channels,)
+    self.gamma = self.add_weight(
+        shape=shape, name='gamma', initializer=self.gamma_initializer,
+        trainable=True, autocast=False) if self.scale else None
+    self.beta = self.add_weight(
+        shape=shape, name='beta', initializer=self.beta_initializer,
+        trainable=True, autocast=False) if self.center else None
+    # aggregation 'none': every replica writes its (identical) value locally.
+    self.moving_mean = self.add_weight(
+        shape=shape, name='moving_mean',
+        initializer=self.moving_mean_initializer, trainable=False,
+        autocast=False)
+    self.moving_variance = self.add_weight(
+        shape=shape, name='moving_variance',
+        initializer=self.moving_variance_initializer, trainable=False,
+        autocast=False)
+    self._reduction_axes = list(range(len(input_shape) - 1))
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def _statistics(self, x32):
+    """Returns (mean, variance) to normalize with, and those for the EMA."""
+    channels = x32.shape[-1]
+    local = tf.concat([tf.reduce_mean(x32, self._reduction_axes),
+                       tf.reduce_mean(tf.square(x32), self._reduction_axes)],
+                      axis=0)
+
+    def moments(stats):
+      mean, mean_sq = stats[..., :channels], stats[..., channels:]
+      return mean, tf.maximum(mean_sq - tf.square(mean), 0.0)
+
+    if not collectives.in_replica_context():
+      mean, var = moments(local)
+      return mean, var, mean, var
+    ctx = tf.distribute.get_replica_context()
+    num_replicas = ctx.num_replicas_in_sync
+    if num_replicas == 1:
+      mean, var = moments(local)
+      return mean, var, mean, var
+    g = collectives.effective_group_size(self.group_size, num_replicas)
+    if g == num_replicas:
+      mean, var = moments(
+          ctx.all_reduce(tf.distribute.ReduceOp.SUM, local) / num_replicas)
+      return mean, var, mean, var
+    if g > 1 and not collectives.is_tpu_replica_context():
+      group, rows = collectives.grouped_mean_and_group_rows(local, g)
+      mean, var = moments(group)
+      rows_mean, rows_var = moments(tf.stop_gradient(rows))
+      return (mean, var, tf.reduce_mean(rows_mean, 0),
+              tf.reduce_mean(rows_var, 0))
+    mean, var = moments(collectives.grouped_sum(local, g) / g)
+    avg = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                         tf.stop_gradient(tf.concat([mean, var], 0)))
+    return mean, var, avg[:channels], avg[channels:]
+
+  def _normalize(self, x, mean, var):
+    x32 = tf.cast(x, tf.float32)
+    inv = tf.math.rsqrt(var + self.epsilon)
+    if self.gamma is not None:
+      inv = inv * tf.cast(self.gamma, tf.float32)
+    offset = -mean * inv
+    if self.beta is not None:
+      offset = offset + tf.cast(self.beta, tf.float32)
+    return tf.cast(x32 * inv + offset, x.dtype)
+
+  def call(self, inputs, training=None, mask=None):
+    del mask
+    if training and self.trainable:
+      x32 = tf.cast(inputs, tf.float32)
+      mean, var, ema_mean, ema_var = self._statistics(x32)
+      decay = 1.0 - self.momentum
+      mm = tf.convert_to_tensor(self.moving_mean)
+      mv = tf.convert_to_tensor(self.moving_variance)
+      self.moving_mean.assign(mm - (mm - tf.stop_gradient(ema_mean)) * decay)
+      self.moving_variance.assign(
+          mv - (mv - tf.stop_gradient(ema_var)) * decay)
+      return self._normalize(inputs, mean, var)
+    return self._normalize(inputs, tf.convert_to_tensor(self.moving_mean),
+                           tf.convert_to_tensor(self.moving_variance))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        'group_size': self.group_size,
+        'axis': self.axis,
+        'momentum': self.momentum,
+        'epsilon': self.epsilon,
+        'center': self.center,
+        'scale': self.scale,
+        'beta_initializer': keras.initializers.serialize(
+            self.beta_initializer),
+        'gamma_initializer': keras.initializers.serialize(
+            self.gamma_initializer),
+        'moving_mean_initializer': keras.initializers.serialize(
+            self.moving_mean_initializer),
+        'moving_variance_initializer': keras.initializers.serialize(
+            self.moving_variance_initializer),
+    })
+    return config
+
+
+def make_batch_norm(config: ModelConfig, bn_group_size: int = 1,
+                    name: Optional[str] = None, impl: str = 'group'):
+  """The one factory for every normalization layer of the network.
+
+  Args:
+    config: momentum, epsilon and dtype policy come from here.
+    bn_group_size: replicas per BN group (1 local, 0 all replicas).
+    name: layer name.
+    impl: 'group' (ours, always used by training), or for comparisons
+      'keras' (keras BatchNormalization, local; moving statistics drift
+      apart across replicas) and 'keras_sync' (keras synchronized=True).
+  """
+  kwargs = dict(momentum=config.bn_momentum, epsilon=config.bn_epsilon,
+                name=name, dtype=dtype_policy(config))
+  if impl == 'group':
+    return GroupSyncBatchNormalization(group_size=bn_group_size, **kwargs)
+  if impl == 'keras':
+    return keras.layers.BatchNormalization(**kwargs)
+  if impl == 'keras_sync':
+    return keras.layers.BatchNormalization(synchronized=True, **kwargs)
+  raise ValueError(f'make_batch_norm: expected impl in {BN_IMPLS}, got '
+                   f'{impl!r}')
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class StochasticDepth(keras.layers.Layer):
+  """Drops the whole residual branch per example (drop-connect).
+
+  Training: each example's input is zeroed with probability `drop_rate` and
+  otherwise divided by the survival probability, so the expected value is
+  unchanged. Inference: identity.
+  """
+
+  def __init__(self, drop_rate: float, **kwargs):
+    super().__init__(**kwargs)
+    if not 0 <= drop_rate < 1:
+      raise ValueError(f'StochasticDepth: expected drop_rate in [0, 1), got '
+                       f'{drop_rate}')
+    self.drop_rate = float(drop_rate)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def call(self, inputs, training=None):
+    if not training or self.drop_rate == 0:
+      return inputs
+    survival = 1.0 - self.drop_rate
+    shape = tf.concat([tf.shape(inputs)[:1],
+                       tf.ones([inputs.shape.rank - 1], tf.int32)], 0)
+    # Stateful op: a distinct random stream per replica and per call.
+    keep = tf.floor(survival + tf.random.uniform(shape, dtype=tf.float32))
+    return inputs * tf.cast(keep / survival, inputs.dtype)
+
+  def get_config(self):
+    config = super().get_config()
+    config['drop_rate'] = self.drop_rate
+    return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SqueezeExcite(keras.layers.Layer):
+  """Squeeze-and-excitation: channel gates from the spatial mean.
+
+  mean over H, W -> 1x1 conv (`se_filters`, swish) -> 1x1 conv (channels,
+  sigmoid) -> scale the input. Both convolutions have biases.
+  """
+
+  def __init__(self, se_filters: int, **kwargs):
+    super().__init__(**kwargs)
+    self.se_filters = int(se_filters)
+
+  def build(self, input_shape):
+    channels = input_shape[-1]
+    self.reduce = keras.layers.Conv2D(
+        self.se_filters, 1, padding='same', activation='swish',
+        kernel_initializer=conv_kernel_initializer(), dtype=self.dtype_policy,
+        name='reduce')
+    self.expand = keras.layers.Conv2D(
+        channels, 1, padding='same', activation='sigmoid',
+        kernel_initializer=conv_kernel_initializer(), dtype=self.dtype_policy,
+        name='expand')
+    pooled = (input_shape[0], 1, 1, channels)
+    self.reduce.build(pooled)
+    self.expand.build(pooled[:-1] + (self.se_filters,))
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def call(self, inputs):
+    # TF reduces bfloat16 means with a float32 accumulator.
+    s = tf.reduce_mean(inputs, axis=[1, 2], keepdims=True)
+    return inputs * self.expand(self.reduce(s))
+
+  def get_config(self):
+    config = super().get_config()
+    config['se_filters'] = self.se_filters
+    return config
+
+
+def mbconv_block(x, *, config: ModelConfig, filters_in: int, filters_out: int,
+                 kernel_size: int, strides: int, expand_ratio: int,
+                 se_ratio: float, drop_rate: float, bn_group_size: int,
+                 name: str, bn_impl: str = 'group', id_skip: bool = True):
+  """Mobile inverted bottleneck (MBConv) on a functional-API tensor.
+
+  expand 1x1 (if expand_ratio > 1) -> depthwise kxk (stride) -> SE
+  (ratio of the block's input filters) -> project 1x1 -> stochastic depth
+  + identity skip when shapes allow.
+  """
+  policy = dtype_policy(config)
+  inputs = x
+  filters = filters_in * expand_ratio
+
+  def bn(suffix):
+    return make_batch_norm(config, bn_group_size, name + suffix, bn_impl)
+
+  if expand_ratio != 1:
+    x = keras.layers.Conv2D(
+        filters, 1, padding='same', use_bias=False,
+        kernel_initializer=conv_kernel_initializer(), dtype=policy,
+        name=name + 'expand_conv')(x)
+    x = bn('expand_bn')(x)
+    x = keras.layers.Activation('swish', dtype=policy,
+                                name=name + 'expand_activation')(x)
+  x = keras.layers.DepthwiseConv2D(
+      kernel_size, strides=strides, padding='same', use_bias=False,
+      depthwise_initializer=conv_kernel_initializer(), dtype=policy,
+      name=name + 'dwconv')(x)
+  x = bn('bn')(x)
+  x = keras.layers.Activation('swish', dtype=policy,
+                              name=name + 'activation')(x)
+  if 0 < se_ratio <= 1:
+    se_filters = max(1, int(filters_in * se_ratio))
+    x = SqueezeExcite(se_filters, dtype=policy, name=name + 'se')(x)
+  x = keras.layers.Conv2D(
+      filters_out, 1, padding='same', use_bias=False,
+      kernel_initializer=conv_kernel_initializer(), dtype=policy,
+      name=name + 'project_conv')(x)
+  x = bn('project_bn')(x)
+  if id_skip and strides == 1 and filters_in == filters_out:
+    if drop_rate > 0:
+      x = StochasticDepth(drop_rate, dtype=policy, name=name + 'drop')(x)
+    x = keras.layers.Add(dtype=policy, name=name + 'add')([x, inputs])
+  return x

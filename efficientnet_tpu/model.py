@@ -1,0 +1,155 @@
+"""EfficientNet B0-B7 as a Keras 3 functional model (compound scaling).
+
+The network takes images that are already normalized ([B, H, W, 3], float32
+or bfloat16) and returns float32 logits [B, num_classes]. With
+`use_bfloat16` every layer computes in bfloat16 with float32 variables
+('mixed_bfloat16', passed per layer; the global policy is untouched) except
+the final Dense, which is float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional, Tuple
+
+import keras
+
+from efficientnet_tpu import layers
+from efficientnet_tpu.config import MODEL_TABLE, ConfigError, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockArgs:
+  """One stage of the base (B0) network, before scaling."""
+  kernel_size: int
+  repeats: int
+  filters_in: int
+  filters_out: int
+  expand_ratio: int
+  strides: int
+  se_ratio: float = 0.25
+
+
+# The standard EfficientNet-B0 stage table.
+BASE_BLOCKS: Tuple[BlockArgs, ...] = (
+    BlockArgs(3, 1, 32, 16, 1, 1),
+    BlockArgs(3, 2, 16, 24, 6, 2),
+    BlockArgs(5, 2, 24, 40, 6, 2),
+    BlockArgs(3, 3, 40, 80, 6, 2),
+    BlockArgs(5, 3, 80, 112, 6, 1),
+    BlockArgs(5, 4, 112, 192, 6, 2),
+    BlockArgs(3, 1, 192, 320, 6, 1),
+)
+STEM_FILTERS = 32
+HEAD_FILTERS = 1280
+
+
+def model_scaling(name: str) -> Tuple[float, float, int, float]:
+  """(width, depth, resolution, dropout) of a named variant."""
+  if name not in MODEL_TABLE:
+    raise ConfigError(f'--model_name: expected one of '
+                      f'{", ".join(MODEL_TABLE)}, got {name!r}')
+  return MODEL_TABLE[name]
+
+
+def round_filters(filters: int, width_coefficient: float,
+                  depth_divisor: int = 8) -> int:
+  """Scales a channel count by width, rounding to a multiple of the divisor.
+
+  Never rounds down by more than 10%.
+  """
+  filters *= width_coefficient
+  new = max(depth_divisor,
+            int(filters + depth_divisor / 2) // depth_divisor * depth_divisor)
+  if new < 0.9 * filters:
+    new += depth_divisor
+  return int(new)
+
+
+def round_repeats(repeats: int, depth_coefficient: float) -> int:
+  """Scales a stage's block count by depth (ceil)."""
+  return int(math.ceil(depth_coefficient * repeats))
+
+
+def block_plan(config: ModelConfig) -> List[dict]:
+  """The scaled block list: one dict of mbconv_block arguments per block.
+
+  Stochastic depth drop rate grows linearly with the block index from 0 at
+  the first block to `stochastic_depth_rate` at the last.
+  """
+  plan = []
+  for stage, args in enumerate(BASE_BLOCKS):
+    filters_in = round_filters(args.filters_in, config.width_coefficient,
+                               config.depth_divisor)
+    filters_out = round_filters(args.filters_out, config.width_coefficient,
+                                config.depth_divisor)
+    for j in range(round_repeats(args.repeats, config.depth_coefficient)):
+      plan.append(dict(
+          filters_in=filters_in if j == 0 else filters_out,
+          filters_out=filters_out,
+          kernel_size=args.kernel_size,
+          strides=args.strides if j == 0 else 1,
+          expand_ratio=args.expand_ratio,
+          se_ratio=args.se_ratio,
+          name=f'block{stage + 1}{chr(ord("a") + j)}_' if j < 26 else
+          f'block{stage + 1}_{j}_'))
+  last = max(len(plan) - 1, 1)
+  for i, block in enumerate(plan):
+    block['drop_rate'] = config.stochastic_depth_rate * i / last
+  return plan
+
+
+def build_model(config: ModelConfig, bn_group_size: int = 1,
+                name: Optional[str] = None, *,
+                bn_impl: str = 'group') -> keras.Model:
+  """Builds EfficientNet for `config`.
+
+  Call inside `strategy.scope()` for distributed training.
+
+  Args:
+    config: architecture, scaling coefficients, BN and dtype settings.
+    bn_group_size: replicas per batch-norm group (1 = local BN, 0 = all
+      replicas); see `collectives.resolve_bn_group_size`.
+    name: model name (default: config.name).
+    bn_impl: normalization implementation for comparisons; see
+      `layers.make_batch_norm`.
+
+  Returns:
+    A functional keras.Model: normalized images [B, S, S, 3] -> float32
+    logits [B, num_classes].
+  """
+  policy = layers.dtype_policy(config)
+  width = config.width_coefficient
+  divisor = config.depth_divisor
+  size = config.image_size
+  inputs = keras.Input((size, size, 3), name='images')
+
+  x = keras.layers.Conv2D(
+      round_filters(STEM_FILTERS, width, divisor), 3, strides=2,
+      padding='same', use_bias=False,
+      kernel_initializer=layers.conv_kernel_initializer(), dtype=policy,
+      name='stem_conv')(inputs)
+  x = layers.make_batch_norm(config, bn_group_size, 'stem_bn', bn_impl)(x)
+  x = keras.layers.Activation('swish', dtype=policy,
+                              name='stem_activation')(x)
+
+  for block in block_plan(config):
+    x = layers.mbconv_block(x, config=config, bn_group_size=bn_group_size,
+                            bn_impl=bn_impl, **block)
+
+  x = keras.layers.Conv2D(
+      round_filters(HEAD_FILTERS, width, divisor), 1, padding='same',
+      use_bias=False, kernel_initializer=layers.conv_kernel_initializer(),
+      dtype=policy, name='top_conv')(x)
+  x = layers.make_batch_norm(config, bn_group_size, 'top_bn', bn_impl)(x)
+  x = keras.layers.Activation('swish', dtype=policy, name='top_activation')(x)
+  x = keras.layers.GlobalAveragePooling2D(dtype=policy, name='avg_pool')(x)
+  if config.dropout_rate > 0:
+    x = keras.layers.Dropout(config.dropout_rate, dtype=policy,
+                             name='top_dropout')(x)
+  # float32 logits: softmax / cross-entropy precision.
+  logits = keras.layers.Dense(
+      config.num_classes, kernel_initializer=layers.dense_kernel_initializer(),
+      bias_initializer='zeros', dtype='float32', name='logits')(x)
+  return keras.Model(inputs, logits, name=name or config.name)
