@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 
 import keras
 import numpy as np
@@ -212,3 +213,73 @@ def test_plot_schedule_writes_png(tmp_path):
   path = schedules.plot_schedule(s, 20000, str(tmp_path / 'sub' / 'lr.png'))
   with open(path, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+# ---- launch/presets ----------------------------------------------------------
+PRESET_DIR = os.path.join(os.path.dirname(__file__), '..', 'launch', 'presets')
+PRESET_FLAGS = {
+    'model_name', 'train_batch_size', 'eval_batch_size', 'train_epochs',
+    'optimizer', 'base_learning_rate', 'lr_scaling', 'lr_schedule',
+    'lr_warmup_epochs', 'lr_decay_epochs', 'lr_decay_factor', 'poly_power',
+    'end_learning_rate', 'momentum', 'nesterov', 'lars_eeta', 'lars_epsilon',
+    'weight_decay', 'label_smoothing', 'moving_average_decay', 'use_bfloat16',
+    'bn_group_batch_size', 'bn_group_size', 'iterations_per_loop', 'strategy',
+    'augment_name', 'randaug_num_layers', 'randaug_magnitude',
+    'num_label_classes', 'eval_every_epochs'}
+OPT_FIELDS = {f.name for f in dataclasses.fields(OptimizerConfig)}
+
+
+def _read_flagfile(path):
+  flags = {}
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line or line.startswith('#'):
+        continue
+      assert line.startswith('--') and '=' in line, (path, line)
+      name, value = line[2:].split('=', 1)
+      assert name not in flags, (path, name)
+      flags[name] = value
+  return flags
+
+
+def _preset_paths():
+  return sorted(os.path.join(PRESET_DIR, n) for n in os.listdir(PRESET_DIR)
+                if n.startswith('efficientnet-') and n.endswith('.cfg'))
+
+
+def test_paper_presets_exist():
+  names = {os.path.basename(p) for p in _preset_paths()}
+  for model in ('b2', 'b5'):
+    for batch in (4096, 16384, 32768, 65536):
+      assert f'efficientnet-{model}-lars-{batch}.cfg' in names
+  assert 'efficientnet-b0-rmsprop-4096.cfg' in names
+
+
+@pytest.mark.parametrize('path', _preset_paths(), ids=os.path.basename)
+def test_preset_is_consistent(path):
+  flags = _read_flagfile(path)
+  assert set(flags) <= PRESET_FLAGS, set(flags) - PRESET_FLAGS
+  name = os.path.basename(path)[:-len('.cfg')]
+  model, optimizer, batch = name.rsplit('-', 2)
+  assert flags['model_name'] == model
+  assert flags['optimizer'] == optimizer
+  assert int(flags['train_batch_size']) == int(batch)
+  opt_kwargs = {}
+  for k, v in flags.items():
+    if k in OPT_FIELDS:
+      field_type = type(getattr(OptimizerConfig(), k))
+      opt_kwargs[k] = (v == 'true') if field_type is bool else field_type(v)
+  cfg = OptimizerConfig(**opt_kwargs)
+  batch = int(batch)
+  spe = 1281167 / batch
+  total = int(round(float(flags['train_epochs']) * spe))
+  s = schedules.build_learning_rate_schedule(cfg, batch, spe, total)
+  if optimizer == 'lars':
+    assert cfg.lr_scaling == 'none' and cfg.lr_schedule == 'poly'
+    # EMA horizon ~32 epochs at every batch size (docs/recipes.md).
+    horizon_epochs = 1 / (1 - cfg.moving_average_decay) / spe
+    assert 30 < horizon_epochs < 34, horizon_epochs
+  else:
+    assert s.peak_learning_rate == pytest.approx(0.256)
+  assert int(flags['eval_batch_size']) % 32 == 0
