@@ -1,0 +1,429 @@
+"""Tests for input_pipeline.py on TFRecords written here with PIL."""
+
+import io
+import math
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from efficientnet_tpu import input_pipeline
+from efficientnet_tpu.config import ConfigError, DataConfig
+
+SIZE = 16
+MEAN = np.array([0.485, 0.456, 0.406]) * 255
+STD = np.array([0.229, 0.224, 0.225]) * 255
+
+
+def _jpeg(color, h=20, w=26):
+  out = io.BytesIO()
+  Image.fromarray(np.full((h, w, 3), color, np.uint8)).save(out, 'JPEG',
+                                                            quality=95)
+  return out.getvalue()
+
+
+def _example(image_bytes, label):
+  feature = {
+      'image/encoded': tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[image_bytes])),
+      'image/format': tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[b'JPEG'])),
+      'image/class/label': tf.train.Feature(
+          int64_list=tf.train.Int64List(value=[label])),
+      'image/class/synset': tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[b'n%08d' % label])),
+  }
+  return tf.train.Example(features=tf.train.Features(
+      feature=feature)).SerializeToString()
+
+
+def write_split(data_dir, prefix, sizes, label_fn=None, color_fn=None):
+  """Writes len(sizes) shards; record j of file f gets label_fn(f, j)."""
+  os.makedirs(data_dir, exist_ok=True)
+  label_fn = label_fn or (lambda f, j: f * 100 + j + 1)
+  color_fn = color_fn or (lambda label: (label * 7 % 256, 90, 200))
+  labels = []
+  for f, n in enumerate(sizes):
+    path = os.path.join(data_dir, f'{prefix}-{f:05d}-of-{len(sizes):05d}')
+    with tf.io.TFRecordWriter(path) as w:
+      for j in range(n):
+        label = label_fn(f, j)
+        labels.append(label)
+        w.write(_example(_jpeg(color_fn(label)), label))
+  return labels
+
+
+def _cfg(data_dir, **kw):
+  kw.setdefault('num_eval_images', 37)
+  kw.setdefault('shuffle_buffer', 32)
+  return DataConfig(source='tfrecord', data_dir=str(data_dir), **kw)
+
+
+def _ctx(k, i, replicas):
+  return tf.distribute.InputContext(num_input_pipelines=k,
+                                    input_pipeline_id=i,
+                                    num_replicas_in_sync=replicas)
+
+
+@pytest.fixture(scope='module')
+def eval_dir(tmp_path_factory):
+  """37 validation images over 10 uneven files; labels 1..37 are ids."""
+  d = tmp_path_factory.mktemp('eval')
+  sizes = [1, 7, 3, 0, 6, 2, 5, 4, 8, 1]
+  assert sum(sizes) == 37
+  ids = iter(range(1, 38))
+  write_split(str(d), 'validation', sizes, lambda f, j: next(ids))
+  return d
+
+
+@pytest.fixture(scope='module')
+def train_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('train')
+  write_split(str(d), 'train', [4] * 10)
+  return d
+
+
+def test_num_eval_steps():
+  cfg = DataConfig(num_eval_images=37)
+  assert input_pipeline.num_eval_steps(cfg, 8) == 5
+  assert input_pipeline.num_eval_steps(DataConfig(num_eval_images=50000),
+                                       1024) == 49
+  assert input_pipeline.num_eval_steps(DataConfig(num_eval_images=16), 8) == 2
+
+
+def test_normalization_constants():
+  np.testing.assert_allclose(input_pipeline.MEAN_RGB, MEAN)
+  np.testing.assert_allclose(input_pipeline.STDDEV_RGB, STD)
+
+
+@pytest.mark.parametrize('background', [False, True])
+def test_eval_labels_round_trip(eval_dir, background):
+  cfg = _cfg(eval_dir, include_background_label=background)
+  ds = input_pipeline.build_input_fn(cfg, SIZE, False, 8, tf.float32)(None)
+  labels, masks = [], []
+  for b in ds:
+    labels.append(b['labels'].numpy())
+    masks.append(b['mask'].numpy())
+  labels, masks = np.concatenate(labels), np.concatenate(masks)
+  offset = 0 if background else 1
+  assert sorted(labels[masks == 1]) == [i - offset for i in range(1, 38)]
+
+
+@pytest.mark.parametrize('background', [False, True])
+def test_train_labels_round_trip(train_dir, background):
+  cfg = _cfg(train_dir, include_background_label=background)
+  ds = input_pipeline.build_input_fn(cfg, SIZE, True, 8, tf.float32)(None)
+  seen = set()
+  for b in ds.take(20):
+    seen.update(b['labels'].numpy().tolist())
+  offset = 0 if background else 1
+  want = {f * 100 + j + 1 - offset for f in range(10) for j in range(4)}
+  assert seen == want
+
+
+def _check_eval_coverage(batches_per_pipeline, global_batch, replicas, k):
+  steps = math.ceil(37 / global_batch)
+  per_replica = global_batch // replicas
+  real = []
+  for batches in batches_per_pipeline:
+    # Every pipeline feeds replicas / k replicas for `steps` steps each.
+    assert len(batches) == steps * replicas // k
+    for b in batches:
+      assert b['images'].shape == (per_replica, SIZE, SIZE, 3)
+      mask = b['mask'].numpy()
+      assert set(np.unique(mask)) <= {0.0, 1.0}
+      real.extend((b['labels'].numpy() + 1)[mask == 1].tolist())
+      # Padding is masked and normalizes to zeros.
+      assert np.all(b['images'].numpy()[mask == 0] == 0)
+  assert sorted(real) == list(range(1, 38))
+
+
+@pytest.mark.parametrize('k,global_batch,replicas', [
+    (1, 8, 1), (1, 8, 4), (2, 8, 2), (2, 8, 4), (3, 12, 3), (3, 12, 6),
+    (4, 8, 4), (4, 8, 8)])
+def test_eval_covers_each_image_once(eval_dir, k, global_batch, replicas):
+  fn = input_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False,
+                                     global_batch, tf.float32)
+  batches = [list(fn(_ctx(k, i, replicas))) for i in range(k)]
+  _check_eval_coverage(batches, global_batch, replicas, k)
+
+
+def test_eval_more_records_than_num_eval_images(eval_dir):
+  cfg = _cfg(eval_dir, num_eval_images=30)
+  fn = input_pipeline.build_input_fn(cfg, SIZE, False, 8, tf.float32)
+  real = []
+  for i in range(2):
+    for b in fn(_ctx(2, i, 2)):
+      real.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
+  assert len(real) == 30 and len(set(real)) == 30
+
+
+def test_eval_fewer_records_than_num_eval_images_fails(eval_dir):
+  cfg = _cfg(eval_dir, num_eval_images=45)
+  ds = input_pipeline.build_input_fn(cfg, SIZE, False, 8, tf.float32)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match='fewer records than num_eval_images=45'):
+    list(ds)
+
+
+def test_eval_through_mirrored_strategy(eval_dir):
+  strategy = tf.distribute.MirroredStrategy(
+      [f'/cpu:{i}' for i in range(4)],
+      cross_device_ops=tf.distribute.ReductionToOneDevice())
+  fn = input_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False, 8,
+                                     tf.float32)
+  dist = strategy.distribute_datasets_from_function(fn)
+  steps, real = 0, []
+  for batch in dist:
+    steps += 1
+    labels = strategy.experimental_local_results(batch['labels'])
+    masks = strategy.experimental_local_results(batch['mask'])
+    assert len(labels) == 4
+    for lab, mask in zip(labels, masks):
+      assert lab.shape == (2,)
+      real.extend((lab.numpy() + 1)[mask.numpy() == 1].tolist())
+  assert steps == input_pipeline.num_eval_steps(_cfg(eval_dir), 8)
+  assert sorted(real) == list(range(1, 38))
+
+
+def test_train_pipelines_see_disjoint_files(train_dir):
+  files_seen = []
+  for i in range(3):
+    fn = input_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 12,
+                                       tf.float32)
+    seen = set()
+    for b in fn(_ctx(3, i, 3)).take(40):
+      seen.update((b['labels'].numpy() + 1) // 100)
+    # File f of 10 goes to pipeline f % 3 (files are sorted by name).
+    assert seen == set(range(i, 10, 3))
+    files_seen.append(seen)
+  assert set().union(*files_seen) == set(range(10))
+
+
+def test_fewer_train_files_than_pipelines(train_dir):
+  fn = input_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 11,
+                                     tf.float32)
+  with pytest.raises(ConfigError, match='input pipelines .11.'):
+    fn(_ctx(11, 0, 11))
+
+
+@pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
+def test_element_spec(train_dir, eval_dir, dtype):
+  train = input_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 8,
+                                        dtype)(_ctx(1, 0, 2))
+  assert set(train.element_spec) == {'images', 'labels'}
+  assert train.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3],
+                                                       dtype)
+  assert train.element_spec['labels'] == tf.TensorSpec([4], tf.int32)
+  b = next(iter(train))
+  assert b['images'].dtype == dtype and b['images'].shape == (4, SIZE, SIZE,
+                                                              3)
+  ev = input_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False, 8,
+                                     dtype)(_ctx(1, 0, 2))
+  assert set(ev.element_spec) == {'images', 'labels', 'mask'}
+  assert ev.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3], dtype)
+  assert ev.element_spec['labels'] == tf.TensorSpec([4], tf.int32)
+  assert ev.element_spec['mask'] == tf.TensorSpec([4], tf.float32)
+
+
+def test_images_are_normalized_solid_colors(eval_dir):
+  """Solid-colour JPEGs: every pixel must be (colour - mean) / std."""
+  ds = input_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False, 8,
+                                     tf.float32)(None)
+  for b in ds:
+    for image, label, mask in zip(b['images'].numpy(), b['labels'].numpy(),
+                                  b['mask'].numpy()):
+      if mask:
+        color = np.array([(label + 1) * 7 % 256, 90, 200])
+        want = (color - MEAN) / STD
+        # JPEG chroma quantization moves a solid colour by a few levels.
+        np.testing.assert_allclose(image, np.broadcast_to(want, image.shape),
+                                   atol=6 / 255 / 0.224)
+
+
+def test_training_is_repeated_and_augment_runs(train_dir):
+  cfg = _cfg(train_dir, augment='randaugment', randaug_magnitude=15)
+  ds = input_pipeline.build_input_fn(cfg, SIZE, True, 16, tf.float32)(None)
+  n = 0
+  for b in ds.take(6):  # 96 > 40 images: must wrap around.
+    assert np.all(np.isfinite(b['images'].numpy()))
+    n += 1
+  assert n == 6
+
+
+# ---- bad input --------------------------------------------------------------
+
+
+def test_no_files_names_directory_and_pattern(tmp_path):
+  for training, pattern in ((True, 'train-*'), (False, 'validation-*')):
+    with pytest.raises(ConfigError) as e:
+      input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, training, 8,
+                                    tf.float32)
+    msg = str(e.value)
+    assert '\n' not in msg and str(tmp_path) in msg and pattern in msg
+
+
+def _write_with_bad_payload(d, prefix):
+  write_split(str(d), prefix, [5, 5])
+  bad = os.path.join(d, f'{prefix}-00002-of-00003')
+  with tf.io.TFRecordWriter(bad) as w:
+    w.write(_example(_jpeg((1, 2, 3)), 301))
+    w.write(_example(b'\x89PNG\r\n\x1a\n not a jpeg at all', 302))
+    w.write(_example(_jpeg((1, 2, 3))[:-200], 303))  # truncated
+    w.write(_example(_jpeg((1, 2, 3)), 304))
+  return bad
+
+
+def test_non_jpeg_payload_error_names_file(tmp_path):
+  bad = _write_with_bad_payload(tmp_path, 'validation')
+  cfg = _cfg(tmp_path, num_eval_images=14)
+  ds = input_pipeline.build_input_fn(cfg, SIZE, False, 2, tf.float32)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=bad):
+    list(ds)
+  with pytest.raises(ConfigError):  # No train-* files here.
+    input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2, tf.float32)
+
+
+def test_train_strict_payload_error_and_skip_corrupt(tmp_path):
+  bad = _write_with_bad_payload(tmp_path, 'train')
+  strict = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2,
+                                         tf.float32)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=bad):
+    for _ in strict.take(200):
+      pass
+  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
+                                       SIZE, True, 2, tf.float32)(None)
+  seen = set()
+  for b in skip.take(60):
+    seen.update((b['labels'].numpy() + 1).tolist())
+  good = {f * 100 + j + 1 for f in range(2) for j in range(5)} | {301, 304}
+  assert seen == good
+
+
+def _write_corrupt_frame(d, prefix):
+  write_split(str(d), prefix, [3, 3])
+  path = os.path.join(d, f'{prefix}-00001-of-00002')
+  data = bytearray(open(path, 'rb').read())
+  data[len(data) // 2] ^= 0xFF  # Breaks the CRC of the middle record.
+  open(path, 'wb').write(bytes(data))
+  return path
+
+
+def test_corrupt_record_error_names_file(tmp_path):
+  path = _write_corrupt_frame(tmp_path, 'validation')
+  ds = input_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=6), SIZE,
+                                     False, 2, tf.float32)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match='Corrupt or truncated TFRecord in ' + path):
+    list(ds)
+
+
+def test_corrupt_record_train_skip(tmp_path):
+  path = _write_corrupt_frame(tmp_path, 'train')
+  strict = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2,
+                                         tf.float32)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=path):
+    for _ in strict.take(50):
+      pass
+  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
+                                       SIZE, True, 2, tf.float32)(None)
+  seen = set()
+  for b in skip.take(30):
+    seen.update((b['labels'].numpy() + 1).tolist())
+  # File 0 intact; file 1 keeps only records before the corrupt one.
+  assert {1, 2, 3} <= seen and seen <= {1, 2, 3, 101, 102, 103}
+  assert len(seen) < 6
+
+
+def test_truncated_file_error_names_file(tmp_path):
+  write_split(str(tmp_path), 'validation', [3, 3])
+  path = os.path.join(tmp_path, 'validation-00000-of-00002')
+  data = open(path, 'rb').read()
+  open(path, 'wb').write(data[:-40])
+  ds = input_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=6), SIZE,
+                                     False, 2, tf.float32)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=path):
+    list(ds)
+
+
+def test_zero_based_labels_rejected(tmp_path):
+  write_split(str(tmp_path), 'validation', [3], lambda f, j: j)
+  ds = input_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=3), SIZE,
+                                     False, 3, tf.float32)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='1-based'):
+    list(ds)
+
+
+# ---- tfds -------------------------------------------------------------------
+
+
+def test_tfds_not_installed_or_not_prepared(tmp_path):
+  cfg = DataConfig(source='tfds:imagenet2012', data_dir=str(tmp_path))
+  with pytest.raises(ConfigError) as e:
+    input_pipeline.build_input_fn(cfg, SIZE, False, 8, tf.float32)
+  assert '\n' not in str(e.value)
+  assert 'imagenet2012' in str(e.value)
+
+
+_TFDS_NAME = 'efficientnet_tpu_pipeline_test_ds'
+_TFDS_TEST_LABELS = [j % 3 for j in range(7)]
+_BUILDER = []
+
+
+def _prepare_tfds(tfds, data_dir):
+  """Prepares a tiny 3-class image dataset (train 8, test 7) offline."""
+  if not _BUILDER:
+    class Builder(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
+      name = _TFDS_NAME
+      VERSION = tfds.core.Version('1.0.0')
+
+      def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(None, None, 3)),
+                'label': tfds.features.ClassLabel(names=['a', 'b', 'c']),
+            }))
+
+      def _split_generators(self, dl_manager):
+        del dl_manager
+        return {'train': self._generate_examples(8, 0),
+                'test': self._generate_examples(7, 1)}
+
+      def _generate_examples(self, n, seed):
+        rng = np.random.RandomState(seed)
+        for j in range(n):
+          image = rng.randint(0, 255, (18 + j, 22, 3)).astype(np.uint8)
+          yield j, {'image': image, 'label': j % 3}
+
+    _BUILDER.append(Builder)
+  builder = tfds.builder(_TFDS_NAME, data_dir=data_dir)
+  builder.download_and_prepare()
+
+
+def test_tfds_prepared_dataset(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  # tfds needs it to prepare a dataset defined in code (an etils extra).
+  pytest.importorskip('importlib_resources')
+  _prepare_tfds(tfds, str(tmp_path))
+  cfg = DataConfig(source=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
+                   num_eval_images=7)
+  fn = input_pipeline.build_input_fn(cfg, SIZE, False, 4, tf.float32)
+  real = []
+  for i in range(2):
+    for b in fn(_ctx(2, i, 2)):
+      real.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
+  # tfds labels are 0-based class indices: kept as is without background.
+  assert sorted(real) == sorted(_TFDS_TEST_LABELS)
+  train = input_pipeline.build_input_fn(cfg, SIZE, True, 4, tf.bfloat16)(None)
+  b = next(iter(train))
+  assert b['images'].shape == (4, SIZE, SIZE, 3)
+  assert b['images'].dtype == tf.bfloat16
+  bg = DataConfig(source=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
+                  num_eval_images=7, include_background_label=True)
+  labels = []
+  for b in input_pipeline.build_input_fn(bg, SIZE, False, 4, tf.float32)(None):
+    labels.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
+  assert sorted(labels) == sorted(l + 1 for l in _TFDS_TEST_LABELS)
