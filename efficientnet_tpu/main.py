@@ -236,17 +236,22 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
     # Replica divisibility is known up front on CPU; elsewhere it is checked
     # once the strategy reports the real replica count.
     cfg.validate_for_replicas(cfg.distribute.num_cpu_replicas)
-  schedules.validate_schedule(cfg.optimizer, cfg.train.train_batch_size,
-                              cfg.steps_per_epoch, cfg.total_train_steps)
+  # Building the schedule validates it (warmup vs length, end LR, ...).
+  schedules.build_learning_rate_schedule(cfg.optimizer,
+                                         cfg.train.train_batch_size,
+                                         cfg.steps_per_epoch,
+                                         cfg.total_train_steps)
   data_lib.check_data_files(cfg.data, cfg.train.mode)
   previous = train_lib.read_config(cfg.train.model_dir)
   if previous is not None:
     old_model = previous.get('model', {})
     new_model = json.loads(cfg.to_json())['model']
-    changed = sorted(k for k in new_model
-                     if k not in ('use_bfloat16', 'bn_group_size',
-                                  'bn_group_batch_size')
-                     and old_model.get(k) != new_model[k])
+    # Architecture fields, in declaration order (name first); precision and
+    # BN grouping may change on resume, as they do not change the weights.
+    changed = [k for k in new_model
+               if k in old_model and k not in ('use_bfloat16', 'bn_group_size',
+                                               'bn_group_batch_size')
+               and old_model[k] != new_model[k]]
     if changed:
       k = changed[0]
       raise config_lib.ConfigError(

@@ -1,0 +1,84 @@
+"""Sharded eval on 8 replicas equals a single-device pass over the data."""
+
+import json
+
+import numpy as np
+import tensorflow as tf
+
+from efficientnet_tpu import data as data_lib
+from efficientnet_tpu import evaluation
+from efficientnet_tpu import train as train_lib
+from tests.helpers import strategy_for, tiny_config
+
+
+def _single_device_metrics(trainer):
+  """Top-1/top-5 of the model over every eval image, one device, numpy."""
+  cfg = trainer.cfg
+  n = cfg.data.num_eval_images
+  input_fn = data_lib.make_input_fn(cfg.data, cfg.model.num_classes,
+                                    cfg.model.image_size, False, n)
+  batch = next(iter(input_fn(tf.distribute.InputContext())))
+  assert batch['mask'].numpy().sum() == n
+  logits = trainer.model(batch['images'], training=False).numpy()
+  labels = batch['labels'].numpy()
+  order = np.argsort(-logits, axis=1)
+  return {'top_1_accuracy': np.mean(order[:, 0] == labels),
+          'top_5_accuracy': np.mean((order[:, :5] == labels[:, None])
+                                    .any(axis=1)),
+          'num_examples': n}
+
+
+def test_eight_replica_eval_is_exact_for_uneven_sizes(tmp_path):
+  # 75 images, global batch 16 over 8 replicas: 5 steps, 5 padded slots.
+  cfg = tiny_config(tmp_path, num_replicas=8,
+                    data=dict(num_eval_images=75),
+                    train=dict(eval_batch_size=16),
+                    model=dict(num_classes=10))
+  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  # Move BN statistics off their initial values so predictions vary.
+  for layer in trainer.model.layers:
+    if hasattr(layer, 'moving_mean'):
+      layer.moving_mean.assign(
+          np.random.default_rng(0).normal(size=layer.moving_mean.shape))
+  evaluator = evaluation.Evaluator(trainer)
+  got = evaluator.evaluate()
+  want = _single_device_metrics(trainer)
+  assert got['num_examples'] == 75
+  for k in ('top_1_accuracy', 'top_5_accuracy'):
+    assert abs(got[k] - want[k]) < 1e-6, (k, got[k], want[k])
+  assert 0.0 < want['top_5_accuracy'] < 1.0
+
+
+def test_eval_uses_ema_weights_and_leaves_training_weights(tmp_path):
+  cfg = tiny_config(tmp_path, num_replicas=2,
+                    optimizer=dict(moving_average_decay=0.5))
+  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  evaluator = evaluation.Evaluator(trainer)
+  rng = np.random.default_rng(1)
+  for v in trainer.model.trainable_variables:
+    v.assign(v + rng.normal(scale=0.5, size=v.shape).astype(np.float32))
+  trained = [v.numpy().copy() for v in trainer.model.variables]
+  got = evaluator.evaluate()
+  for v, w in zip(trainer.model.variables, trained):
+    np.testing.assert_array_equal(v.numpy(), w)
+  # Reference: the same model carrying the averages (= initial weights).
+  for v, a in zip(trainer.ema.model_variables, trainer.ema.averages):
+    v.assign(a)
+  want = _single_device_metrics(trainer)
+  assert abs(got['top_1_accuracy'] - want['top_1_accuracy']) < 1e-6
+
+
+def test_records_results_and_keeps_best_checkpoint(tmp_path):
+  cfg = tiny_config(tmp_path, num_replicas=1)
+  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  evaluator = evaluation.Evaluator(trainer)
+  evaluator.evaluate_and_record(step=3)
+  evaluator.evaluate_and_record(step=4)
+  lines = (tmp_path / evaluation.RESULTS_FILENAME).read_text().splitlines()
+  assert [json.loads(l)['step'] for l in lines] == [3, 4]
+  best = json.loads((tmp_path / 'best' / evaluation.BEST_FILENAME)
+                    .read_text())
+  # Same weights both times: the first stays best (ties do not replace).
+  assert best['step'] == 3
+  assert tf.train.latest_checkpoint(str(tmp_path / 'best')).endswith('best-3')
+  assert (tmp_path / 'eval').is_dir()
