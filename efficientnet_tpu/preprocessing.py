@@ -129,11 +129,8 @@ def resize(image: tf.Tensor, image_size: int,
                      f'{", ".join(_RESIZE_METHODS)}, got {method!r}')
   image = tf.image.resize(image, [image_size, image_size],
                           method=_RESIZE_METHODS[method], antialias=False)
-  image = tf.cast(image, tf.float32)
-  if method == 'bicubic':
-    # Bicubic overshoots at edges; keep the uint8 range.
-    image = tf.clip_by_value(image, 0.0, 255.0)
-  return image
+  # Bicubic overshoots at edges (others by float rounding): keep 0..255.
+  return tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)
 
 
 def _maybe_augment(image: tf.Tensor, augment: str, randaug_num_layers: int,

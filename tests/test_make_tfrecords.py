@@ -1,0 +1,214 @@
+"""Tests for tools/make_tfrecords.py: folder -> TFRecords -> real pipeline."""
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from efficientnet_tpu import input_pipeline
+from efficientnet_tpu.config import DataConfig
+from efficientnet_tpu.tools import make_tfrecords
+
+SYNSETS = ['n02000000', 'n01000000', 'n03000000']  # Deliberately unsorted.
+# Sorted synsets get labels 1..N.
+LABEL = {s: i + 1 for i, s in enumerate(sorted(SYNSETS))}
+
+
+def _save(path, kind, seed):
+  """Writes an image in one of the formats ImageNet actually contains."""
+  rng = np.random.RandomState(seed)
+  h, w = 20 + seed % 7, 24 + seed % 5
+  yy, xx = np.mgrid[0:h, 0:w]
+  # Smooth colour ramps (plus mild noise) survive JPEG chroma subsampling.
+  rgb = np.stack([yy * 9 + seed * 20, xx * 7, (yy + xx) * 4 + 30], -1)
+  rgb = (rgb + rng.randint(0, 8, (h, w, 3))) % 256
+  rgb = rgb.astype(np.uint8)
+  if kind == 'png':
+    Image.fromarray(rgb).save(path, 'PNG')
+  elif kind == 'cmyk':
+    Image.fromarray(rgb).convert('CMYK').save(path, 'JPEG')
+  elif kind == 'gray':
+    Image.fromarray(rgb[..., 0]).save(path, 'JPEG')
+  elif kind == 'rgba_png':
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(path, 'PNG')
+  else:
+    Image.fromarray(rgb).save(path, 'JPEG')
+  return h, w
+
+
+KINDS = ['jpeg', 'png', 'cmyk', 'gray', 'rgba_png']
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  """train/<synset>/ with 5 images each (every kind), flat val/ + labels."""
+  root = tmp_path_factory.mktemp('imagenet')
+  expected = {'train': {}, 'validation': {}}
+  seed = 0
+  for synset in SYNSETS:
+    os.makedirs(root / 'train' / synset)
+    for kind in KINDS:
+      name = f'{synset}_{seed}.JPEG'
+      expected['train'][name] = (synset, _save(root / 'train' / synset / name,
+                                               kind, seed))
+      seed += 1
+  os.makedirs(root / 'val')
+  lines = []
+  for j in range(7):
+    synset = SYNSETS[j % 3]
+    name = f'ILSVRC2012_val_{j + 1:08d}.JPEG'
+    expected['validation'][name] = (synset, _save(root / 'val' / name,
+                                                  KINDS[j % 5], 100 + j))
+    lines.append(f'{name[:-5]},{synset} 1 2 3 4')
+  labels = root / 'LOC_val_solution.csv'
+  labels.write_text('ImageId,PredictionString\n' + '\n'.join(lines) + '\n')
+  return root, labels, expected
+
+
+def _records(paths):
+  out = []
+  for p in paths:
+    for raw in tf.data.TFRecordDataset(p):
+      out.append(tf.train.Example.FromString(raw.numpy()).features.feature)
+  return out
+
+
+def test_converts_folder_with_full_feature_set(folder, tmp_path):
+  root, labels, expected = folder
+  written = make_tfrecords.convert(
+      str(tmp_path), input_dir=str(root), val_labels=str(labels),
+      train_shards=4, validation_shards=3, num_threads=3, progress=False)
+  assert [os.path.basename(p) for p in written['train']] == [
+      f'train-{i:05d}-of-00004' for i in range(4)]
+  assert [os.path.basename(p) for p in written['validation']] == [
+      f'validation-{i:05d}-of-00003' for i in range(3)]
+  for split in ('train', 'validation'):
+    feats = _records(written[split])
+    assert len(feats) == len(expected[split])
+    for f in feats:
+      name = f['image/filename'].bytes_list.value[0].decode()
+      synset, (h, w) = expected[split][name]
+      assert f['image/class/synset'].bytes_list.value[0].decode() == synset
+      assert f['image/class/label'].int64_list.value[0] == LABEL[synset]
+      assert f['image/format'].bytes_list.value[0] == b'JPEG'
+      assert f['image/colorspace'].bytes_list.value[0] == b'RGB'
+      assert f['image/channels'].int64_list.value[0] == 3
+      assert f['image/height'].int64_list.value[0] == h
+      assert f['image/width'].int64_list.value[0] == w
+      with Image.open(io.BytesIO(f['image/encoded'].bytes_list.value[0])) as im:
+        assert im.format == 'JPEG' and im.mode == 'RGB'
+        assert im.size == (w, h)
+
+
+def test_pixels_survive_conversion(folder, tmp_path):
+  root, labels, _ = folder
+  written = make_tfrecords.convert(
+      str(tmp_path), input_dir=str(root), val_labels=str(labels),
+      train_shards=1, validation_shards=1, num_threads=2, progress=False)
+  for f in _records(written['train']):
+    name = f['image/filename'].bytes_list.value[0].decode()
+    synset = name.split('_')[0]
+    src = Image.open(root / 'train' / synset / name).convert('RGB')
+    got = Image.open(io.BytesIO(f['image/encoded'].bytes_list.value[0]))
+    diff = np.abs(np.asarray(src, int) - np.asarray(got, int))
+    # Re-encoding (PNG/CMYK/gray -> RGB JPEG) loses only a little.
+    assert diff.mean() < 10, name
+
+
+def test_round_trip_through_pipeline(folder, tmp_path):
+  root, labels, expected = folder
+  make_tfrecords.convert(str(tmp_path), input_dir=str(root),
+                         val_labels=str(labels), train_shards=3,
+                         validation_shards=2, num_threads=2, progress=False)
+  cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path),
+                   num_eval_images=7, shuffle_buffer=8)
+  got = []
+  for b in input_pipeline.build_input_fn(cfg, 16, False, 4, tf.float32)(None):
+    got.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
+  want = [LABEL[s] - 1 for s, _ in expected['validation'].values()]
+  assert sorted(got) == sorted(want)
+  train = input_pipeline.build_input_fn(cfg, 16, True, 5, tf.float32)(None)
+  seen = set()
+  for b in train.take(12):
+    seen.update(b['labels'].numpy().tolist())
+  assert seen == {0, 1, 2}
+
+
+def test_val_class_folders_and_synset_per_line_labels(tmp_path):
+  root = tmp_path / 'in'
+  for split in ('train', 'val'):
+    for i, synset in enumerate(SYNSETS):
+      os.makedirs(root / split / synset)
+      _save(root / split / synset / f'{i}.JPEG', 'jpeg', i)
+  written = make_tfrecords.convert(str(tmp_path / 'out'),
+                                   input_dir=str(root), train_shards=1,
+                                   validation_shards=1, progress=False)
+  labels = sorted((f['image/class/synset'].bytes_list.value[0].decode(),
+                   f['image/class/label'].int64_list.value[0])
+                  for f in _records(written['validation']))
+  assert labels == sorted(LABEL.items())
+  # Flat val/ with one synset per line in sorted file order.
+  flat = tmp_path / 'flat'
+  os.makedirs(flat / 'val')
+  for i, synset in enumerate(SYNSETS):
+    os.makedirs(flat / 'train' / synset)
+    _save(flat / 'train' / synset / 'a.JPEG', 'jpeg', i)
+    _save(flat / 'val' / f'v{i}.JPEG', 'jpeg', i)
+  (tmp_path / 'labels.txt').write_text('\n'.join(SYNSETS) + '\n')
+  written = make_tfrecords.convert(str(tmp_path / 'out2'),
+                                   input_dir=str(flat),
+                                   val_labels=str(tmp_path / 'labels.txt'),
+                                   train_shards=1, validation_shards=1,
+                                   progress=False)
+  got = {f['image/filename'].bytes_list.value[0].decode():
+         f['image/class/label'].int64_list.value[0]
+         for f in _records(written['validation'])}
+  assert got == {f'v{i}.JPEG': LABEL[s] for i, s in enumerate(SYNSETS)}
+
+
+def test_from_tfds_image_folder(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  del tfds
+  src = tmp_path / 'src'
+  for split in ('train', 'val'):
+    for i, cls in enumerate(['cat', 'dog']):
+      os.makedirs(src / split / cls)
+      for j in range(2 + i):
+        _save(src / split / cls / f'{j}.png', 'png' if j else 'jpeg', j)
+  written = make_tfrecords.convert(str(tmp_path / 'out'),
+                                   from_tfds='image_folder',
+                                   tfds_data_dir=str(src), train_shards=2,
+                                   validation_shards=1, progress=False)
+  for split in ('train', 'validation'):
+    feats = _records(written[split])
+    assert len(feats) == 5
+    pairs = sorted((f['image/class/synset'].bytes_list.value[0].decode(),
+                    f['image/class/label'].int64_list.value[0])
+                   for f in feats)
+    assert pairs == [('cat', 1)] * 2 + [('dog', 2)] * 3
+    for f in feats:
+      assert f['image/encoded'].bytes_list.value[0][:2] == b'\xff\xd8'
+  cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path / 'out'),
+                   num_eval_images=5, include_background_label=True)
+  got = []
+  for b in input_pipeline.build_input_fn(cfg, 16, False, 2, tf.float32)(None):
+    got.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
+  assert sorted(got) == [1, 1, 2, 2, 2]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+  assert make_tfrecords.main(['--input_dir', str(tmp_path / 'missing'),
+                              '--output_dir', str(tmp_path / 'o')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and 'train' in err and 'missing' in err
+  root = tmp_path / 'in'
+  os.makedirs(root / 'train' / 'n1')
+  _save(root / 'train' / 'n1' / 'a.JPEG', 'jpeg', 0)
+  assert make_tfrecords.main(['--input_dir', str(root), '--output_dir',
+                              str(tmp_path / 'o'), '--train_shards', '4',
+                              '--no_progress']) == 2
+  assert '--train_shards' in capsys.readouterr().err
+  assert make_tfrecords.main(['--output_dir', str(tmp_path / 'o')]) == 2
