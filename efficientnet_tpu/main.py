@@ -32,8 +32,10 @@ flags.DEFINE_enum('strategy', 'cpu', config_lib.STRATEGIES,
 flags.DEFINE_string('tpu', None, "TPU name, 'local' on a TPU VM, or a "
                     'grpc:// address (legacy TPU Node). Implies '
                     '--strategy=tpu.')
-flags.DEFINE_string('tpu_zone', None, 'GCE zone of the TPU (TPU Nodes).')
-flags.DEFINE_string('gcp_project', None, 'GCP project of the TPU (TPU Nodes).')
+flags.DEFINE_string('tpu_zone', None, 'GCE zone of the TPU named by --tpu '
+                    '(pod slices driven from worker 0, TPU Nodes).')
+flags.DEFINE_string('gcp_project', None, 'GCP project of the TPU named by '
+                    '--tpu (pod slices, TPU Nodes).')
 flags.DEFINE_integer('num_cpu_replicas', 1, 'Logical CPU devices (replicas) '
                      'for --strategy=cpu: simulates a pod slice locally.')
 flags.DEFINE_integer('num_gpus', 0, 'GPUs to use with --strategy=gpu; 0 = all.')
