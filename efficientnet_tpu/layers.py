@@ -152,8 +152,7 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
       return mean, var, mean, var
     g = collectives.effective_group_size(self.group_size, num_replicas)
     if g == num_replicas:
-      mean, var = moments(
-          ctx.all_reduce(tf.distribute.ReduceOp.SUM, local) / num_replicas)
+      mean, var = moments(collectives.all_reduce_sum(local) / num_replicas)
       return mean, var, mean, var
     if g > 1 and not collectives.is_tpu_replica_context():
       group, rows = collectives.grouped_mean_and_group_rows(local, g)
