@@ -5,9 +5,10 @@ batch-norm moving statistics (as TPU-EN does). The decay warms up as
 `min(decay, (1 + step) / (10 + step))`, so early averages are not dominated
 by the random initialization.
 
-Updates run inside the replicated train step with a single `merge_call`, then
-`strategy.extended.update` on each average, so each device updates its own
-copy from its own (identical) weights with no communication.
+Updates run inside the replicated train step: each device updates its own
+copy of the averages from its own (identical) weights, with no communication
+and no `merge_call` (which cost 4x in trace time and 2x in step time on a
+4-replica CPU run of a tiny model).
 """
 
 from __future__ import annotations
@@ -56,23 +57,15 @@ class ExponentialMovingAverage(tf.Module):
     """Moves the averages towards the current weights.
 
     Call from replica context (inside `strategy.run`) or with no strategy.
+    The averages have aggregation NONE, so each replica updates its own copy
+    from its own weights, with no cross-replica call: the weights are
+    identical on all replicas after the all-reduced update, so the averages
+    stay identical too.
     """
     decay = self.decay_at(step)
-
-    def _apply(average, value, decay):
-      return average.assign_sub((1.0 - decay) *
-                                (average - tf.cast(value, average.dtype)))
-
-    def merge_fn(strategy, decay):
-      for average, var in zip(self.averages, self._model_variables):
-        strategy.extended.update(average, _apply,
-                                 args=(_tf_variable(var), decay), group=False)
-
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None:  # Cross-replica context: update directly.
-      merge_fn(self._strategy, decay)
-    else:
-      ctx.merge_call(merge_fn, args=(decay,))
+    for average, var in zip(self.averages, self._model_variables):
+      value = tf.cast(_tf_variable(var), average.dtype)
+      average.assign_sub((1.0 - decay) * (average - value))
 
   def swap(self) -> None:
     """Exchanges model weights and averages (call twice to undo).

@@ -1,0 +1,85 @@
+"""MultiWorkerMirroredStrategy: two worker processes on localhost."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.digits import write_digits_tfrecords
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_ports(n):
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(('127.0.0.1', 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+def _run_two_workers(model_dir, extra_flags, timeout=600):
+  workers = [f'127.0.0.1:{p}' for p in _free_ports(2)]
+  procs = []
+  for index in range(2):
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2',
+               TF_CONFIG=json.dumps({'cluster': {'worker': workers},
+                                     'task': {'type': 'worker',
+                                              'index': index}}))
+    cmd = [sys.executable, '-m', 'efficientnet_tpu.main',
+           '--strategy=multi_worker', f'--model_dir={model_dir}',
+           '--model_name=efficientnet-b0', '--width_coefficient=0.1',
+           '--depth_coefficient=0.1', '--image_size=16',
+           '--num_label_classes=10', '--dropout_rate=0',
+           '--stochastic_depth_rate=0', '--train_batch_size=32',
+           '--eval_batch_size=16', '--train_steps=6',
+           '--iterations_per_loop=3', '--mode=train_and_eval',
+           '--eval_every_steps=3', '--optimizer=lars', '--lr_scaling=none',
+           '--base_learning_rate=1.0', '--lr_schedule=poly',
+           '--lr_warmup_epochs=0', '--moving_average_decay=0.9',
+           '--bn_group_size=0', *extra_flags]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=timeout)
+      assert p.returncode == 0, err[-3000:]
+      outs.append(json.loads(out.strip().splitlines()[-1]))
+  finally:
+    for p in procs:
+      p.kill()
+  return outs
+
+
+def _assert_same_and_exact(outs, num_eval):
+  chief, worker = outs
+  for key in ('loss', 'top_1_accuracy', 'eval/top_1_accuracy',
+              'eval/top_5_accuracy', 'eval/loss', 'eval/num_examples'):
+    assert chief[key] == worker[key], (key, chief[key], worker[key])
+  assert chief['eval/num_examples'] == num_eval
+
+
+@pytest.mark.slow
+def test_two_workers_synthetic(tmp_path):
+  outs = _run_two_workers(tmp_path / 'run', ['--num_train_images=640',
+                                             '--num_eval_images=37'])
+  _assert_same_and_exact(outs, 37)
+  # Only the chief writes into model_dir; scratch dirs are cleaned up.
+  assert (tmp_path / 'run' / 'ckpt-6.index').exists()
+  assert not list((tmp_path / 'run').glob('.worker_*'))
+
+
+@pytest.mark.slow
+def test_two_workers_real_tfrecords(tmp_path):
+  data_dir, num_train, num_eval = write_digits_tfrecords(
+      str(tmp_path), size=20, num_eval=101)
+  outs = _run_two_workers(tmp_path / 'run', [
+      f'--data_dir={data_dir}', f'--num_train_images={num_train}',
+      f'--num_eval_images={num_eval}'])
+  _assert_same_and_exact(outs, num_eval)
