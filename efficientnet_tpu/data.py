@@ -129,25 +129,6 @@ def make_input_fn(data_cfg: DataConfig, num_classes: int, image_size: int,
                                        global_batch_size, dtype)
 
 
-TRAIN_PATTERN = 'train-*'
-EVAL_PATTERN = 'validation-*'
-
-
-def data_file_pattern(data_dir: str, is_training: bool) -> str:
-  return f'{data_dir.rstrip("/")}/{TRAIN_PATTERN if is_training else EVAL_PATTERN}'
-
-
-def list_data_files(data_dir: str, is_training: bool) -> list:
-  """Sorted TFRecord files of a split; one-line error when there are none."""
-  pattern = data_file_pattern(data_dir, is_training)
-  files = sorted(tf.io.gfile.glob(pattern))
-  if not files:
-    raise ConfigError(
-        f'--data_dir: expected ImageNet TFRecords matching {pattern} '
-        '(train-00000-of-01024 ... / validation-00000-of-00128), found none')
-  return files
-
-
 def check_data_files(data_cfg: DataConfig, mode: str) -> None:
   """Fails before any work when the data the mode needs is not there."""
   if data_cfg.source != 'tfrecord':
@@ -157,7 +138,8 @@ def check_data_files(data_cfg: DataConfig, mode: str) -> None:
                         f'tensorflow-datasets directory, '
                         f'{data_cfg.data_dir!r} does not exist')
     return
+  from efficientnet_tpu import input_pipeline  # pylint: disable=g-import-not-at-top
   if mode in ('train', 'train_and_eval'):
-    list_data_files(data_cfg.data_dir, is_training=True)
+    input_pipeline.list_files(data_cfg.data_dir, is_training=True)
   if mode in ('eval', 'train_and_eval'):
-    list_data_files(data_cfg.data_dir, is_training=False)
+    input_pipeline.list_files(data_cfg.data_dir, is_training=False)

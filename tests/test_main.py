@@ -31,7 +31,7 @@ def _reset_flags():
     (['--model_name=efficientnet-b9'], None),  # absl enum rejects at parse.
     (['--train_batch_size=66'],
      '--train_batch_size: expected a multiple of the number of replicas (4)'),
-    (['--data=tfrecord'], '--data_dir: expected ImageNet TFRecords matching'),
+    (['--data=tfrecord'], '--data_dir: expected TFRecord files matching'),
     (['--base_learning_rate=-0.1'], '--base_learning_rate: expected a value'),
     (['--lr_warmup_epochs=50'], '--lr_warmup_epochs: expected fewer than'),
     (['--weight_decay_exclude=gamma,(bad'], '--weight_decay_exclude:'),
