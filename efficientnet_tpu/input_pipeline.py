@@ -96,9 +96,10 @@ def _read_tfrecord_file(filename: tf.Tensor, file_size: Optional[tf.Tensor]
   bytes consumed must add up to the file size, or an error names the file.
   """
   records = tf.data.TFRecordDataset(filename, buffer_size=_READ_BUFFER_BYTES)
+  names = tf.data.Dataset.from_tensors(filename).repeat()
   if file_size is None:
-    return records.ignore_errors(log_warning=True).map(
-        lambda r: (r, filename))
+    return tf.data.Dataset.zip((records.ignore_errors(log_warning=True),
+                                names))
 
   items = tf.data.Dataset.zip(
       (records.ignore_errors(),
@@ -109,26 +110,23 @@ def _read_tfrecord_file(filename: tf.Tensor, file_size: Optional[tf.Tensor]
   def count_bytes(consumed, item):
     record, is_end = item
     size = tf.cast(tf.strings.length(record), tf.int64) + _RECORD_OVERHEAD
-    consumed = tf.where(is_end, consumed, consumed + size)
-    return consumed, (record, is_end, consumed)
-
-  def keep(record, is_end, consumed):
-    del record
     ok = tf.logical_or(tf.logical_not(is_end), tf.equal(consumed, file_size))
-    message = tf.strings.join([
-        'Corrupt or truncated TFRecord in ', filename, ' (unreadable after '
-        'byte ', tf.strings.as_string(consumed), ' of ',
-        tf.strings.as_string(file_size), '); set skip_corrupt to skip bad '
-        'records in training'])
-    with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
-      return tf.logical_not(is_end)
+    check = tf.debugging.Assert(ok, [
+        'Corrupt or truncated TFRecord in', filename, 'unreadable after byte',
+        consumed, 'of', file_size, '(set skip_corrupt to skip bad records in '
+        'training)'])
+    with tf.control_dependencies([check]):
+      return consumed + size, (record, filename, tf.logical_not(is_end))
 
-  items = items.scan(tf.constant(0, tf.int64), count_bytes).filter(keep)
-  return items.map(lambda record, is_end, consumed: (record, filename))
+  # The end marker checks the byte count and is then dropped.
+  return items.scan(tf.constant(0, tf.int64), count_bytes).filter(
+      lambda record, filename, keep: keep)
 
 
-def _parse_record(record: tf.Tensor, filename: tf.Tensor,
+def _parse_record(record: tf.Tensor, filename: tf.Tensor, *unused,
                   include_background_label: bool):
+  """(image_bytes, label, filename) of one serialized Example."""
+  del unused
   features = tf.io.parse_single_example(record, {
       'image/encoded': tf.io.FixedLenFeature((), tf.string, ''),
       'image/class/label': tf.io.FixedLenFeature((), tf.int64, -1),
@@ -143,7 +141,7 @@ def _parse_record(record: tf.Tensor, filename: tf.Tensor,
 def _tfrecord_records(data_cfg: DataConfig, files: List[str],
                       is_training: bool,
                       ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-  """(image_bytes, label, filename) of this pipeline's share."""
+  """Raw records of this pipeline's share; `_parse_record` decodes them."""
   num, index = ctx.num_input_pipelines, ctx.input_pipeline_id
   strict = not (is_training and data_cfg.skip_corrupt)
   if is_training:
@@ -174,9 +172,7 @@ def _tfrecord_records(data_cfg: DataConfig, files: List[str],
     ds = ds.take(data_cfg.num_eval_images)
     if num > 1:
       ds = ds.shard(num, index)
-  return ds.map(
-      lambda r, f: _parse_record(r, f, data_cfg.include_background_label),
-      num_parallel_calls=_AUTOTUNE)
+  return ds
 
 
 def _tfds_builder(data_cfg: DataConfig):
@@ -231,11 +227,6 @@ def _tfds_records(data_cfg: DataConfig, is_training: bool,
       decoders={image_key: tfds.decode.SkipDecoding()})
   offset = 1 if data_cfg.include_background_label else 0
 
-  def to_triple(ex):
-    # tfds ClassLabel is 0-based: shift to match the TFRecord convention.
-    return (ex[image_key], tf.cast(ex['label'], tf.int32) + offset,
-            tf.strings.join(['tfds:', ex['tfds_id']]))
-
   if is_training:
     ds = ds.repeat().shuffle(data_cfg.shuffle_buffer,
                              seed=data_cfg.seed + ctx.input_pipeline_id)
@@ -243,7 +234,13 @@ def _tfds_records(data_cfg: DataConfig, is_training: bool,
     ds = ds.take(data_cfg.num_eval_images)
     if ctx.num_input_pipelines > 1:
       ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-  return ds.map(to_triple, num_parallel_calls=_AUTOTUNE)
+
+  def to_triple(ex):
+    # tfds ClassLabel is 0-based: shift to match the TFRecord convention.
+    return (ex[image_key], tf.cast(ex['label'], tf.int32) + offset,
+            tf.strings.join(['tfds:', ex['tfds_id']]))
+
+  return ds, to_triple
 
 
 # ---------------------------------------------------------------------------
@@ -269,42 +266,28 @@ def _looks_valid(image_bytes: tf.Tensor, allow_non_jpeg: bool) -> tf.Tensor:
 
 
 def _check_payload(image_bytes, label, source, allow_non_jpeg: bool):
-  """Raises an error naming the file for a non-JPEG/truncated image."""
+  """Raises an error naming the file for a bad image or label."""
   ok = _looks_valid(image_bytes, allow_non_jpeg)
-  message = tf.strings.join([
-      'Corrupt, truncated or non-JPEG image in ', source,
-      '; set skip_corrupt to skip bad records in training'])
-  label_message = tf.strings.join([
-      'Negative label in ', source, ' (TFRecord labels must be 1-based, '
-      'image/class/label in 1..num_classes)'])
-  checks = [tf.debugging.Assert(ok, [message]),
-            tf.debugging.Assert(label >= 0, [label_message])]
-  with tf.control_dependencies(checks):
-    return tf.identity(image_bytes), label, source
+  return [
+      tf.debugging.Assert(ok, [
+          'Corrupt, truncated or non-JPEG image in', source,
+          '(set skip_corrupt to skip bad records in training)']),
+      tf.debugging.Assert(label >= 0, [
+          'Negative label in', source, '(TFRecord labels must be 1-based, '
+          'image/class/label in 1..num_classes)']),
+  ]
 
 
-def _drop_invalid(image_bytes, label, source, allow_non_jpeg: bool):
-  ok = tf.logical_and(_looks_valid(image_bytes, allow_non_jpeg), label >= 0)
-
+def _log_invalid(valid, source):
   def log():
     tf.print('efficientnet_tpu: skipping corrupt image or label in', source)
-    return ok
-
-  return tf.cond(ok, lambda: ok, log)
+    return valid
+  return tf.cond(valid, lambda: valid, log)
 
 
 # ---------------------------------------------------------------------------
 # The pipeline.
 # ---------------------------------------------------------------------------
-
-
-def _normalize_batch(dtype: tf.DType):
-  def fn(images, labels, *mask):
-    out = {'images': preprocessing.normalize(images, dtype), 'labels': labels}
-    if mask:
-      out['mask'] = mask[0]
-    return out
-  return fn
 
 
 def _options(is_training: bool, private_threadpool_size: int) -> tf.data.Options:
@@ -356,46 +339,56 @@ def build_input_fn(data_cfg: DataConfig,
     ctx = ctx or tf.distribute.InputContext()
     batch = ctx.get_per_replica_batch_size(global_batch_size)
     if is_tfds:
-      ds = _tfds_records(data_cfg, is_training, ctx)
+      ds, decode = _tfds_records(data_cfg, is_training, ctx)
     else:
       ds = _tfrecord_records(data_cfg, files, is_training, ctx)
+      decode = functools.partial(
+          _parse_record,
+          include_background_label=data_cfg.include_background_label)
+    skip = is_training and data_cfg.skip_corrupt
 
-    if is_training and data_cfg.skip_corrupt:
-      ds = ds.filter(functools.partial(_drop_invalid,
-                                       allow_non_jpeg=is_tfds))
-    else:
-      ds = ds.map(functools.partial(_check_payload, allow_non_jpeg=is_tfds),
-                  num_parallel_calls=_AUTOTUNE)
+    # One fused map per record (parse, check, decode, crop, resize, flip,
+    # normalize): every extra tf.data function call costs per image.
+    def train_map(*record):
+      image_bytes, label, source = decode(*record)
+      preprocess = lambda: preprocessing.normalize(  # pylint: disable=g-long-lambda
+          preprocessing.preprocess_for_train(
+              image_bytes, image_size, resize_method, data_cfg.augment,
+              data_cfg.randaug_num_layers, data_cfg.randaug_magnitude,
+              allow_non_jpeg=is_tfds), dtype)
+      if not skip:
+        with tf.control_dependencies(
+            _check_payload(image_bytes, label, source, is_tfds)):
+          return {'images': preprocess(), 'labels': label}
+      valid = tf.logical_and(_looks_valid(image_bytes, is_tfds), label >= 0)
+      valid = _log_invalid(valid, source)
+      image = tf.cond(valid, preprocess,
+                      lambda: tf.zeros([image_size, image_size, 3], dtype))
+      return {'images': image, 'labels': label}, valid
 
     if is_training:
-      def train_map(image_bytes, label, source):
-        del source
-        image = preprocessing.preprocess_for_train(
-            image_bytes, image_size, resize_method, data_cfg.augment,
-            data_cfg.randaug_num_layers, data_cfg.randaug_magnitude,
-            allow_non_jpeg=is_tfds)
-        return image, label
-
       ds = ds.map(train_map, num_parallel_calls=_AUTOTUNE,
                   deterministic=False)
-      if data_cfg.skip_corrupt:
+      if skip:
+        ds = ds.filter(lambda example, valid: valid)
         # Payloads that pass the header checks but still fail to decode.
         ds = ds.ignore_errors(log_warning=True)
       ds = ds.batch(batch, drop_remainder=True)
-      ds = ds.map(_normalize_batch(dtype), num_parallel_calls=_AUTOTUNE)
+      if skip:
+        ds = ds.map(lambda example, valid: example)
     else:
-      ds = _eval_tail(ds, ctx, batch, steps, image_size, resize_method,
-                      is_tfds, data_cfg)
-      ds = ds.map(_normalize_batch(dtype), num_parallel_calls=_AUTOTUNE)
+      ds = _eval_tail(ds, decode, ctx, batch, steps, image_size,
+                      resize_method, is_tfds, data_cfg, dtype)
     ds = ds.prefetch(_AUTOTUNE)
     return ds.with_options(_options(is_training, private_threadpool_size))
 
   return input_fn
 
 
-def _eval_tail(ds: tf.data.Dataset, ctx: tf.distribute.InputContext,
+def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
                batch: int, steps: int, image_size: int, resize_method: str,
-               is_tfds: bool, data_cfg: DataConfig) -> tf.data.Dataset:
+               is_tfds: bool, data_cfg: DataConfig,
+               dtype: tf.DType) -> tf.data.Dataset:
   """Decodes, pads with masked examples and batches exactly `steps` times."""
   num, index = ctx.num_input_pipelines, ctx.input_pipeline_id
   replicas_per_pipeline = ctx.num_replicas_in_sync // num
@@ -403,30 +396,31 @@ def _eval_tail(ds: tf.data.Dataset, ctx: tf.distribute.InputContext,
   # This pipeline's share of the examples when sharded by example.
   expected_real = len(range(index, data_cfg.num_eval_images, num))
 
-  def eval_map(image_bytes, label, source):
-    del source
-    image = preprocessing.preprocess_for_eval(
-        image_bytes, image_size, resize_method, allow_non_jpeg=is_tfds)
-    return image, label, tf.constant(1.0, tf.float32)
+  def eval_map(*record):
+    image_bytes, label, source = decode(*record)
+    with tf.control_dependencies(
+        _check_payload(image_bytes, label, source, is_tfds)):
+      image = preprocessing.preprocess_for_eval(
+          image_bytes, image_size, resize_method, allow_non_jpeg=is_tfds)
+    return {'images': preprocessing.normalize(image, dtype), 'labels': label,
+            'mask': tf.constant(1.0, tf.float32)}
 
   ds = ds.map(eval_map, num_parallel_calls=_AUTOTUNE, deterministic=True)
-  # Mean-colour padding normalizes to exact zeros.
-  pad_image = tf.broadcast_to(tf.constant(MEAN_RGB, tf.float32),
-                              [image_size, image_size, 3])
-  padding = tf.data.Dataset.from_tensors(
-      (pad_image, tf.constant(0, tf.int32), tf.constant(0.0, tf.float32)))
+  padding = tf.data.Dataset.from_tensors({
+      'images': tf.zeros([image_size, image_size, 3], dtype),
+      'labels': tf.constant(0, tf.int32),
+      'mask': tf.constant(0.0, tf.float32)})
   ds = ds.concatenate(padding.repeat()).take(total)
 
   where = data_cfg.data_dir if not is_tfds else data_cfg.source
   message = (f'Eval split in {where!r} has fewer records than '
              f'num_eval_images={data_cfg.num_eval_images}')
 
-  def check_count(position, item):
-    image, label, mask = item
+  def check_count(position, example):
     # Padding must not start before this pipeline's share is exhausted.
-    ok = tf.logical_or(mask > 0, position >= expected_real)
+    ok = tf.logical_or(example['mask'] > 0, position >= expected_real)
     with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
-      return tf.identity(image), label, mask
+      return {k: tf.identity(v) for k, v in example.items()}
 
   ds = ds.enumerate().map(check_count)
   return ds.batch(batch, drop_remainder=True)

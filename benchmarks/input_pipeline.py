@@ -1,0 +1,185 @@
+"""Input pipeline throughput: bare JPEG decode vs the full training pipeline.
+
+Writes (or reuses) TFRecords of 256x320 JPEGs, then measures images/sec per
+core of
+  (a) decode: read + parse + `tf.io.decode_jpeg` of the whole image, and
+  (b) full:   the real training pipeline (`input_pipeline.build_input_fn`):
+              parse, fused random crop + decode, bicubic resize, flip,
+              normalize, batch.
+Both run on a private tf.data thread pool of `--threads` threads, so
+per-core = images/sec / threads. Target: full >= 0.75 x decode.
+
+  python benchmarks/input_pipeline.py [--threads 1] [--seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from efficientnet_tpu import input_pipeline  # pylint: disable=g-import-not-at-top
+from efficientnet_tpu.config import DataConfig  # pylint: disable=g-import-not-at-top
+
+
+def _photo_like(rng: np.random.RandomState, h: int, w: int) -> np.ndarray:
+  """Smooth shapes + texture + noise: decodes like a natural photo."""
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  channels = []
+  for _ in range(3):
+    f = rng.uniform(0.01, 0.08, 4)
+    p = rng.uniform(0, 6.28, 4)
+    c = (np.sin(xx * f[0] + p[0]) * np.cos(yy * f[1] + p[1]) * 60 +
+         np.sin((xx + yy) * f[2] + p[2]) * 40 +
+         np.sin(xx * f[3] * 4 + yy * f[3] * 3 + p[3]) * 15 + 128)
+    channels.append(c)
+  img = np.stack(channels, -1) + rng.normal(0, 8, (h, w, 3))
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_records(data_dir: str, num_images: int, num_files: int,
+                  height: int = 256, width: int = 320) -> None:
+  """train-* shards of JPEGs; skipped when the files already exist."""
+  names = [os.path.join(data_dir, f'train-{i:05d}-of-{num_files:05d}')
+           for i in range(num_files)]
+  if all(os.path.exists(n) for n in names):
+    return
+  os.makedirs(data_dir, exist_ok=True)
+  rng = np.random.RandomState(0)
+  per_file = num_images // num_files
+  for name in names:
+    with tf.io.TFRecordWriter(name) as w:
+      for _ in range(per_file):
+        buf = io.BytesIO()
+        Image.fromarray(_photo_like(rng, height, width)).save(
+            buf, 'JPEG', quality=90)
+        label = int(rng.randint(1, 1001))
+        ex = tf.train.Example(features=tf.train.Features(feature={
+            'image/encoded': tf.train.Feature(
+                bytes_list=tf.train.BytesList(value=[buf.getvalue()])),
+            'image/class/label': tf.train.Feature(
+                int64_list=tf.train.Int64List(value=[label])),
+        }))
+        w.write(ex.SerializeToString())
+
+
+def decode_only(data_dir: str, batch: int, threads: int) -> tf.data.Dataset:
+  files = sorted(tf.io.gfile.glob(os.path.join(data_dir, 'train-*')))
+  ds = tf.data.Dataset.from_tensor_slices(files).repeat()
+  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+
+  def parse(record):
+    f = tf.io.parse_single_example(record, {
+        'image/encoded': tf.io.FixedLenFeature((), tf.string),
+        'image/class/label': tf.io.FixedLenFeature((), tf.int64)})
+    return tf.io.decode_jpeg(f['image/encoded'], channels=3), f[
+        'image/class/label']
+
+  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = threads
+  options.deterministic = False
+  return ds.with_options(options)
+
+
+def stage(data_dir: str, batch: int, threads: int, image_size: int,
+          resize: bool) -> tf.data.Dataset:
+  """Crop-decode (optionally + bicubic resize) alone, for the breakdown."""
+  from efficientnet_tpu import preprocessing  # pylint: disable=g-import-not-at-top
+  files = sorted(tf.io.gfile.glob(os.path.join(data_dir, 'train-*')))
+  ds = tf.data.Dataset.from_tensor_slices(files).repeat()
+  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+
+  def fn(record):
+    data = tf.io.parse_single_example(record, {
+        'image/encoded': tf.io.FixedLenFeature((), tf.string)})[
+            'image/encoded']
+    image = preprocessing.decode_and_crop(
+        data, lambda s: preprocessing.random_crop_window(s, image_size))
+    if resize:
+      image = preprocessing.resize(image, image_size)
+    # One value per image: crops are ragged and cannot be batched.
+    return tf.cast(image[0, 0, 0], tf.float32)
+
+  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = threads
+  options.deterministic = False
+  return ds.with_options(options)
+
+
+def measure(ds: tf.data.Dataset, batch: int, seconds: float,
+            warmup_batches: int = 10):
+  """(images/sec wall-clock, process CPU ms per image)."""
+  it = iter(ds)
+  for _ in range(warmup_batches):
+    next(it)
+  n, start, cpu = 0, time.perf_counter(), time.process_time()
+  while time.perf_counter() - start < seconds:
+    next(it)
+    n += 1
+  images = n * batch
+  return (images / (time.perf_counter() - start),
+          (time.process_time() - cpu) / images * 1e3)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--data_dir', default=os.path.join(
+      tempfile.gettempdir(), 'efficientnet_tpu_bench_records'))
+  parser.add_argument('--num_images', type=int, default=1024)
+  parser.add_argument('--num_files', type=int, default=8)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--threads', type=int, default=1)
+  parser.add_argument('--seconds', type=float, default=15.0)
+  parser.add_argument('--augment', default='none')
+  args = parser.parse_args(argv)
+
+  write_records(args.data_dir, args.num_images, args.num_files)
+  decode, decode_cpu = measure(
+      decode_only(args.data_dir, args.batch, args.threads), args.batch,
+      args.seconds)
+  cfg = DataConfig(source='tfrecord', data_dir=args.data_dir,
+                   augment=args.augment, shuffle_buffer=256)
+  fn = input_pipeline.build_input_fn(cfg, args.image_size, True, args.batch,
+                                     tf.float32,
+                                     private_threadpool_size=args.threads)
+  full, full_cpu = measure(fn(None), args.batch, args.seconds)
+  crop, crop_cpu = measure(stage(args.data_dir, args.batch, args.threads,
+                                 args.image_size, False), args.batch,
+                           args.seconds / 2)
+  resized, resized_cpu = measure(stage(args.data_dir, args.batch,
+                                       args.threads, args.image_size, True),
+                                 args.batch, args.seconds / 2)
+  t = args.threads
+  print(f'records: {args.data_dir} ({args.num_images} JPEGs 256x320), '
+        f'tf.data threads: {t}')
+  print('                                  img/s/core   CPU ms/img')
+  print(f'(a) decode_jpeg only:             {decode / t:8.1f}   '
+        f'{decode_cpu:8.3f}')
+  print(f'(b) full train pipeline:          {full / t:8.1f}   {full_cpu:8.3f}'
+        f'  (crop+resize {args.image_size} bicubic+flip+normalize+batch, '
+        f'augment={args.augment})')
+  print(f'ratio full/decode: {full / decode:.2f} by wall clock, '
+        f'{decode_cpu / full_cpu:.2f} by CPU time (target >= 0.75)')
+  print('breakdown (same harness, images not batched):')
+  print(f'    fused crop-decode only:       {crop / t:8.1f}   {crop_cpu:8.3f}')
+  print(f'    crop-decode + bicubic resize: {resized / t:8.1f}   '
+        f'{resized_cpu:8.3f}  (ceiling for (b): '
+        f'{decode_cpu / resized_cpu:.2f} x decode by CPU time)')
+
+if __name__ == '__main__':
+  main()
