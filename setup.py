@@ -28,8 +28,11 @@ setuptools.setup(
     python_requires='>=3.9',
     install_requires=_requirements('requirements.txt'),
     extras_require={
-        'test': ['pytest>=7.0', 'scikit-learn>=1.2'],
-        'tfds': ['tensorflow-datasets>=4.9'],
+        # tfds makes the (offline) tfds source test run instead of skip.
+        'test': ['pytest>=7.0', 'scikit-learn>=1.2',
+                 'tensorflow-datasets>=4.9', 'importlib_resources'],
+        # tfds needs importlib_resources to prepare datasets defined in code.
+        'tfds': ['tensorflow-datasets>=4.9', 'importlib_resources'],
         # Only for legacy TPU Nodes; TPU VMs (--tpu=local) need nothing.
         # Pin protobuf: cloud-tpu-client otherwise downgrades it.
         'tpu_node': ['cloud-tpu-client>=0.10', 'protobuf>=6.31,<8'],
