@@ -38,6 +38,21 @@ unknown_flag() {
   die "unknown flag '$1' (see --help)"
 }
 
+# tpu_flag ARG: handles the flags every TPU script takes (--help, --dry_run,
+# --name, --zone, --project) into DRY_RUN, name, zone and project of the
+# calling script; returns 1 for any other flag, which the caller parses.
+# shellcheck disable=SC2034  # name, zone, project: set for the caller.
+tpu_flag() {
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --dry_run) DRY_RUN=1 ;;
+    --name=*) name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --project=*) project="${1#*=}" ;;
+    *) return 1 ;;
+  esac
+}
+
 # require FLAG VALUE [ENV_VAR]: one-line error when VALUE is empty.
 require() {
   if [[ -z "$2" ]]; then

@@ -50,12 +50,8 @@ preemptible=0
 reserved=0
 queued=0
 for arg in "$@"; do
+  tpu_flag "$arg" && continue
   case "$arg" in
-    -h|--help) usage; exit 0 ;;
-    --dry_run) DRY_RUN=1 ;;
-    --name=*) name="${arg#*=}" ;;
-    --zone=*) zone="${arg#*=}" ;;
-    --project=*) project="${arg#*=}" ;;
     --accelerator_type=*) accelerator_type="${arg#*=}" ;;
     --runtime_version=*) runtime_version="${arg#*=}" ;;
     --spot) spot=1 ;;

@@ -38,12 +38,8 @@ stop_training=0
 stop=0
 yes=0
 for arg in "$@"; do
+  tpu_flag "$arg" && continue
   case "$arg" in
-    -h|--help) usage; exit 0 ;;
-    --dry_run) DRY_RUN=1 ;;
-    --name=*) name="${arg#*=}" ;;
-    --zone=*) zone="${arg#*=}" ;;
-    --project=*) project="${arg#*=}" ;;
     --queued) queued=1 ;;
     --stop_training) stop_training=1 ;;
     --stop) stop=1 ;;

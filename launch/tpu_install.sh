@@ -44,12 +44,8 @@ accelerator_type="${ACCELERATOR_TYPE:-v3-8}"
 repo_url="${REPO_URL:-}"
 ref="${REPO_REF:-}"
 for arg in "$@"; do
+  tpu_flag "$arg" && continue
   case "$arg" in
-    -h|--help) usage; exit 0 ;;
-    --dry_run) DRY_RUN=1 ;;
-    --name=*) name="${arg#*=}" ;;
-    --zone=*) zone="${arg#*=}" ;;
-    --project=*) project="${arg#*=}" ;;
     --accelerator_type=*) accelerator_type="${arg#*=}" ;;
     --repo_url=*) repo_url="${arg#*=}" ;;
     --ref=*) ref="${arg#*=}" ;;

@@ -30,12 +30,8 @@ worker=0
 lines=100
 follow=1
 for arg in "$@"; do
+  tpu_flag "$arg" && continue
   case "$arg" in
-    -h|--help) usage; exit 0 ;;
-    --dry_run) DRY_RUN=1 ;;
-    --name=*) name="${arg#*=}" ;;
-    --zone=*) zone="${arg#*=}" ;;
-    --project=*) project="${arg#*=}" ;;
     --worker=*) worker="${arg#*=}" ;;
     --lines=*) lines="${arg#*=}" ;;
     --no_follow) follow=0 ;;

@@ -69,12 +69,8 @@ extra=()
 while (( $# )); do
   arg="$1"
   shift
+  tpu_flag "$arg" && continue
   case "$arg" in
-    -h|--help) usage; exit 0 ;;
-    --dry_run) DRY_RUN=1 ;;
-    --name=*) name="${arg#*=}" ;;
-    --zone=*) zone="${arg#*=}" ;;
-    --project=*) project="${arg#*=}" ;;
     --accelerator_type=*) accelerator_type="${arg#*=}" ;;
     --runtime_version=*) runtime_version="${arg#*=}" ;;
     --preset=*) preset="${arg#*=}" ;;
