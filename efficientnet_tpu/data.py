@@ -3,13 +3,16 @@
 Every source returns `fn(tf.distribute.InputContext) -> tf.data.Dataset` for
 `strategy.distribute_datasets_from_function`, with one element spec:
 
-* training: `{'images': [b, s, s, 3] float32|bfloat16, 'labels': [b] int32}`,
-  batched with `drop_remainder=True` and repeated forever;
+* training: `{'images': [b, s, s, 3] uint8, 'labels': [b] int32}`, batched
+  with `drop_remainder=True` and repeated forever. Images are RGB 0..255 and
+  not normalized: the train / eval step applies `preprocessing.normalize`
+  (mean/std and the cast to the compute dtype) on device;
 * eval: the same plus `'mask': [b] float32` (0 marks padding), exactly
   `num_eval_steps` batches per pipeline, so that across all pipelines every
   eval example is seen exactly once with mask 1.
 
-`b` is the per-replica batch from the InputContext.
+`b` is the per-replica batch from the InputContext. The `dtype` argument of
+`make_input_fn` is kept for compatibility and does not change this spec.
 """
 
 from __future__ import annotations
@@ -56,8 +59,7 @@ def batch_eval_examples(examples: tf.data.Dataset, per_replica_batch: int,
 
 
 def _synthetic_source(data_cfg: DataConfig, num_classes: int,
-                      image_size: int, num_images: int, split_seed: int,
-                      dtype: tf.DType):
+                      image_size: int, num_images: int, split_seed: int):
   """Returns (a dataset of example indices, index -> example function).
 
   Examples are a pure function of (seed, split, index), so any sharding of the
@@ -65,6 +67,8 @@ def _synthetic_source(data_cfg: DataConfig, num_classes: int,
 
   Learnable mode gives each class a fixed random colour and low-frequency
   pattern plus per-image noise, so a model can fit it and loss must fall.
+  Images are uint8 like the real pipeline's: 128 + 40 * (pattern + colour +
+  noise), rounded and clipped to 0..255 (about 2% of values clip).
   """
   seed = data_cfg.seed * 1000 + split_seed
   g = tf.random.Generator.from_seed(data_cfg.seed)
@@ -82,15 +86,22 @@ def _synthetic_source(data_cfg: DataConfig, num_classes: int,
       image = templates[label] + colours[label] + noise_scale * noise
     else:
       image = noise
-    return {'images': tf.cast(image, dtype), 'labels': label}
+    image = tf.clip_by_value(tf.round(128.0 + 40.0 * image), 0.0, 255.0)
+    return {'images': tf.cast(image, tf.uint8), 'labels': label}
 
   return tf.data.Dataset.range(num_images), make
 
 
 def synthetic_input_fn(data_cfg: DataConfig, num_classes: int,
                        image_size: int, is_training: bool,
-                       global_batch_size: int, dtype: tf.DType) -> InputFn:
-  """Synthetic data with the real pipeline's element spec, sharded per host."""
+                       global_batch_size: int,
+                       dtype: tf.DType = tf.float32) -> InputFn:
+  """Synthetic data with the real pipeline's element spec, sharded per host.
+
+  `dtype` is unused (images are uint8; normalization and the cast to dtype
+  happen on device) and kept for compatibility.
+  """
+  del dtype
   num_images = (data_cfg.num_train_images if is_training
                 else data_cfg.num_eval_images)
 
@@ -98,7 +109,7 @@ def synthetic_input_fn(data_cfg: DataConfig, num_classes: int,
     batch = ctx.get_per_replica_batch_size(global_batch_size)
     indices, make = _synthetic_source(
         data_cfg, num_classes, image_size, num_images,
-        split_seed=0 if is_training else 1, dtype=dtype)
+        split_seed=0 if is_training else 1)
     indices = indices.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
     if is_training:
       ds = (indices.shuffle(min(num_images, 10000),
@@ -119,7 +130,12 @@ def synthetic_input_fn(data_cfg: DataConfig, num_classes: int,
 def make_input_fn(data_cfg: DataConfig, num_classes: int, image_size: int,
                   is_training: bool, global_batch_size: int,
                   dtype: tf.DType = tf.float32) -> InputFn:
-  """Returns the input function for `data_cfg.source`."""
+  """Returns the input function for `data_cfg.source`.
+
+  Every source yields uint8 images (see the module docstring); `dtype` is
+  kept for compatibility: normalization and the cast to dtype happen on
+  device.
+  """
   if data_cfg.source == 'synthetic':
     return synthetic_input_fn(data_cfg, num_classes, image_size, is_training,
                               global_batch_size, dtype)

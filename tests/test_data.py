@@ -57,13 +57,14 @@ def _synthetic(is_training, dtype=tf.float32, **kw):
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
 def test_synthetic_element_spec(dtype):
+  """uint8 images like the real pipeline, whatever the compute dtype."""
   train = _synthetic(True, dtype)(_ctx(1, 0, 2))
   assert train.element_spec == {
-      'images': tf.TensorSpec([4, 8, 8, 3], dtype),
+      'images': tf.TensorSpec([4, 8, 8, 3], tf.uint8),
       'labels': tf.TensorSpec([4], tf.int32)}
   evaluation = _synthetic(False, dtype)(_ctx(1, 0, 2))
   assert evaluation.element_spec == {
-      'images': tf.TensorSpec([4, 8, 8, 3], dtype),
+      'images': tf.TensorSpec([4, 8, 8, 3], tf.uint8),
       'labels': tf.TensorSpec([4], tf.int32),
       'mask': tf.TensorSpec([4], tf.float32)}
   # 21 images at global batch 8: 3 steps x 2 replicas, 21 of them real.
@@ -80,6 +81,33 @@ def test_synthetic_is_deterministic_and_labels_in_range():
                            _synthetic(False)(_ctx(1, 0, 1))
                            .as_numpy_iterator()])
   assert labels.min() >= 0 and labels.max() < 5
+
+
+@pytest.mark.parametrize('learnable', [True, False])
+def test_synthetic_images_use_the_range_and_are_learnable(learnable):
+  """Nearest class mean (fit on train, scored on eval) beats chance only
+  in learnable mode; pixels spread over 0..255 with little clipping."""
+  def arrays(is_training, batches):
+    fn = _synthetic(is_training, synthetic_learnable=learnable)
+    out = list(fn(_ctx(1, 0, 1)).take(batches).as_numpy_iterator())
+    keep = np.concatenate([b.get('mask', np.ones(len(b['labels'])))
+                           for b in out]) == 1  # Drop eval padding.
+    images = np.concatenate([b['images'] for b in out]).astype(np.float64)
+    return (images.reshape(len(images), -1)[keep],
+            np.concatenate([b['labels'] for b in out])[keep])
+  x, y = arrays(True, 8)  # 64 images, one epoch.
+  assert 100 < x.mean() < 156 and x.std() > 30
+  assert np.mean((x == 0) | (x == 255)) < 0.1
+  means = np.stack([x[y == c].mean(0) if np.any(y == c) else
+                    np.full(x.shape[1], np.inf) for c in range(5)])
+  xe, ye = arrays(False, 3)
+  assert len(ye) == 21
+  predicted = np.argmin(((xe[:, None] - means[None]) ** 2).sum(-1), 1)
+  accuracy = np.mean(predicted == ye)
+  if learnable:
+    assert accuracy > 0.9
+  else:
+    assert accuracy < 0.6
 
 
 def test_synthetic_pipelines_shard_the_eval_set():

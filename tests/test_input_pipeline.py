@@ -3,6 +3,7 @@
 import io
 import math
 import os
+import struct
 
 import numpy as np
 from PIL import Image
@@ -135,7 +136,7 @@ def _check_eval_coverage(batches_per_pipeline, global_batch, replicas, k):
       mask = b['mask'].numpy()
       assert set(np.unique(mask)) <= {0.0, 1.0}
       real.extend((b['labels'].numpy() + 1)[mask == 1].tolist())
-      # Padding is masked and normalizes to zeros.
+      # Padding is masked and all zeros.
       assert np.all(b['images'].numpy()[mask == 0] == 0)
   assert sorted(real) == list(range(1, 38))
 
@@ -210,37 +211,45 @@ def test_fewer_train_files_than_pipelines(train_dir):
 
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
-def test_element_spec(train_dir, eval_dir, dtype):
+def test_element_spec_is_uint8_whatever_the_dtype(train_dir, eval_dir, dtype):
+  """Normalization and the cast to dtype happen on device."""
   train = input_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 8,
                                         dtype)(_ctx(1, 0, 2))
   assert set(train.element_spec) == {'images', 'labels'}
   assert train.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3],
-                                                       dtype)
+                                                       tf.uint8)
   assert train.element_spec['labels'] == tf.TensorSpec([4], tf.int32)
   b = next(iter(train))
-  assert b['images'].dtype == dtype and b['images'].shape == (4, SIZE, SIZE,
-                                                              3)
+  assert b['images'].dtype == tf.uint8
+  assert b['images'].shape == (4, SIZE, SIZE, 3)
   ev = input_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False, 8,
                                      dtype)(_ctx(1, 0, 2))
   assert set(ev.element_spec) == {'images', 'labels', 'mask'}
-  assert ev.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3], dtype)
+  assert ev.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3],
+                                                    tf.uint8)
   assert ev.element_spec['labels'] == tf.TensorSpec([4], tf.int32)
   assert ev.element_spec['mask'] == tf.TensorSpec([4], tf.float32)
 
 
-def test_images_are_normalized_solid_colors(eval_dir):
-  """Solid-colour JPEGs: every pixel must be (colour - mean) / std."""
-  ds = input_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False, 8,
+@pytest.mark.parametrize('training', [False, True])
+def test_images_are_raw_rgb_solid_colors(eval_dir, train_dir, training):
+  """Solid-colour JPEGs: every pixel is the colour on the 0..255 scale."""
+  data_dir = train_dir if training else eval_dir
+  ds = input_pipeline.build_input_fn(_cfg(data_dir), SIZE, training, 8,
                                      tf.float32)(None)
-  for b in ds:
+  n = 0
+  for b in ds.take(5):
+    masks = b['mask'].numpy() if 'mask' in b else np.ones(8)
     for image, label, mask in zip(b['images'].numpy(), b['labels'].numpy(),
-                                  b['mask'].numpy()):
+                                  masks):
       if mask:
+        n += 1
         color = np.array([(label + 1) * 7 % 256, 90, 200])
-        want = (color - MEAN) / STD
         # JPEG chroma quantization moves a solid colour by a few levels.
-        np.testing.assert_allclose(image, np.broadcast_to(want, image.shape),
-                                   atol=6 / 255 / 0.224)
+        np.testing.assert_allclose(image.astype(int),
+                                   np.broadcast_to(color, image.shape),
+                                   atol=6)
+  assert n >= 37
 
 
 def test_training_is_repeated_and_augment_runs(train_dir):
@@ -248,7 +257,8 @@ def test_training_is_repeated_and_augment_runs(train_dir):
   ds = input_pipeline.build_input_fn(cfg, SIZE, True, 16, tf.float32)(None)
   n = 0
   for b in ds.take(6):  # 96 > 40 images: must wrap around.
-    assert np.all(np.isfinite(b['images'].numpy()))
+    assert b['images'].dtype == tf.uint8
+    assert b['images'].shape == (16, SIZE, SIZE, 3)
     n += 1
   assert n == 6
 
@@ -337,6 +347,53 @@ def test_corrupt_record_train_skip(tmp_path):
   assert len(seen) < 6
 
 
+def _frame_offsets(path):
+  """Start of each TFRecord frame: 8-byte length, 4 CRC, data, 4 CRC."""
+  data = open(path, 'rb').read()
+  offsets, pos = [], 0
+  while pos < len(data):
+    offsets.append(pos)
+    pos += 16 + struct.unpack('<Q', data[pos:pos + 8])[0]
+  assert pos == len(data)
+  return offsets
+
+
+def test_long_file_corrupt_frame_keeps_exactly_the_records_before_it(
+    tmp_path):
+  """A file longer than one read batch, corrupt at record 25 of 40."""
+  write_split(str(tmp_path), 'train', [40], lambda f, j: j + 1)
+  path = os.path.join(tmp_path, 'train-00000-of-00001')
+  start = _frame_offsets(path)[25]
+  data = bytearray(open(path, 'rb').read())
+  data[start + 100] ^= 0xFF  # Inside record 25's payload: its CRC fails.
+  open(path, 'wb').write(bytes(data))
+  strict = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2,
+                                         tf.float32)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=path):
+    for _ in strict.take(50):
+      pass
+  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
+                                       SIZE, True, 2, tf.float32)(None)
+  seen = set()
+  for b in skip.take(40):
+    seen.update((b['labels'].numpy() + 1).tolist())
+  assert seen == set(range(1, 26))
+
+
+def test_eval_long_files_cover_each_image_once(tmp_path):
+  """Files longer than one read batch keep every record, in order."""
+  ids = iter(range(1, 38))
+  write_split(str(tmp_path), 'validation', [35, 2], lambda f, j: next(ids))
+  fn = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, False, 8,
+                                     tf.float32)
+  batches = [list(fn(_ctx(2, i, 2))) for i in range(2)]
+  _check_eval_coverage(batches, 8, 2, 2)
+  # One pipeline: interleaving 2 files, then file 0's remainder in order.
+  labels = np.concatenate([b['labels'].numpy()[b['mask'].numpy() == 1]
+                           for b in fn(None)]) + 1
+  assert labels.tolist() == [1, 36, 2, 37] + list(range(3, 36))
+
+
 def test_truncated_file_error_names_file(tmp_path):
   write_split(str(tmp_path), 'validation', [3, 3])
   path = os.path.join(tmp_path, 'validation-00000-of-00002')
@@ -420,7 +477,7 @@ def test_tfds_prepared_dataset(tmp_path):
   train = input_pipeline.build_input_fn(cfg, SIZE, True, 4, tf.bfloat16)(None)
   b = next(iter(train))
   assert b['images'].shape == (4, SIZE, SIZE, 3)
-  assert b['images'].dtype == tf.bfloat16
+  assert b['images'].dtype == tf.uint8
   bg = DataConfig(source=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
                   num_eval_images=7, include_background_label=True)
   labels = []

@@ -1,4 +1,5 @@
-"""Tests for preprocessing.py: crop windows, fused decode, resize, flip."""
+"""Tests for preprocessing.py: crop windows, fused decode, resize, flip,
+uint8 rounding and normalization."""
 
 import io
 
@@ -95,18 +96,37 @@ def test_grayscale_jpeg_decodes_to_rgb():
   gray = np.tile(np.arange(40, dtype=np.uint8)[None] * 5, (30, 1))
   data = tf.constant(_jpeg_bytes(gray))
   out = preprocessing.preprocess_for_eval(data, 16)
-  assert out.shape == (16, 16, 3)
-  np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-4)
+  assert out.shape == (16, 16, 3) and out.dtype == tf.uint8
+  np.testing.assert_array_equal(out[..., 0], out[..., 1])
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def test_to_uint8_rounds_half_up_and_saturates():
+  rng = np.random.RandomState(6)
+  x = np.concatenate([rng.uniform(-60, 320, 20000),
+                      np.arange(-3, 259, 0.25),  # Exact halves and quarters.
+                      [-1e9, 1e9, 254.5, 255.49, 255.5, 0.49, 0.5, 1.5]])
+  x = x.astype(np.float32)
+  want = np.floor(np.clip(x, 0, 255) + np.float32(0.5)).astype(np.uint8)
+  got = preprocessing.to_uint8(tf.constant(x.reshape(-1, 2)))
+  assert got.dtype == tf.uint8 and got.shape == (x.size // 2, 2)
+  np.testing.assert_array_equal(got.numpy().reshape(-1), want)
 
 
 @pytest.mark.parametrize('method', ['bicubic', 'bilinear', 'area', 'nearest'])
 def test_resize_range_and_shape(method):
   rng = np.random.RandomState(2)
-  image = tf.constant(rng.choice([0, 255], (37, 23, 3)).astype(np.uint8))
-  out = preprocessing.resize(image, 29, method).numpy()
-  assert out.shape == (29, 29, 3) and out.dtype == np.float32
-  # Bicubic overshoots on such edges and must be clipped.
-  assert out.min() >= 0 and out.max() <= 255
+  image = rng.choice([0, 255], (37, 23, 3)).astype(np.uint8)
+  out = preprocessing.resize(tf.constant(image), 29, method).numpy()
+  assert out.shape == (29, 29, 3) and out.dtype == np.uint8
+  # Bicubic overshoots on such edges: clipped, not wrapped around (a
+  # wrapped -3 would read 253 in the middle of a black area).
+  if method != 'nearest':
+    ref = tf.image.resize(tf.constant(image, tf.float32), [29, 29],
+                          method=method).numpy()
+    np.testing.assert_allclose(out, np.clip(ref, 0, 255), atol=0.51)
+  else:
+    assert set(np.unique(out)) <= {0, 255}
 
 
 def test_resize_bicubic_matches_reference_on_smooth_image():
@@ -118,7 +138,7 @@ def test_resize_bicubic_matches_reference_on_smooth_image():
   h, w, size = 24, 30, 12
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
   image = (100 + 40 * np.sin(yy / 5) + 30 * np.cos(xx / 7))[..., None]
-  image = np.repeat(image, 3, axis=2)
+  image = np.round(np.repeat(image, 3, axis=2))
 
   def cubic(t):
     t = abs(t)
@@ -142,8 +162,11 @@ def test_resize_bicubic_matches_reference_on_smooth_image():
 
   want = np.einsum('oi,ijc,pj->opc', weights(h, size), image,
                    weights(w, size))
-  got = preprocessing.resize(tf.constant(image, tf.float32), size).numpy()
-  np.testing.assert_allclose(got, want, atol=0.05)
+  # From uint8 directly, as the pipeline does; the output is rounded.
+  got = preprocessing.resize(tf.constant(image, tf.uint8), size).numpy()
+  assert got.dtype == np.uint8
+  np.testing.assert_allclose(got, want, atol=0.6)
+  assert np.mean(np.abs(got - np.round(want)) > 0) < 0.05
 
 
 def test_train_output_and_random_flip():
@@ -156,9 +179,8 @@ def test_train_output_and_random_flip():
   directions = set()
   for _ in range(30):
     out = fn(data).numpy()
-    assert out.shape == (32, 32, 3) and out.dtype == np.float32
-    assert out.min() >= 0 and out.max() <= 255
-    diff = out[:, -1, 0].mean() - out[:, 0, 0].mean()
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    diff = out[:, -1, 0].astype(float).mean() - out[:, 0, 0].mean()
     directions.add(bool(diff > 0))
   assert directions == {True, False}
 
@@ -172,20 +194,39 @@ def test_eval_is_center_crop_resize():
   want = tf.image.resize(decoded[y:y + h, x:x + w], [16, 16],
                          method='bicubic').numpy().clip(0, 255)
   got = preprocessing.preprocess_for_eval(data, 16).numpy()
+  assert got.dtype == np.uint8
+  # Rounding (0.5) plus chroma upsampling at the crop edge.
   np.testing.assert_allclose(got, want, atol=2.0)
 
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
-def test_normalize_matches_numpy(dtype):
+@pytest.mark.parametrize('shape', [(5, 7, 3), (2, 5, 7, 3), (3, 2, 4, 6, 3)])
+@pytest.mark.parametrize('in_dtype', [np.uint8, np.float32])
+def test_normalize_matches_numpy(dtype, shape, in_dtype):
   rng = np.random.RandomState(4)
-  images = rng.uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
+  images = rng.uniform(0, 255, shape).astype(in_dtype)
   mean = np.array([0.485, 0.456, 0.406]) * 255
   std = np.array([0.229, 0.224, 0.225]) * 255
   got = preprocessing.normalize(tf.constant(images), dtype)
-  assert got.dtype == dtype
+  assert got.dtype == dtype and got.shape == shape
   tol = 1e-5 if dtype == tf.float32 else 2e-2
   np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(),
                              (images - mean) / std, atol=tol, rtol=tol)
+
+
+def test_normalize_unknown_shapes_and_batch_equals_per_image():
+  rng = np.random.RandomState(7)
+  images = rng.randint(0, 256, (3, 6, 5, 3)).astype(np.uint8)
+  mean = np.array([0.485, 0.456, 0.406]) * 255
+  std = np.array([0.229, 0.224, 0.225]) * 255
+  want = (images - mean) / std
+  for spec in ([None, None, None, 3], [None, 6, 5, 3], [3, 6, None, 3]):
+    fn = tf.function(lambda x: preprocessing.normalize(x, tf.float32),
+                     input_signature=[tf.TensorSpec(spec, tf.uint8)])
+    np.testing.assert_allclose(fn(images).numpy(), want, atol=1e-5)
+  for i in range(3):
+    np.testing.assert_allclose(
+        preprocessing.normalize(images[i]).numpy(), want[i], atol=1e-5)
 
 
 def test_train_with_augmentation_keeps_shape():
@@ -194,6 +235,6 @@ def test_train_with_augmentation_keeps_shape():
       np.uint8)))
   for aug in ('randaugment', 'autoaugment'):
     out = preprocessing.preprocess_for_train(data, 24, augment=aug)
-    assert out.shape == (24, 24, 3) and out.dtype == tf.float32
+    assert out.shape == (24, 24, 3) and out.dtype == tf.uint8
   with pytest.raises(ValueError, match='augment'):
     preprocessing.preprocess_for_train(data, 24, augment='mixup')
