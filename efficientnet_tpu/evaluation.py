@@ -37,7 +37,7 @@ class Evaluator:
       self.num_steps = min(self.num_steps, cfg.train.eval_steps)
     with self.strategy.scope():
       self._sums = {
-          name: train_lib._sum_variable(f'eval_{name}')  # pylint: disable=protected-access
+          name: train_lib.sum_variable(f'eval_{name}')
           for name in ('loss', 'top_1', 'top_5', 'count')
       }
     self._dataset = None
@@ -49,7 +49,8 @@ class Evaluator:
   def _replica_eval_step(self, batch):
     model = self.trainer.model
     num_classes = self.trainer.cfg.model.num_classes
-    logits = tf.cast(model(batch['images'], training=False), tf.float32)
+    logits = tf.cast(model(self.trainer.normalize(batch['images']),
+                           training=False), tf.float32)
     labels, mask = batch['labels'], batch['mask']
     loss = train_lib.smoothed_cross_entropy(labels, logits, num_classes, 0.0)
     top_1 = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)
@@ -60,23 +61,12 @@ class Evaluator:
     self._sums['top_5'].assign_add(tf.reduce_sum(top_5 * mask))
     self._sums['count'].assign_add(tf.reduce_sum(mask))
 
-  def _build_eval_loop(self):
-    step_fn = self._replica_eval_step
-    if self.trainer.jit_compile:
-      step_fn = tf.function(step_fn, jit_compile=True)
-
-    @tf.function
-    def eval_loop(iterator, num_steps):
-      for _ in tf.range(num_steps):
-        self.strategy.run(step_fn, args=(next(iterator),))
-
-    return eval_loop
-
   def evaluate(self) -> Dict[str, float]:
     """One full pass over the eval set; returns exact metrics."""
     if self._eval_loop_fn is None:
       self._dataset = self.trainer.distribute_input(is_training=False)
-      self._eval_loop_fn = self._build_eval_loop()
+      self._eval_loop_fn = train_lib.replicated_loop(
+          self.strategy, self._replica_eval_step, self.trainer.jit_compile)
     for v in self._sums.values():
       v.assign(0.0)
     ema = self.trainer.ema
@@ -150,7 +140,7 @@ class Evaluator:
     self._best = metrics['top_1_accuracy']
     if self._best_manager is None:
       directory = (best_dir if self.trainer.is_writer else
-                   train_lib._worker_dir(self.strategy, best_dir))  # pylint: disable=protected-access
+                   train_lib.worker_dir(self.strategy, best_dir))
       self._best_manager = tf.train.CheckpointManager(
           self.trainer.checkpoint, directory, max_to_keep=1,
           checkpoint_name='best')

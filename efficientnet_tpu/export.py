@@ -34,7 +34,7 @@ class ServingModule(tf.Module):
     images = tf.map_fn(
         lambda b: preprocessing.preprocess_for_eval(
             b, self.image_size, resize_method=self.resize_method),
-        image_bytes, fn_output_signature=tf.float32)
+        image_bytes, fn_output_signature=tf.uint8)
     images = preprocessing.normalize(images, tf.float32)
     logits = tf.cast(self.model(images, training=False), tf.float32)
     top_5 = tf.math.top_k(logits, k=min(5, logits.shape[-1]))

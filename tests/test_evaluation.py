@@ -19,7 +19,8 @@ def _single_device_metrics(trainer):
                                     cfg.model.image_size, False, n)
   batch = next(iter(input_fn(tf.distribute.InputContext())))
   assert batch['mask'].numpy().sum() == n
-  logits = trainer.model(batch['images'], training=False).numpy()
+  logits = trainer.model(trainer.normalize(batch['images']),
+                         training=False).numpy()
   labels = batch['labels'].numpy()
   order = np.argsort(-logits, axis=1)
   return {'top_1_accuracy': np.mean(order[:, 0] == labels),
@@ -82,3 +83,22 @@ def test_records_results_and_keeps_best_checkpoint(tmp_path):
   assert best['step'] == 3
   assert tf.train.latest_checkpoint(str(tmp_path / 'best')).endswith('best-3')
   assert (tmp_path / 'eval').is_dir()
+
+
+def test_continuous_eval_follows_checkpoints_until_training_ends(tmp_path):
+  cfg = tiny_config(tmp_path, num_replicas=1)
+  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  trainer.train()  # Checkpoints at steps 2 and 4 (= total_steps).
+  # A separate evaluator process would build its own trainer: do the same.
+  eval_trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  metrics = evaluation.continuous_eval(
+      eval_trainer, evaluation.Evaluator(eval_trainer), timeout=5)
+  assert eval_trainer.global_step == 4
+  assert metrics['num_examples'] == cfg.data.num_eval_images
+  steps = [json.loads(l)['step'] for l in
+           (tmp_path / evaluation.RESULTS_FILENAME).read_text().splitlines()]
+  assert steps[-1] == 4
+  # timeout 0: evaluate the latest checkpoint once and return.
+  again = evaluation.continuous_eval(
+      eval_trainer, evaluation.Evaluator(eval_trainer), timeout=0)
+  assert again['top_1_accuracy'] == metrics['top_1_accuracy']

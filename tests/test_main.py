@@ -37,6 +37,8 @@ def _reset_flags():
     (['--weight_decay_exclude=gamma,(bad'], '--weight_decay_exclude:'),
     (['--bn_group_size=3'], '--bn_group_size:'),
     (['--strategy=tpu'], '--tpu:'),
+    (['--strategy=tpu', '--tpu=no-such-tpu', '--tpu_zone=us-central1-a'],
+     "--tpu: could not reach TPU 'no-such-tpu'"),
 ])
 def test_bad_flags_fail_before_any_work_on_one_line(tmp_path, capsys, args,
                                                     start):
