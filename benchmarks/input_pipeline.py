@@ -1,15 +1,19 @@
 """Input pipeline throughput: bare JPEG decode vs the full training pipeline.
 
 Writes (or reuses) TFRecords of 256x320 JPEGs, then measures images/sec per
-core of
-  (a) decode: read + parse + `tf.io.decode_jpeg` of the whole image, and
+core and process CPU time per image of
+  (a) decode: read + parse + `tf.io.decode_jpeg` of the whole image + batch,
   (b) full:   the real training pipeline (`input_pipeline.build_input_fn`):
-              parse, fused random crop + decode, bicubic resize, flip,
-              normalize, batch.
-Both run on a private tf.data thread pool of `--threads` threads, so
-per-core = images/sec / threads. Target: full >= 0.75 x decode.
+              read, byte-count check, parse, payload check, fused random
+              crop + decode, flip, resize, round to uint8, batch; once with
+              bicubic (the default) and once with --resize_method=bilinear.
+Images stay uint8 (normalization runs on the accelerator). Everything runs
+on a private tf.data pool of `--threads` threads, so per-core = images/sec
+/ threads. Target: full >= 0.75 x decode. The configurations are measured
+in turn for `--rounds` rounds and the medians are printed: on a shared
+machine wall clock is noisy; CPU time per image is steadier.
 
-  python benchmarks/input_pipeline.py [--threads 1] [--seconds 15]
+  python benchmarks/input_pipeline.py [--threads 1] [--seconds 5] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -93,8 +97,8 @@ def decode_only(data_dir: str, batch: int, threads: int) -> tf.data.Dataset:
 
 
 def stage(data_dir: str, batch: int, threads: int, image_size: int,
-          resize: bool) -> tf.data.Dataset:
-  """Crop-decode (optionally + bicubic resize) alone, for the breakdown."""
+          resize_method: str = '') -> tf.data.Dataset:
+  """Crop-decode (+ flip + resize to uint8) alone, for the breakdown."""
   from efficientnet_tpu import preprocessing  # pylint: disable=g-import-not-at-top
   files = sorted(tf.io.gfile.glob(os.path.join(data_dir, 'train-*')))
   ds = tf.data.Dataset.from_tensor_slices(files).repeat()
@@ -107,10 +111,11 @@ def stage(data_dir: str, batch: int, threads: int, image_size: int,
             'image/encoded']
     image = preprocessing.decode_and_crop(
         data, lambda s: preprocessing.random_crop_window(s, image_size))
-    if resize:
-      image = preprocessing.resize(image, image_size)
+    if resize_method:
+      image = tf.image.random_flip_left_right(image)
+      image = preprocessing.resize(image, image_size, resize_method)
     # One value per image: crops are ragged and cannot be batched.
-    return tf.cast(image[0, 0, 0], tf.float32)
+    return image[0, 0, 0]
 
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
@@ -144,42 +149,60 @@ def main(argv=None) -> None:
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--threads', type=int, default=1)
-  parser.add_argument('--seconds', type=float, default=15.0)
+  parser.add_argument('--seconds', type=float, default=5.0,
+                      help='per configuration and round')
+  parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--augment', default='none')
   args = parser.parse_args(argv)
 
   write_records(args.data_dir, args.num_images, args.num_files)
-  decode, decode_cpu = measure(
-      decode_only(args.data_dir, args.batch, args.threads), args.batch,
-      args.seconds)
-  cfg = DataConfig(source='tfrecord', data_dir=args.data_dir,
-                   augment=args.augment, shuffle_buffer=256)
-  fn = input_pipeline.build_input_fn(cfg, args.image_size, True, args.batch,
-                                     tf.float32,
-                                     private_threadpool_size=args.threads)
-  full, full_cpu = measure(fn(None), args.batch, args.seconds)
-  crop, crop_cpu = measure(stage(args.data_dir, args.batch, args.threads,
-                                 args.image_size, False), args.batch,
-                           args.seconds / 2)
-  resized, resized_cpu = measure(stage(args.data_dir, args.batch,
-                                       args.threads, args.image_size, True),
-                                 args.batch, args.seconds / 2)
-  t = args.threads
+  size, batch, threads = args.image_size, args.batch, args.threads
+
+  def full(method):
+    cfg = DataConfig(source='tfrecord', data_dir=args.data_dir,
+                     augment=args.augment, resize_method=method,
+                     shuffle_buffer=256)
+    return input_pipeline.build_input_fn(
+        cfg, size, True, batch, private_threadpool_size=threads)(None)
+
+  configs = {
+      'decode': lambda: decode_only(args.data_dir, batch, threads),
+      'bicubic': lambda: full('bicubic'),
+      'bilinear': lambda: full('bilinear'),
+      'crop': lambda: stage(args.data_dir, batch, threads, size),
+      'crop+bicubic': lambda: stage(args.data_dir, batch, threads, size,
+                                    'bicubic'),
+      'crop+bilinear': lambda: stage(args.data_dir, batch, threads, size,
+                                     'bilinear'),
+  }
+  runs = {name: [] for name in configs}
+  for _ in range(args.rounds):
+    for name, make in configs.items():
+      runs[name].append(measure(make(), batch, args.seconds))
+  rate = {k: float(np.median([r for r, _ in v])) / threads
+          for k, v in runs.items()}
+  cpu = {k: float(np.median([c for _, c in v])) for k, v in runs.items()}
+
   print(f'records: {args.data_dir} ({args.num_images} JPEGs 256x320), '
-        f'tf.data threads: {t}')
-  print('                                  img/s/core   CPU ms/img')
-  print(f'(a) decode_jpeg only:             {decode / t:8.1f}   '
-        f'{decode_cpu:8.3f}')
-  print(f'(b) full train pipeline:          {full / t:8.1f}   {full_cpu:8.3f}'
-        f'  (crop+resize {args.image_size} bicubic+flip+normalize+batch, '
+        f'tf.data threads: {threads}, median of {args.rounds} rounds x '
+        f'{args.seconds:g} s')
+  print(f'{"":34s}img/s/core  CPU ms/img  ratio to (a): wall   CPU')
+  print(f'{"(a) decode_jpeg only:":34s}{rate["decode"]:10.1f}'
+        f'{cpu["decode"]:12.3f}')
+  for method in ('bicubic', 'bilinear'):
+    print(f'{"(b) full train pipeline, " + method + ":":34s}'
+          f'{rate[method]:10.1f}{cpu[method]:12.3f}'
+          f'{rate[method] / rate["decode"]:19.2f}'
+          f'{cpu["decode"] / cpu[method]:6.2f}  (target >= 0.75)')
+  print(f'    (uint8 out: crop+flip+resize to {size}+batch, '
         f'augment={args.augment})')
-  print(f'ratio full/decode: {full / decode:.2f} by wall clock, '
-        f'{decode_cpu / full_cpu:.2f} by CPU time (target >= 0.75)')
-  print('breakdown (same harness, images not batched):')
-  print(f'    fused crop-decode only:       {crop / t:8.1f}   {crop_cpu:8.3f}')
-  print(f'    crop-decode + bicubic resize: {resized / t:8.1f}   '
-        f'{resized_cpu:8.3f}  (ceiling for (b): '
-        f'{decode_cpu / resized_cpu:.2f} x decode by CPU time)')
+  print('breakdown (no checks, no batching of images):')
+  for name, label in (('crop', 'fused crop-decode only:'),
+                      ('crop+bicubic', '  + flip + bicubic to uint8:'),
+                      ('crop+bilinear', '  + flip + bilinear to uint8:')):
+    print(f'    {label:30s}{rate[name]:10.1f}{cpu[name]:12.3f}'
+          f'{"":19s}{cpu["decode"] / cpu[name]:6.2f}')
+
 
 if __name__ == '__main__':
   main()

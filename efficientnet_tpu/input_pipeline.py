@@ -50,8 +50,8 @@ EVAL_PATTERN = 'validation-*'
 # TFRecord framing around each payload: length (8) + 2 CRCs (4 + 4).
 _RECORD_OVERHEAD = 16
 _READ_BUFFER_BYTES = 8 * 1024 * 1024
-# Records read, byte-counted and parsed per function call. At ~110 KB per
-# ImageNet record and a cycle of 64 files this buffers ~110 MB per host.
+# Records byte-counted per function call. At ~110 KB per ImageNet record
+# and a cycle of 64 files this buffers ~110 MB per host.
 _RECORDS_PER_CALL = 16
 _AUTOTUNE = tf.data.AUTOTUNE
 
@@ -92,46 +92,28 @@ def file_sizes(files: List[str], num_threads: int = 32) -> List[int]:
     return list(pool.map(lambda f: tf.io.gfile.stat(f).length, files))
 
 
-def _parse_records(records: tf.Tensor, filename: tf.Tensor,
-                   include_background_label: bool):
-  """(image_bytes, label, filename) vectors of serialized Examples."""
-  features = tf.io.parse_example(records, {
-      'image/encoded': tf.io.FixedLenFeature((), tf.string, ''),
-      'image/class/label': tf.io.FixedLenFeature((), tf.int64, -1),
-  })
-  label = tf.cast(features['image/class/label'], tf.int32)
-  # Records hold 1-based labels: 0 stays free for a background class.
-  if not include_background_label:
-    label -= 1
-  return (features['image/encoded'], label,
-          tf.fill(tf.shape(records), filename))
-
-
-def _read_tfrecord_file(filename: tf.Tensor, file_size: Optional[tf.Tensor],
-                        include_background_label: bool) -> tf.data.Dataset:
-  """(image_bytes, label, filename) triples of one file.
-
-  Records are handled in small batches: one function call per batch counts
-  bytes and parses (`parse_example`), instead of a scan call, a filter call
-  and a parse per record; `unbatch` then restores the file's order.
+def _read_tfrecord_file(filename: tf.Tensor, file_size: Optional[tf.Tensor]
+                       ) -> tf.data.Dataset:
+  """(record, filename) pairs of one file.
 
   A corrupt TFRecord frame raises a DataLossError that does not name the
   file. So reading stops at the first bad frame (`ignore_errors`); without
   `file_size` (skip_corrupt) the rest of the file is skipped, otherwise the
   bytes consumed must add up to the file size, or an error names the file.
+  The bytes are counted per batch of records (one scan call per batch,
+  `unbatch` restores the order) rather than by a scan and a filter call per
+  record. Parsing stays per record, in the main map: a malformed Example
+  then fails (or, with skip_corrupt, is dropped) alone.
   """
-  parse = functools.partial(
-      _parse_records, filename=filename,
-      include_background_label=include_background_label)
   records = tf.data.TFRecordDataset(filename, buffer_size=_READ_BUFFER_BYTES)
   if file_size is None:
-    return records.ignore_errors(log_warning=True).batch(
-        _RECORDS_PER_CALL).map(parse).unbatch()
+    return tf.data.Dataset.zip((records.ignore_errors(log_warning=True),
+                                tf.data.Dataset.from_tensors(filename).repeat()))
 
   items = tf.data.Dataset.zip(
       (records.ignore_errors().batch(_RECORDS_PER_CALL),
        tf.data.Dataset.from_tensors(False).repeat()))
-  # An empty end marker checks the byte count and yields no example.
+  # An empty end marker checks the byte count and yields no record.
   items = items.concatenate(
       tf.data.Dataset.from_tensors((tf.constant([], tf.string), True)))
 
@@ -145,15 +127,30 @@ def _read_tfrecord_file(filename: tf.Tensor, file_size: Optional[tf.Tensor],
         consumed, 'of', file_size, '(set skip_corrupt to skip bad records in '
         'training)'])
     with tf.control_dependencies([check]):
-      return consumed + size, parse(batch)
+      return consumed + size, (tf.identity(batch),
+                               tf.fill(tf.shape(batch), filename))
 
   return items.scan(tf.constant(0, tf.int64), count_bytes).unbatch()
+
+
+def _parse_record(record: tf.Tensor, filename: tf.Tensor,
+                  include_background_label: bool):
+  """(image_bytes, label, filename) of one serialized Example."""
+  features = tf.io.parse_single_example(record, {
+      'image/encoded': tf.io.FixedLenFeature((), tf.string, ''),
+      'image/class/label': tf.io.FixedLenFeature((), tf.int64, -1),
+  })
+  label = tf.cast(features['image/class/label'], tf.int32)
+  # Records hold 1-based labels: 0 stays free for a background class.
+  if not include_background_label:
+    label -= 1
+  return features['image/encoded'], label, filename
 
 
 def _tfrecord_records(data_cfg: DataConfig, files: List[str],
                       is_training: bool,
                       ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-  """(image_bytes, label, filename) triples of this pipeline's share."""
+  """(record, filename) pairs of this pipeline's share."""
   num, index = ctx.num_input_pipelines, ctx.input_pipeline_id
   strict = not (is_training and data_cfg.skip_corrupt)
   if is_training:
@@ -167,13 +164,10 @@ def _tfrecord_records(data_cfg: DataConfig, files: List[str],
   if strict:
     ds = tf.data.Dataset.from_tensor_slices(
         (files, tf.constant(file_sizes(files), tf.int64)))
-    reader = functools.partial(
-        _read_tfrecord_file,
-        include_background_label=data_cfg.include_background_label)
+    reader = _read_tfrecord_file
   else:
     ds = tf.data.Dataset.from_tensor_slices(files)
-    reader = lambda f: _read_tfrecord_file(  # pylint: disable=g-long-lambda
-        f, None, data_cfg.include_background_label)
+    reader = lambda f: _read_tfrecord_file(f, None)
   if is_training:
     ds = ds.shuffle(len(files), seed=data_cfg.seed + index,
                     reshuffle_each_iteration=True).repeat()
@@ -364,12 +358,13 @@ def build_input_fn(data_cfg: DataConfig,
       ds, decode = _tfds_records(data_cfg, is_training, ctx)
     else:
       ds = _tfrecord_records(data_cfg, files, is_training, ctx)
-      decode = lambda *triple: triple
+      decode = functools.partial(
+          _parse_record,
+          include_background_label=data_cfg.include_background_label)
     skip = is_training and data_cfg.skip_corrupt
 
-    # One fused map per record (check, crop-decode, flip, resize, uint8):
-    # every extra tf.data function call costs per image. TFRecords arrive
-    # parsed (in batches, by the reader); tfds examples are unpacked here.
+    # One fused map per record (parse, check, crop-decode, flip, resize,
+    # uint8): every extra tf.data function call costs per image.
     def train_map(*record):
       image_bytes, label, source = decode(*record)
       preprocess = lambda: preprocessing.preprocess_for_train(  # pylint: disable=g-long-lambda

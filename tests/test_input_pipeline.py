@@ -394,6 +394,35 @@ def test_eval_long_files_cover_each_image_once(tmp_path):
   assert labels.tolist() == [1, 36, 2, 37] + list(range(3, 36))
 
 
+def test_malformed_examples_fail_or_are_skipped_alone(tmp_path):
+  """Frames whose payload is no tf.train.Example, inside one read batch:
+  one the parser reads as empty (no JPEG: the error names the file) and
+  one it rejects. skip_corrupt drops exactly those two."""
+  write_split(str(tmp_path), 'train', [20])
+  bad = os.path.join(tmp_path, 'train-00001-of-00002')
+  payloads = {5: b'\x01\x02garbage', 12: b'hello world'}
+  with tf.io.TFRecordWriter(bad) as w:
+    for j in range(20):
+      w.write(payloads.get(j) or _example(_jpeg((1, 2, 3)), 1000 + j))
+  for payload, match in ((payloads[5], bad), (payloads[12], 'parse')):
+    with tf.io.TFRecordWriter(bad) as w:
+      w.write(payload)
+    strict = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2,
+                                           tf.float32)(None)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+      for _ in strict.take(100):
+        pass
+  with tf.io.TFRecordWriter(bad) as w:
+    for j in range(20):
+      w.write(payloads.get(j) or _example(_jpeg((1, 2, 3)), 1000 + j))
+  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
+                                       SIZE, True, 2, tf.float32)(None)
+  seen = set()
+  for b in skip.take(100):
+    seen.update((b['labels'].numpy() + 1).tolist())
+  assert seen == set(range(1, 21)) | (set(range(1000, 1020)) - {1005, 1012})
+
+
 def test_truncated_file_error_names_file(tmp_path):
   write_split(str(tmp_path), 'validation', [3, 3])
   path = os.path.join(tmp_path, 'validation-00000-of-00002')
