@@ -53,6 +53,25 @@ tpu_flag() {
   esac
 }
 
+# resolve_run_dirs: normalizes preset, bucket, data_dir and model_dir of the
+# calling script (data and runs default to gs://BUCKET/imagenet and
+# gs://BUCKET/runs/PRESET) and requires all three.
+# shellcheck disable=SC2034  # preset, data_dir, model_dir: for the caller.
+resolve_run_dirs() {
+  require preset "$preset" PRESET
+  preset="$(preset_name "$preset")"
+  bucket="${bucket#gs://}"
+  bucket="${bucket%/}"
+  if [[ -z "$data_dir" && -n "$bucket" ]]; then
+    data_dir="gs://$bucket/imagenet"
+  fi
+  if [[ -z "$model_dir" && -n "$bucket" ]]; then
+    model_dir="gs://$bucket/runs/$preset"
+  fi
+  require data_dir "$data_dir" DATA_DIR
+  require model_dir "$model_dir" MODEL_DIR
+}
+
 # require FLAG VALUE [ENV_VAR]: one-line error when VALUE is empty.
 require() {
   if [[ -z "$2" ]]; then

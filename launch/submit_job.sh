@@ -103,18 +103,7 @@ done
 
 require region "$region" REGION
 require image_uri "$image_uri" IMAGE_URI
-require preset "$preset" PRESET
-preset="$(preset_name "$preset")"
-bucket="${bucket#gs://}"
-bucket="${bucket%/}"
-if [[ -z "$data_dir" && -n "$bucket" ]]; then
-  data_dir="gs://$bucket/imagenet"
-fi
-if [[ -z "$model_dir" && -n "$bucket" ]]; then
-  model_dir="gs://$bucket/runs/$preset"
-fi
-require data_dir "$data_dir" DATA_DIR
-require model_dir "$model_dir" MODEL_DIR
+resolve_run_dirs
 if [[ ! "$replica_count" =~ ^[1-9][0-9]*$ ]]; then
   die "--replica_count: expected a positive integer, got '$replica_count'"
 fi

@@ -85,18 +85,7 @@ done
 
 require name "$name" TPU_NAME
 require zone "$zone" ZONE
-require preset "$preset" PRESET
-preset="$(preset_name "$preset")"
-bucket="${bucket#gs://}"
-bucket="${bucket%/}"
-if [[ -z "$data_dir" && -n "$bucket" ]]; then
-  data_dir="gs://$bucket/imagenet"
-fi
-if [[ -z "$model_dir" && -n "$bucket" ]]; then
-  model_dir="gs://$bucket/runs/$preset"
-fi
-require data_dir "$data_dir" DATA_DIR
-require model_dir "$model_dir" MODEL_DIR
+resolve_run_dirs
 if [[ -z "$runtime_version" ]]; then
   runtime_version="$(default_runtime "$accelerator_type")"
 fi

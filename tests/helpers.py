@@ -1,7 +1,28 @@
-"""Tiny experiment configs shared by the loop-level tests."""
+"""Shared test helpers: CPU-replica strategies and tiny experiment configs."""
+
+import numpy as np
+import tensorflow as tf
 
 from efficientnet_tpu import config as config_lib
 from efficientnet_tpu import distribute
+
+
+def cpu_replicas(n):
+  """A MirroredStrategy over the first n of conftest's logical CPUs."""
+  return tf.distribute.MirroredStrategy(
+      [f'/cpu:{i}' for i in range(n)],
+      cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def per_replica(strategy, arrays):
+  """A distributed value holding arrays[i] on replica i."""
+  return strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant(arrays[ctx.replica_id_in_sync_group]))
+
+
+def local_values(strategy, value):
+  """The per-replica components of a distributed value, as numpy arrays."""
+  return [np.asarray(v) for v in strategy.experimental_local_results(value)]
 
 
 def tiny_config(model_dir, num_replicas=1, **overrides):

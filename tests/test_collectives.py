@@ -6,24 +6,14 @@ import tensorflow as tf
 
 from efficientnet_tpu import collectives
 from efficientnet_tpu.config import ConfigError, ModelConfig
+from tests.helpers import cpu_replicas, local_values, per_replica
 
 R = 8
 
 
 @pytest.fixture(scope='module')
 def strategy():
-  return tf.distribute.MirroredStrategy(
-      [f'/cpu:{i}' for i in range(R)],
-      cross_device_ops=tf.distribute.ReductionToOneDevice())
-
-
-def _per_replica(strategy, arrays):
-  return strategy.experimental_distribute_values_from_function(
-      lambda ctx: tf.constant(arrays[ctx.replica_id_in_sync_group]))
-
-
-def _locals(strategy, value):
-  return [np.asarray(v) for v in strategy.experimental_local_results(value)]
+  return cpu_replicas(R)
 
 
 def test_group_assignment_is_contiguous():
@@ -51,8 +41,8 @@ def test_grouped_sum_values_and_gradient(strategy, g):
       return s, tape.gradient(loss, x)
     return strategy.run(fn, args=(x, w))
 
-  s, gx = [_locals(strategy, t) for t in step(_per_replica(strategy, x),
-                                               _per_replica(strategy, w))]
+  s, gx = [local_values(strategy, t) for t in step(per_replica(strategy, x),
+                                               per_replica(strategy, w))]
   size = g or R
   for r in range(R):
     members = np.arange(r // size * size, (r // size + 1) * size)
@@ -74,7 +64,7 @@ def test_all_group_sums_and_group_rows(strategy):
         args=(x,))
 
   rows4, (mean2, rows2) = tf.nest.map_structure(
-      lambda t: _locals(strategy, t), step(_per_replica(strategy, x)))
+      lambda t: local_values(strategy, t), step(per_replica(strategy, x)))
   want4 = x.reshape(2, 4, 4).sum(1)
   want2 = x.reshape(4, 2, 4).mean(1)
   for r in range(R):

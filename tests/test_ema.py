@@ -5,16 +5,11 @@ import numpy as np
 import tensorflow as tf
 
 from efficientnet_tpu import ema as ema_lib
-
-
-def _strategy(n):
-  return tf.distribute.MirroredStrategy(
-      [f'/cpu:{i}' for i in range(n)],
-      cross_device_ops=tf.distribute.ReductionToOneDevice())
+from tests.helpers import cpu_replicas
 
 
 def test_ema_matches_numpy_with_decay_warmup_on_replicas():
-  strategy = _strategy(2)
+  strategy = cpu_replicas(2)
   decay = 0.9
   with strategy.scope():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -39,7 +34,7 @@ def test_ema_matches_numpy_with_decay_warmup_on_replicas():
 
 
 def test_swap_exchanges_and_restores_exactly():
-  strategy = _strategy(2)
+  strategy = cpu_replicas(2)
   with strategy.scope():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     ema = ema_lib.ExponentialMovingAverage(model.variables, 0.5)

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from efficientnet_tpu import layers
 from efficientnet_tpu.config import ModelConfig
+from tests.helpers import cpu_replicas, local_values, per_replica
 
 R = 8
 SHAPE = (4, 4, 4, 8)  # per-replica batch, H, W, C
@@ -21,18 +22,7 @@ MOMENTUM = 0.9
 
 @pytest.fixture(scope='module')
 def strategy():
-  return tf.distribute.MirroredStrategy(
-      [f'/cpu:{i}' for i in range(R)],
-      cross_device_ops=tf.distribute.ReductionToOneDevice())
-
-
-def _per_replica(strategy, arrays):
-  return strategy.experimental_distribute_values_from_function(
-      lambda ctx: tf.constant(arrays[ctx.replica_id_in_sync_group]))
-
-
-def _locals(strategy, value):
-  return [np.asarray(v) for v in strategy.experimental_local_results(value)]
+  return cpu_replicas(R)
 
 
 def _groups(g):
@@ -91,8 +81,8 @@ def test_training_step_matches_concatenated_group_batch(strategy, g):
       return y, gx, gg, gb
     return strategy.run(fn, args=(x, w))
 
-  y, gx, gg, gb = [_locals(strategy, t) for t in step(
-      _per_replica(strategy, x), _per_replica(strategy, w))]
+  y, gx, gg, gb = [local_values(strategy, t) for t in step(
+      per_replica(strategy, x), per_replica(strategy, w))]
 
   group_means, group_vars = [], []
   for members in _groups(g or R):
@@ -116,8 +106,8 @@ def test_training_step_matches_concatenated_group_batch(strategy, g):
   want_mean = (1 - MOMENTUM) * np.mean(group_means, 0)
   want_var = MOMENTUM + (1 - MOMENTUM) * np.mean(group_vars, 0)
   for r, (mm, mv) in enumerate(zip(
-      _locals(strategy, layer.moving_mean.value),
-      _locals(strategy, layer.moving_variance.value))):
+      local_values(strategy, layer.moving_mean.value),
+      local_values(strategy, layer.moving_variance.value))):
     np.testing.assert_allclose(mm, want_mean, rtol=1e-5, atol=1e-6,
                                err_msg=f'replica {r}')
     np.testing.assert_allclose(mv, want_var, rtol=1e-5, atol=1e-6,
@@ -138,7 +128,7 @@ def test_several_steps_in_one_function_keep_moving_stats_identical(
     for i in tf.range(steps):
       strategy.run(lambda x, i: layer(x[i], training=True), args=(x, i))
 
-  run(_per_replica(strategy, x))
+  run(per_replica(strategy, x))
 
   want_mean, want_var = np.zeros(C), np.ones(C)
   for s in range(steps):
@@ -148,8 +138,8 @@ def test_several_steps_in_one_function_keep_moving_stats_identical(
         [st[0] for st in stats], 0)
     want_var = MOMENTUM * want_var + (1 - MOMENTUM) * np.mean(
         [st[1] for st in stats], 0)
-  mms = _locals(strategy, layer.moving_mean.value)
-  mvs = _locals(strategy, layer.moving_variance.value)
+  mms = local_values(strategy, layer.moving_mean.value)
+  mvs = local_values(strategy, layer.moving_variance.value)
   for r in range(R):
     # Bit-identical on every replica, not merely close.
     np.testing.assert_array_equal(mms[r], mms[0])
@@ -158,9 +148,9 @@ def test_several_steps_in_one_function_keep_moving_stats_identical(
   np.testing.assert_allclose(mvs[0], want_var, rtol=1e-5, atol=1e-6)
 
   # Inference normalizes with the moving statistics, on every replica.
-  y = _locals(strategy, strategy.run(
+  y = local_values(strategy, strategy.run(
       tf.function(lambda x: layer(x[0], training=False)),
-      args=(_per_replica(strategy, x),)))
+      args=(per_replica(strategy, x),)))
   for r in range(R):
     want = (x[r, 0] - want_mean) / np.sqrt(want_var + EPS) * gamma + beta
     np.testing.assert_allclose(y[r], want, atol=1e-4, rtol=1e-4)
@@ -183,10 +173,10 @@ def test_keras_batch_norm_lets_moving_stats_diverge(strategy):
     strategy.run(lambda x: (keras_bn(x, training=True),
                             ours(x, training=True)), args=(x,))
 
-  step(_per_replica(strategy, x))
-  theirs = _locals(strategy, keras_bn.moving_mean.value)
+  step(per_replica(strategy, x))
+  theirs = local_values(strategy, keras_bn.moving_mean.value)
   assert not np.allclose(theirs[0], theirs[1])
-  mine = _locals(strategy, ours.moving_mean.value)
+  mine = local_values(strategy, ours.moving_mean.value)
   for r in range(R):
     np.testing.assert_array_equal(mine[r], mine[0])
   want = (1 - MOMENTUM) * x.mean(axis=(0, 1, 2, 3))
@@ -205,7 +195,7 @@ def test_bfloat16_input(strategy, g):
   def step(x):
     return strategy.run(lambda x: layer(x, training=True), args=(x,))
 
-  y = _locals(strategy, step(_per_replica(strategy, x)))
+  y = local_values(strategy, step(per_replica(strategy, x)))
   assert y[0].dtype == tf.bfloat16.as_numpy_dtype
   for members in _groups(g):
     ref_y, _, _, _, _, _ = _reference_bn(
@@ -213,7 +203,7 @@ def test_bfloat16_input(strategy, g):
     got = np.concatenate([y[r] for r in members]).astype(np.float32)
     # bfloat16 has 8 bits of mantissa: |y| up to ~5 -> ~0.03 resolution.
     np.testing.assert_allclose(got, ref_y, atol=5e-2, rtol=1e-2)
-  mms = _locals(strategy, layer.moving_mean.value)
+  mms = local_values(strategy, layer.moving_mean.value)
   assert mms[0].dtype == np.float32
   for r in range(R):
     np.testing.assert_array_equal(mms[r], mms[0])
@@ -248,7 +238,7 @@ def test_group_size_must_divide_replicas(strategy):
 
   # Raised at trace time; autograph wraps it in a StagingError.
   with pytest.raises(Exception, match='--bn_group_size: expected a divisor'):
-    step(_per_replica(strategy, _data(np.random.default_rng(0))))
+    step(per_replica(strategy, _data(np.random.default_rng(0))))
 
 
 def test_factory_settings_and_impls():

@@ -10,6 +10,7 @@ import tensorflow as tf
 from efficientnet_tpu import layers
 from efficientnet_tpu import model as model_lib
 from efficientnet_tpu.config import ConfigError, ModelConfig
+from tests.helpers import cpu_replicas
 
 # Base repeats of the 7 stages (EfficientNet paper, Table 1).
 BASE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
@@ -121,9 +122,7 @@ def test_forward_fp32_and_bf16(bf16):
 
 def test_training_on_replicas_keeps_moving_stats_identical():
   """Integration: a train step on 4 replicas with BN groups of 2."""
-  strategy = tf.distribute.MirroredStrategy(
-      [f'/cpu:{i}' for i in range(4)],
-      cross_device_ops=tf.distribute.ReductionToOneDevice())
+  strategy = cpu_replicas(4)
   with strategy.scope():
     model = model_lib.build_model(_tiny(), bn_group_size=2)
   rng = np.random.default_rng(1)

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from efficientnet_tpu import optimizers
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
+from tests.helpers import cpu_replicas
 
 DEFAULT_EXCLUDE = (r'(^|/)gamma$', r'(^|/)beta$', r'(^|/)bias$')
 
@@ -358,13 +359,8 @@ def test_four_replicas_match_one_replica(opt_cfg):
   init = _conv_model().get_weights()
   lr = 0.5 if opt_cfg.optimizer == 'lars' else 0.1
 
-  def mirrored(n):
-    return tf.distribute.MirroredStrategy(
-        [f'/cpu:{i}' for i in range(n)],
-        cross_device_ops=tf.distribute.ReductionToOneDevice())
-
-  one, it1 = _train(mirrored(1), init, xs, ys, opt_cfg, lr)
-  four, it4 = _train(mirrored(4), init, xs, ys, opt_cfg, lr)
+  one, it1 = _train(cpu_replicas(1), init, xs, ys, opt_cfg, lr)
+  four, it4 = _train(cpu_replicas(4), init, xs, ys, opt_cfg, lr)
   assert it1 == it4 == steps
   moved = max(np.abs(a - b).max() for a, b in zip(one, init))
   assert moved > 1e-3   # the comparison is not between untouched weights
