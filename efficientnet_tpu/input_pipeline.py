@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import math
 import os
 from typing import Callable, List, Optional
 
 import tensorflow as tf
 
+from efficientnet_tpu import data as data_lib
 from efficientnet_tpu import preprocessing
 from efficientnet_tpu.config import ConfigError, DataConfig
 
@@ -60,7 +60,7 @@ InputFn = Callable[[Optional[tf.distribute.InputContext]], tf.data.Dataset]
 
 def num_eval_steps(data_cfg: DataConfig, global_batch_size: int) -> int:
   """Eval batches per replica that cover every eval image once."""
-  return int(math.ceil(data_cfg.num_eval_images / global_batch_size))
+  return data_lib.num_eval_steps(data_cfg.num_eval_images, global_batch_size)
 
 
 def list_files(data_dir: str, is_training: bool) -> List[str]:
@@ -406,7 +406,6 @@ def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
   """Decodes, pads with masked examples and batches exactly `steps` times."""
   num, index = ctx.num_input_pipelines, ctx.input_pipeline_id
   replicas_per_pipeline = ctx.num_replicas_in_sync // num
-  total = steps * batch * replicas_per_pipeline
   # This pipeline's share of the examples when sharded by example.
   expected_real = len(range(index, data_cfg.num_eval_images, num))
 
@@ -416,25 +415,21 @@ def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
         _check_payload(image_bytes, label, source, is_tfds)):
       image = preprocessing.preprocess_for_eval(
           image_bytes, image_size, resize_method, allow_non_jpeg=is_tfds)
-    return {'images': image, 'labels': label,
-            'mask': tf.constant(1.0, tf.float32)}
+    return {'images': image, 'labels': label}
 
   ds = ds.map(eval_map, num_parallel_calls=_AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors({
-      'images': tf.zeros([image_size, image_size, 3], tf.uint8),
-      'labels': tf.constant(0, tf.int32),
-      'mask': tf.constant(0.0, tf.float32)})
-  ds = ds.concatenate(padding.repeat()).take(total)
+  ds = data_lib.batch_eval_examples(ds, batch, replicas_per_pipeline, steps)
 
   where = data_cfg.data_dir if not is_tfds else data_cfg.source
   message = (f'Eval split in {where!r} has fewer records than '
              f'num_eval_images={data_cfg.num_eval_images}')
 
   def check_count(position, example):
-    # Padding must not start before this pipeline's share is exhausted.
-    ok = tf.logical_or(example['mask'] > 0, position >= expected_real)
+    # Real examples come first: padding must not start before this
+    # pipeline's share is exhausted.
+    expected = tf.clip_by_value(expected_real - position * batch, 0, batch)
+    ok = tf.reduce_sum(example['mask']) >= tf.cast(expected, tf.float32)
     with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
       return {k: tf.identity(v) for k, v in example.items()}
 
-  ds = ds.enumerate().map(check_count)
-  return ds.batch(batch, drop_remainder=True)
+  return ds.enumerate().map(check_count)
