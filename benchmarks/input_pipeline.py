@@ -1,8 +1,11 @@
 """Input pipeline throughput: bare JPEG decode vs the full training pipeline.
 
-Writes (or reuses) TFRecords of 256x320 JPEGs, then measures images/sec per
-core and process CPU time per image of
-  (a) decode: read + parse + `tf.io.decode_jpeg` of the whole image + batch,
+Writes (or reuses) TFRecords of synthetic JPEGs shaped like ImageNet's
+(`--images imagenet`, the default: the common train shapes, mean ~381x453,
+~0.6 bytes/pixel) or small 256x320 ones (`--images small`), or reads a real
+ImageNet TFRecord directory (`--data_dir` holding train-*), then measures
+images/sec per core and process CPU time per image of
+  (a) decode: read + parse + `tf.io.decode_jpeg` of the whole image,
   (b) full:   the real training pipeline (`input_pipeline.build_input_fn`):
               read, byte-count check, parse, payload check, fused random
               crop + decode, flip, resize, round to uint8, batch; once with
@@ -13,7 +16,12 @@ on a private tf.data pool of `--threads` threads, so per-core = images/sec
 in turn for `--rounds` rounds and the medians are printed: on a shared
 machine wall clock is noisy; CPU time per image is steadier.
 
-  python benchmarks/input_pipeline.py [--threads 1] [--seconds 5] [--rounds 3]
+The ratio depends on the images: decode cost grows with the pixels of the
+source JPEG, the resize cost with the 224x224 output, so small sources
+give a lower ratio (docs/input_pipeline.md has both).
+
+  python benchmarks/input_pipeline.py [--images imagenet|small]
+      [--data_dir DIR] [--threads 1] [--seconds 5] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -34,8 +42,28 @@ from efficientnet_tpu import input_pipeline  # pylint: disable=g-import-not-at-t
 from efficientnet_tpu.config import DataConfig  # pylint: disable=g-import-not-at-top
 
 
-def _photo_like(rng: np.random.RandomState, h: int, w: int) -> np.ndarray:
-  """Smooth shapes + texture + noise: decodes like a natural photo."""
+# (height, width, share): the common shapes of ImageNet train JPEGs (most
+# were stored with a long side of 500). Mean about 381x453 (height x
+# width), near the 469x387 (width x height) average that Chrabaszcz et al.
+# 2017 (arXiv 1707.08819) report for ImageNet.
+IMAGENET_SHAPES = ((375, 500, 0.40), (333, 500, 0.20), (500, 375, 0.15),
+                   (300, 400, 0.10), (500, 500, 0.05), (500, 333, 0.05),
+                   (225, 300, 0.05))
+# The 256x320 set earlier versions of this benchmark (and reference.md)
+# used: small images, where the fixed per-image resize weighs most.
+SMALL_SHAPES = ((256, 320, 1.0),)
+IMAGE_SETS = {'imagenet': (IMAGENET_SHAPES, 24.0),
+              'small': (SMALL_SHAPES, 8.0)}
+
+
+def _photo_like(rng: np.random.RandomState, h: int, w: int,
+                noise: float = 8.0) -> np.ndarray:
+  """Smooth shapes + texture + noise: decodes like a natural photo.
+
+  `noise` (pixel std) sets the entropy: 24 gives ~0.6 bytes per pixel at
+  JPEG quality 90, the density of ImageNet's train set (~110 KB per image
+  at ~180k pixels); 8 gives ~0.33.
+  """
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
   channels = []
   for _ in range(3):
@@ -45,25 +73,30 @@ def _photo_like(rng: np.random.RandomState, h: int, w: int) -> np.ndarray:
          np.sin((xx + yy) * f[2] + p[2]) * 40 +
          np.sin(xx * f[3] * 4 + yy * f[3] * 3 + p[3]) * 15 + 128)
     channels.append(c)
-  img = np.stack(channels, -1) + rng.normal(0, 8, (h, w, 3))
+  img = np.stack(channels, -1) + rng.normal(0, noise, (h, w, 3))
   return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def write_records(data_dir: str, num_images: int, num_files: int,
-                  height: int = 256, width: int = 320) -> None:
-  """train-* shards of JPEGs; skipped when the files already exist."""
-  names = [os.path.join(data_dir, f'train-{i:05d}-of-{num_files:05d}')
-           for i in range(num_files)]
-  if all(os.path.exists(n) for n in names):
+                  shapes=SMALL_SHAPES, noise: float = 8.0) -> None:
+  """train-* shards of JPEGs with shapes drawn from `shapes`.
+
+  Skipped when the directory already holds train-* files (records written
+  by an earlier run, or a real ImageNet directory given as --data_dir).
+  """
+  if tf.io.gfile.glob(os.path.join(data_dir, 'train-*')):
     return
   os.makedirs(data_dir, exist_ok=True)
   rng = np.random.RandomState(0)
+  share = np.array([s for _, _, s in shapes], np.float64)
   per_file = num_images // num_files
-  for name in names:
-    with tf.io.TFRecordWriter(name) as w:
+  for i in range(num_files):
+    name = os.path.join(data_dir, f'train-{i:05d}-of-{num_files:05d}')
+    with tf.io.TFRecordWriter(name + '.tmp') as w:
       for _ in range(per_file):
+        height, width, _ = shapes[rng.choice(len(shapes), p=share / share.sum())]
         buf = io.BytesIO()
-        Image.fromarray(_photo_like(rng, height, width)).save(
+        Image.fromarray(_photo_like(rng, height, width, noise)).save(
             buf, 'JPEG', quality=90)
         label = int(rng.randint(1, 1001))
         ex = tf.train.Example(features=tf.train.Features(feature={
@@ -73,6 +106,26 @@ def write_records(data_dir: str, num_images: int, num_files: int,
                 int64_list=tf.train.Int64List(value=[label])),
         }))
         w.write(ex.SerializeToString())
+    # Renamed when complete: an interrupted run leaves no train-* file.
+    os.replace(name + '.tmp', name)
+
+
+def describe(data_dir: str, max_records: int = 1024) -> str:
+  """Mean JPEG shape and bytes per pixel of (up to) the first records."""
+  files = sorted(tf.io.gfile.glob(os.path.join(data_dir, 'train-*')))
+  ds = tf.data.TFRecordDataset(files).take(max_records).map(
+      lambda r: tf.io.parse_single_example(r, {
+          'image/encoded': tf.io.FixedLenFeature((), tf.string)})[
+              'image/encoded'])
+  shapes, nbytes = [], 0
+  for data in ds:
+    shapes.append(tf.image.extract_jpeg_shape(data).numpy()[:2])
+    nbytes += len(data.numpy())
+  shapes = np.array(shapes, np.float64)
+  mean_h, mean_w = shapes.mean(0)
+  return (f'{len(files)} files, first {len(shapes)} JPEGs: mean '
+          f'{mean_h:.0f}x{mean_w:.0f}, '
+          f'{nbytes / np.prod(shapes, 1).sum():.2f} bytes/pixel')
 
 
 def decode_only(data_dir: str, batch: int, threads: int) -> tf.data.Dataset:
@@ -85,8 +138,10 @@ def decode_only(data_dir: str, batch: int, threads: int) -> tf.data.Dataset:
     f = tf.io.parse_single_example(record, {
         'image/encoded': tf.io.FixedLenFeature((), tf.string),
         'image/class/label': tf.io.FixedLenFeature((), tf.int64)})
-    return tf.io.decode_jpeg(f['image/encoded'], channels=3), f[
-        'image/class/label']
+    image = tf.io.decode_jpeg(f['image/encoded'], channels=3)
+    # One value per image, so JPEGs of different shapes batch; this leaves
+    # out the copy of the pixels into a batch, a cost (b) pays.
+    return image[0, 0, 0], f['image/class/label']
 
   ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -142,8 +197,12 @@ def measure(ds: tf.data.Dataset, batch: int, seconds: float,
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--data_dir', default=os.path.join(
-      tempfile.gettempdir(), 'efficientnet_tpu_bench_records'))
+  parser.add_argument('--images', default='imagenet',
+                      choices=sorted(IMAGE_SETS),
+                      help='shapes and density of the synthetic JPEGs')
+  parser.add_argument('--data_dir', default='',
+                      help='TFRecords to read (train-*); written there when '
+                      'absent. Default: a temp directory per --images set')
   parser.add_argument('--num_images', type=int, default=1024)
   parser.add_argument('--num_files', type=int, default=8)
   parser.add_argument('--image_size', type=int, default=224)
@@ -155,7 +214,12 @@ def main(argv=None) -> None:
   parser.add_argument('--augment', default='none')
   args = parser.parse_args(argv)
 
-  write_records(args.data_dir, args.num_images, args.num_files)
+  shapes, noise = IMAGE_SETS[args.images]
+  if not args.data_dir:
+    args.data_dir = os.path.join(tempfile.gettempdir(),
+                                 f'efficientnet_tpu_bench_{args.images}')
+  write_records(args.data_dir, args.num_images, args.num_files, shapes,
+                noise)
   size, batch, threads = args.image_size, args.batch, args.threads
 
   def full(method):
@@ -183,8 +247,8 @@ def main(argv=None) -> None:
           for k, v in runs.items()}
   cpu = {k: float(np.median([c for _, c in v])) for k, v in runs.items()}
 
-  print(f'records: {args.data_dir} ({args.num_images} JPEGs 256x320), '
-        f'tf.data threads: {threads}, median of {args.rounds} rounds x '
+  print(f'records: {args.data_dir} ({describe(args.data_dir)})')
+  print(f'tf.data threads: {threads}, median of {args.rounds} rounds x '
         f'{args.seconds:g} s')
   print(f'{"":34s}img/s/core  CPU ms/img  ratio to (a): wall   CPU')
   print(f'{"(a) decode_jpeg only:":34s}{rate["decode"]:10.1f}'
