@@ -235,38 +235,90 @@ def make_batch_norm(config: ModelConfig, bn_group_size: int = 1,
                    f'{impl!r}')
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class StochasticDepth(keras.layers.Layer):
-  """Drops the whole residual branch per example (drop-connect).
+def replica_uniform(shape, seed_generator: keras.random.SeedGenerator
+                    ) -> tf.Tensor:
+  """float32 U[0, 1) noise, drawn anew on every replica and every call.
 
-  Training: each example's input is zeroed with probability `drop_rate` and
-  otherwise divided by the survival probability, so the expected value is
-  unchanged. Inference: identity.
+  Keras' random layers (`keras.layers.Dropout`) seed from a SeedGenerator
+  whose state is one variable: under a tf.distribute strategy every replica
+  reads the same state and draws the same mask, so a global batch over R
+  replicas holds R copies of one mask pattern. Folding the replica id into
+  the seed gives each replica its own stream. The ops are stateless, so the
+  same code holds on TPU, GPU and CPU; the state still advances once per
+  call (a local assign: the variable's aggregation is 'none').
+  """
+  seed = tf.cast(seed_generator.next(), tf.int64)
+  ctx = tf.distribute.get_replica_context()
+  if ctx is not None and ctx.num_replicas_in_sync > 1:
+    seed = tf.random.experimental.stateless_fold_in(
+        seed, ctx.replica_id_in_sync_group)
+  return tf.random.stateless_uniform(shape, seed, dtype=tf.float32)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ReplicaDropout(keras.layers.Layer):
+  """Inverted dropout with a different mask on every replica.
+
+  Training: each unit is zeroed with probability `rate` and otherwise
+  divided by `1 - rate`, so the expected value is unchanged. Inference:
+  identity. Unlike `keras.layers.Dropout`, replicas never share a mask
+  (see `replica_uniform`).
   """
 
-  def __init__(self, drop_rate: float, **kwargs):
+  def __init__(self, rate: float, seed: Optional[int] = None, **kwargs):
     super().__init__(**kwargs)
-    if not 0 <= drop_rate < 1:
-      raise ValueError(f'StochasticDepth: expected drop_rate in [0, 1), got '
-                       f'{drop_rate}')
-    self.drop_rate = float(drop_rate)
+    if not 0 <= rate < 1:
+      raise ValueError(f'{type(self).__name__}: expected a drop rate in '
+                       f'[0, 1), got {rate}')
+    self.rate = float(rate)
+    self.seed = seed
+    self.seed_generator = keras.random.SeedGenerator(seed)
 
   def compute_output_shape(self, input_shape):
     return input_shape
 
+  def noise_shape(self, inputs: tf.Tensor) -> tf.Tensor:
+    """Shape of the keep mask, broadcast against `inputs`."""
+    return tf.shape(inputs)
+
   def call(self, inputs, training=None):
-    if not training or self.drop_rate == 0:
+    if not training or self.rate == 0:
       return inputs
-    survival = 1.0 - self.drop_rate
-    shape = tf.concat([tf.shape(inputs)[:1],
-                       tf.ones([inputs.shape.rank - 1], tf.int32)], 0)
-    # Stateful op: a distinct random stream per replica and per call.
-    keep = tf.floor(survival + tf.random.uniform(shape, dtype=tf.float32))
+    survival = 1.0 - self.rate
+    noise = replica_uniform(self.noise_shape(inputs), self.seed_generator)
+    keep = tf.floor(survival + noise)
     return inputs * tf.cast(keep / survival, inputs.dtype)
 
   def get_config(self):
     config = super().get_config()
-    config['drop_rate'] = self.drop_rate
+    config.update(rate=self.rate, seed=self.seed)
+    return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class StochasticDepth(ReplicaDropout):
+  """Drops the whole residual branch per example (drop-connect).
+
+  `ReplicaDropout` with one keep decision per example: its input is zeroed
+  with probability `drop_rate` and otherwise divided by the survival
+  probability. Inference: identity.
+  """
+
+  def __init__(self, drop_rate: float, seed: Optional[int] = None,
+               **kwargs):
+    super().__init__(drop_rate, seed, **kwargs)
+
+  @property
+  def drop_rate(self) -> float:
+    return self.rate
+
+  def noise_shape(self, inputs: tf.Tensor) -> tf.Tensor:
+    return tf.concat([tf.shape(inputs)[:1],
+                      tf.ones([inputs.shape.rank - 1], tf.int32)], 0)
+
+  def get_config(self):
+    config = super().get_config()
+    config['drop_rate'] = config.pop('rate')
     return config
 
 

@@ -146,8 +146,9 @@ def build_model(config: ModelConfig, bn_group_size: int = 1,
   x = keras.layers.Activation('swish', dtype=policy, name='top_activation')(x)
   x = keras.layers.GlobalAveragePooling2D(dtype=policy, name='avg_pool')(x)
   if config.dropout_rate > 0:
-    x = keras.layers.Dropout(config.dropout_rate, dtype=policy,
-                             name='top_dropout')(x)
+    # Not keras.layers.Dropout: it draws the same mask on every replica.
+    x = layers.ReplicaDropout(config.dropout_rate, dtype=policy,
+                              name='top_dropout')(x)
   # float32 logits: softmax / cross-entropy precision.
   logits = keras.layers.Dense(
       config.num_classes, kernel_initializer=layers.dense_kernel_initializer(),

@@ -275,6 +275,55 @@ def test_stochastic_depth_statistics():
       xb, training=True).dtype == tf.bfloat16
 
 
+@pytest.mark.parametrize('make, shape', [
+    (lambda: layers.ReplicaDropout(0.5), (16, 32)),
+    (lambda: layers.StochasticDepth(0.5), (512, 2, 2, 1)),
+])
+def test_masks_differ_across_replicas_and_calls(strategy, make, shape):
+  """Every replica draws its own mask (keras.layers.Dropout shares one)."""
+  with strategy.scope():
+    layer = make()
+
+  @tf.function
+  def step():
+    return strategy.run(lambda: layer(tf.ones(shape), training=True))
+
+  calls = [np.stack(local_values(strategy, step()))
+           for _ in range(2)]
+  for out in calls:
+    # Inverted dropout of ones: 0 or 1 / (1 - 0.5).
+    assert set(np.unique(out)) <= {0.0, 2.0}
+    keep = out.reshape(R, -1) > 0
+    # 512 Bernoulli(0.5) draws per replica: std 0.022.
+    np.testing.assert_allclose(keep.mean(1), 0.5, atol=0.1)
+    for i in range(R):
+      for j in range(i):
+        # Independent masks agree on ~half the draws, never on all.
+        assert np.mean(keep[i] == keep[j]) < 0.65, (i, j)
+  first, second = (c.reshape(R, -1) > 0 for c in calls)
+  assert np.all(np.mean(first == second, axis=1) < 0.65)
+
+
+def test_replica_dropout_statistics_and_config():
+  rate = 0.2
+  layer = layers.ReplicaDropout(rate, seed=3)
+  x = np.random.default_rng(7).uniform(1, 2, (400, 50)).astype(np.float32)
+  y = layer(x, training=True).numpy()
+  kept = y != 0
+  np.testing.assert_allclose(y[kept], x[kept] / (1 - rate), rtol=1e-6)
+  # 20000 draws: binomial std of the drop fraction ~0.003.
+  assert abs((~kept).mean() - rate) < 0.015
+  np.testing.assert_array_equal(layer(x, training=False).numpy(), x)
+  clone = layers.ReplicaDropout.from_config(layer.get_config())
+  assert (clone.rate, clone.seed) == (rate, 3)
+  depth = layers.StochasticDepth.from_config(
+      layers.StochasticDepth(0.25, seed=1).get_config())
+  assert (depth.drop_rate, depth.seed) == (0.25, 1)
+  with pytest.raises(ValueError, match=r'ReplicaDropout: expected a drop '
+                     r'rate in \[0, 1\), got 1'):
+    layers.ReplicaDropout(1.0)
+
+
 def test_squeeze_excite_matches_formula():
   rng = np.random.default_rng(6)
   se = layers.SqueezeExcite(2)
