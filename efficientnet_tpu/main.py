@@ -60,7 +60,8 @@ flags.DEFINE_enum('resize_method', 'bicubic', config_lib.RESIZE_METHODS,
 flags.DEFINE_integer('shuffle_buffer', 1024, 'Examples in the shuffle buffer.')
 flags.DEFINE_bool('skip_corrupt', False, 'Skip (and count) corrupt training '
                   'records instead of failing.')
-flags.DEFINE_integer('seed', 0, 'Seed for synthetic data and shuffling.')
+flags.DEFINE_integer('seed', 0, 'Seed for weight initialization, synthetic '
+                     'data and shuffling.')
 
 # ---- model -------------------------------------------------------------------
 flags.DEFINE_enum('model_name', 'efficientnet-b0',
@@ -291,12 +292,16 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
 
 def run_experiment(cfg: config_lib.ExperimentConfig) -> dict:
   """Builds the strategy and runs cfg.train.mode; returns final metrics."""
+  import keras  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import distribute  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import evaluation  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import export  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
 
   strategy = distribute.build_strategy(cfg.distribute)
+  # Weight initialization (Python, numpy and TF seeds): the same --seed
+  # gives the same initial model, on every worker.
+  keras.utils.set_random_seed(cfg.train.seed)
   trainer = train_lib.Trainer(cfg, strategy)
   mode = cfg.train.mode
   if mode == 'train':
