@@ -84,7 +84,7 @@ def write_records(data_dir: str, num_images: int, num_files: int,
   Skipped when the directory already holds train-* files (records written
   by an earlier run, or a real ImageNet directory given as --data_dir).
   """
-  if tf.io.gfile.glob(os.path.join(data_dir, 'train-*')):
+  if _train_files(data_dir):
     return
   os.makedirs(data_dir, exist_ok=True)
   rng = np.random.RandomState(0)
@@ -112,7 +112,7 @@ def write_records(data_dir: str, num_images: int, num_files: int,
 
 def describe(data_dir: str, max_records: int = 1024) -> str:
   """Mean JPEG shape and bytes per pixel of (up to) the first records."""
-  files = sorted(tf.io.gfile.glob(os.path.join(data_dir, 'train-*')))
+  files = _train_files(data_dir)
   ds = tf.data.TFRecordDataset(files).take(max_records).map(
       lambda r: tf.io.parse_single_example(r, {
           'image/encoded': tf.io.FixedLenFeature((), tf.string)})[
@@ -128,22 +128,23 @@ def describe(data_dir: str, max_records: int = 1024) -> str:
           f'{nbytes / np.prod(shapes, 1).sum():.2f} bytes/pixel')
 
 
-def decode_only(data_dir: str, batch: int, threads: int) -> tf.data.Dataset:
-  files = sorted(tf.io.gfile.glob(os.path.join(data_dir, 'train-*')))
+def _train_files(data_dir: str):
+  return sorted(tf.io.gfile.glob(os.path.join(data_dir, 'train-*')))
+
+
+def _per_record(data_dir: str, batch: int, threads: int,
+                fn) -> tf.data.Dataset:
+  """`fn(record)` over the repeated train-* records, batched, on `threads`.
+
+  `fn` returns one value per image: crops (and JPEGs of different shapes)
+  are ragged and cannot be batched. This leaves out the copy of the pixels
+  into a batch, a cost the full pipeline (b) pays.
+  """
+  files = _train_files(data_dir)
   ds = tf.data.Dataset.from_tensor_slices(files).repeat()
   ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-
-  def parse(record):
-    f = tf.io.parse_single_example(record, {
-        'image/encoded': tf.io.FixedLenFeature((), tf.string),
-        'image/class/label': tf.io.FixedLenFeature((), tf.int64)})
-    image = tf.io.decode_jpeg(f['image/encoded'], channels=3)
-    # One value per image, so JPEGs of different shapes batch; this leaves
-    # out the copy of the pixels into a batch, a cost (b) pays.
-    return image[0, 0, 0], f['image/class/label']
-
-  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.threading.private_threadpool_size = threads
@@ -151,14 +152,23 @@ def decode_only(data_dir: str, batch: int, threads: int) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
+def decode_only(data_dir: str, batch: int, threads: int) -> tf.data.Dataset:
+  """(a): parse + whole-image `decode_jpeg`."""
+
+  def parse(record):
+    f = tf.io.parse_single_example(record, {
+        'image/encoded': tf.io.FixedLenFeature((), tf.string),
+        'image/class/label': tf.io.FixedLenFeature((), tf.int64)})
+    image = tf.io.decode_jpeg(f['image/encoded'], channels=3)
+    return image[0, 0, 0], f['image/class/label']
+
+  return _per_record(data_dir, batch, threads, parse)
+
+
 def stage(data_dir: str, batch: int, threads: int, image_size: int,
           resize_method: str = '') -> tf.data.Dataset:
   """Crop-decode (+ flip + resize to uint8) alone, for the breakdown."""
   from efficientnet_tpu import preprocessing  # pylint: disable=g-import-not-at-top
-  files = sorted(tf.io.gfile.glob(os.path.join(data_dir, 'train-*')))
-  ds = tf.data.Dataset.from_tensor_slices(files).repeat()
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
 
   def fn(record):
     data = tf.io.parse_single_example(record, {
@@ -169,15 +179,9 @@ def stage(data_dir: str, batch: int, threads: int, image_size: int,
     if resize_method:
       image = tf.image.random_flip_left_right(image)
       image = preprocessing.resize(image, image_size, resize_method)
-    # One value per image: crops are ragged and cannot be batched.
     return image[0, 0, 0]
 
-  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = threads
-  options.deterministic = False
-  return ds.with_options(options)
+  return _per_record(data_dir, batch, threads, fn)
 
 
 def measure(ds: tf.data.Dataset, batch: int, seconds: float,
