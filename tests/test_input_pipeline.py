@@ -296,18 +296,29 @@ def test_non_jpeg_payload_error_names_file(tmp_path):
     input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2, tf.float32)
 
 
-def test_train_strict_payload_error_and_skip_corrupt(tmp_path):
-  bad = _write_with_bad_payload(tmp_path, 'train')
-  strict = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2,
+def _assert_strict_train_fails(d, match, batches):
+  """The strict training pipeline on d fails within `batches` batches."""
+  strict = input_pipeline.build_input_fn(_cfg(d), SIZE, True, 2,
                                          tf.float32)(None)
-  with pytest.raises(tf.errors.InvalidArgumentError, match=bad):
-    for _ in strict.take(200):
+  with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+    for _ in strict.take(batches):
       pass
-  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
+
+
+def _skip_corrupt_labels(d, batches):
+  """1-based labels of `batches` batches of skip_corrupt training on d."""
+  skip = input_pipeline.build_input_fn(_cfg(d, skip_corrupt=True),
                                        SIZE, True, 2, tf.float32)(None)
   seen = set()
-  for b in skip.take(60):
+  for b in skip.take(batches):
     seen.update((b['labels'].numpy() + 1).tolist())
+  return seen
+
+
+def test_train_strict_payload_error_and_skip_corrupt(tmp_path):
+  bad = _write_with_bad_payload(tmp_path, 'train')
+  _assert_strict_train_fails(tmp_path, bad, 200)
+  seen = _skip_corrupt_labels(tmp_path, 60)
   good = {f * 100 + j + 1 for f in range(2) for j in range(5)} | {301, 304}
   assert seen == good
 
@@ -332,16 +343,8 @@ def test_corrupt_record_error_names_file(tmp_path):
 
 def test_corrupt_record_train_skip(tmp_path):
   path = _write_corrupt_frame(tmp_path, 'train')
-  strict = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2,
-                                         tf.float32)(None)
-  with pytest.raises(tf.errors.InvalidArgumentError, match=path):
-    for _ in strict.take(50):
-      pass
-  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
-                                       SIZE, True, 2, tf.float32)(None)
-  seen = set()
-  for b in skip.take(30):
-    seen.update((b['labels'].numpy() + 1).tolist())
+  _assert_strict_train_fails(tmp_path, path, 50)
+  seen = _skip_corrupt_labels(tmp_path, 30)
   # File 0 intact; file 1 keeps only records before the corrupt one.
   assert {1, 2, 3} <= seen and seen <= {1, 2, 3, 101, 102, 103}
   assert len(seen) < 6
@@ -367,17 +370,8 @@ def test_long_file_corrupt_frame_keeps_exactly_the_records_before_it(
   data = bytearray(open(path, 'rb').read())
   data[start + 100] ^= 0xFF  # Inside record 25's payload: its CRC fails.
   open(path, 'wb').write(bytes(data))
-  strict = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2,
-                                         tf.float32)(None)
-  with pytest.raises(tf.errors.InvalidArgumentError, match=path):
-    for _ in strict.take(50):
-      pass
-  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
-                                       SIZE, True, 2, tf.float32)(None)
-  seen = set()
-  for b in skip.take(40):
-    seen.update((b['labels'].numpy() + 1).tolist())
-  assert seen == set(range(1, 26))
+  _assert_strict_train_fails(tmp_path, path, 50)
+  assert _skip_corrupt_labels(tmp_path, 40) == set(range(1, 26))
 
 
 def test_eval_long_files_cover_each_image_once(tmp_path):
@@ -407,20 +401,12 @@ def test_malformed_examples_fail_or_are_skipped_alone(tmp_path):
   for payload, match in ((payloads[5], bad), (payloads[12], 'parse')):
     with tf.io.TFRecordWriter(bad) as w:
       w.write(payload)
-    strict = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2,
-                                           tf.float32)(None)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
-      for _ in strict.take(100):
-        pass
+    _assert_strict_train_fails(tmp_path, match, 100)
   with tf.io.TFRecordWriter(bad) as w:
     for j in range(20):
       w.write(payloads.get(j) or _example(_jpeg((1, 2, 3)), 1000 + j))
-  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
-                                       SIZE, True, 2, tf.float32)(None)
-  seen = set()
-  for b in skip.take(100):
-    seen.update((b['labels'].numpy() + 1).tolist())
-  assert seen == set(range(1, 21)) | (set(range(1000, 1020)) - {1005, 1012})
+  assert _skip_corrupt_labels(tmp_path, 100) == (
+      set(range(1, 21)) | (set(range(1000, 1020)) - {1005, 1012}))
 
 
 def test_truncated_file_error_names_file(tmp_path):
