@@ -22,6 +22,8 @@ give a lower ratio (docs/input_pipeline.md has both).
 
   python benchmarks/input_pipeline.py [--images imagenet|small]
       [--data_dir DIR] [--threads 1] [--seconds 5] [--rounds 3]
+  python benchmarks/input_pipeline.py --resize_table --seconds 1.5
+      (resize of single crops from uint8 vs float32 input only)
 """
 
 from __future__ import annotations
@@ -199,6 +201,51 @@ def measure(ds: tf.data.Dataset, batch: int, seconds: float,
           (time.process_time() - cpu) / images * 1e3)
 
 
+RESIZE_CROPS = ((120, 150), (200, 260), (300, 330), (350, 450))
+
+
+def resize_table(image_size: int, threads: int, seconds: float,
+                 rounds: int) -> None:
+  """CPU ms per image of resizing one crop from uint8 vs from float32.
+
+  `preprocessing.resize` casts to float32 first; this is the measurement
+  behind that choice. Each variant maps over one constant crop (so the
+  figures include a small, equal tf.data cost per image).
+  """
+  rng = np.random.RandomState(0)
+  crops = {hw: rng.randint(0, 256, hw + (3,)).astype(np.uint8)
+           for hw in RESIZE_CROPS}
+
+  def resized(method, dtype):
+    def fn(crop):
+      image = tf.image.resize(tf.cast(crop, dtype), [image_size, image_size],
+                              method=method, antialias=False)
+      return image[0, 0, 0]
+    return fn
+
+  variants = {(m, d): resized(m, d) for m in ('bicubic', 'bilinear')
+              for d in (tf.uint8, tf.float32)}
+  runs = {}
+  batch = 64
+  for _ in range(rounds):
+    for hw, crop in crops.items():
+      for key, fn in variants.items():
+        ds = tf.data.Dataset.from_tensors(crop).repeat().map(fn).batch(batch)
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = threads
+        runs.setdefault((hw,) + key, []).append(
+            measure(ds.with_options(options), batch, seconds, 3)[1])
+  print(f'resize to {image_size} only, CPU ms/img, median of {rounds} '
+        f'rounds x {seconds:g} s (float32 in: the cast is included)')
+  print(f'{"crop":>9s}  {"bicubic uint8":>14s}{"float32":>9s}'
+        f'{"bilinear uint8":>16s}{"float32":>9s}')
+  for hw in RESIZE_CROPS:
+    cells = [float(np.median(runs[(hw, m, d)]))
+             for m in ('bicubic', 'bilinear') for d in (tf.uint8, tf.float32)]
+    print(f'{hw[0]:4d}x{hw[1]:<4d}  {cells[0]:14.3f}{cells[1]:9.3f}'
+          f'{cells[2]:16.3f}{cells[3]:9.3f}')
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--images', default='imagenet',
@@ -216,7 +263,13 @@ def main(argv=None) -> None:
                       help='per configuration and round')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--augment', default='none')
+  parser.add_argument('--resize_table', action='store_true',
+                      help='only time resizing single crops from uint8 vs '
+                      'float32 input')
   args = parser.parse_args(argv)
+  if args.resize_table:
+    resize_table(args.image_size, args.threads, args.seconds, args.rounds)
+    return
 
   shapes, noise = IMAGE_SETS[args.images]
   if not args.data_dir:
