@@ -10,14 +10,15 @@ times the bytes of a plain all-reduce (a few KiB for per-channel statistics),
 has a well-defined gradient (the gradient of an all-reduce SUM is an
 all-reduce SUM), and hands every replica the sums of *all* groups for free.
 
-Everything here except `group_assignment` and `resolve_bn_group_size` must
-run in replica context (inside `strategy.run`).
+Everything here except `group_assignment`, `resolve_bn_group_size` and
+`replica_mean_assigner` must run in replica context (inside `strategy.run`).
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -141,32 +142,54 @@ def grouped_sum(x: tf.Tensor, group_size: int) -> tf.Tensor:
   return _select_group(all_group_sums(x, g), g)
 
 
-def grouped_mean_and_group_rows(x: tf.Tensor,
-                                group_size: int) -> Tuple[tf.Tensor, tf.Tensor]:
-  """Group mean of `x` plus the mean of `x` for every group (off TPU).
+def replica_mean_assigner(strategy: tf.distribute.Strategy, variables):
+  """Returns `assign()`: sets every replica's copy of `variables` to the mean
+  of the copies over all replicas.
 
-  Returns:
-    (this group's mean of x, [num_groups, *x.shape] means of all groups).
-    Both come from the single all-reduce of `all_group_sums`.
+  For replica-local state (batch-norm moving statistics and their EMA
+  shadows, see `layers.GroupSyncBatchNormalization`): one compiled,
+  replicated call with ONE all-reduce of all values concatenated (float32),
+  then local assigns on every replica. Every worker must call it (it is a
+  collective). With one replica it does nothing.
+
+  Args:
+    strategy: the strategy the variables were created under.
+    variables: float variables with aggregation NONE (Keras or tf).
   """
-  ctx = _replica_context()
-  g = effective_group_size(group_size, ctx.num_replicas_in_sync)
-  rows = all_group_sums(x, g) / g
-  return _select_group(rows, g), rows
+  variables = list(variables)
+  if not variables or strategy.num_replicas_in_sync == 1:
+    return lambda: None
+  sizes = [int(np.prod(v.shape)) for v in variables]
+
+  def replica_fn():
+    ctx = tf.distribute.get_replica_context()
+    flat = tf.concat([tf.reshape(tf.cast(tf.convert_to_tensor(v), tf.float32),
+                                 [-1]) for v in variables], 0)
+    mean = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, flat)
+    for v, part in zip(variables, tf.split(mean, sizes)):
+      v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
+
+  @tf.function
+  def assign():
+    strategy.run(replica_fn)
+
+  return assign
 
 
 def resolve_bn_group_size(model_config: ModelConfig, num_replicas: int,
                           per_replica_batch: int) -> int:
   """Replicas per batch-norm group, from the config and the real topology.
 
-  `bn_group_size` None -> 1 (local BN), 0 -> all replicas. Otherwise, with
-  `bn_group_batch_size` (target images per group), the group is
-  `bn_group_batch_size // per_replica_batch` replicas, capped at the replica
-  count (a pod slice smaller than one group normalizes globally).
+  `bn_group_size` None -> 1 (local BN), 0 -> all replicas, else that many
+  replicas (it must divide the replica count). With `bn_group_batch_size`
+  (target images per group, TPU-EN's `--batch_norm_batch_size`) the group
+  resolves on any slice: the largest divisor of the replica count whose
+  group batch does not exceed the target; a per-replica batch at or above
+  the target gives local BN (TPU-EN used local BN at >= 128 per core). The
+  resolved group batch is logged when it differs from the target.
 
   Raises:
-    ConfigError: the group size does not divide the replica count, or the
-      group batch is not a multiple of the per-replica batch.
+    ConfigError: an explicit `bn_group_size` does not divide the replicas.
   """
   if num_replicas < 1 or per_replica_batch < 1:
     raise ValueError(f'resolve_bn_group_size: expected positive replica count '
@@ -174,16 +197,15 @@ def resolve_bn_group_size(model_config: ModelConfig, num_replicas: int,
                      f'{per_replica_batch}')
   target = model_config.bn_group_batch_size
   if target is not None:
-    if target % per_replica_batch:
-      raise ConfigError(
-          f'--bn_group_batch_size: expected a multiple of the per-replica '
-          f'batch ({per_replica_batch} images), got {target}')
-    g = min(max(1, target // per_replica_batch), num_replicas)
-    if num_replicas % g:
-      raise ConfigError(
-          f'--bn_group_batch_size: expected {target} // {per_replica_batch} '
-          f'= {g} replicas per group to divide the number of replicas '
-          f'({num_replicas}), got {target}')
+    want = max(1, target // per_replica_batch)
+    g = max(d for d in range(1, min(want, num_replicas) + 1)
+            if num_replicas % d == 0)
+    if g * per_replica_batch != target:
+      logging.info(
+          'bn_group_batch_size %d: %d replica(s) of %d images per BN group '
+          '(%d images%s) on %d replicas.', target, g, per_replica_batch,
+          g * per_replica_batch,
+          ', local BN' if g == 1 else '', num_replicas)
     return g
   g = model_config.bn_group_size
   if g is None:

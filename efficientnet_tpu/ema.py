@@ -36,6 +36,7 @@ class ExponentialMovingAverage(tf.Module):
     self._strategy = tf.distribute.get_strategy()
     self._model_variables = [
         v for v in variables if tf.as_dtype(v.dtype).is_floating]
+    self._swap_fn = None
     with tf.name_scope(name):
       self.averages = [
           tf.Variable(_tf_variable(v).read_value(), trainable=False,
@@ -67,20 +68,33 @@ class ExponentialMovingAverage(tf.Module):
       value = tf.cast(_tf_variable(var), average.dtype)
       average.assign_sub((1.0 - decay) * (average - value))
 
+  def shadow_of(self, variable):
+    """The average that follows `variable` (a model variable), or None."""
+    for average, var in zip(self.averages, self._model_variables):
+      if var is variable:
+        return average
+    return None
+
   def swap(self) -> None:
     """Exchanges model weights and averages (call twice to undo).
 
     Call in cross-replica context (outside `strategy.run`), e.g. before and
-    after evaluation or export; training state is restored exactly.
+    after evaluation; training state is restored exactly. The whole swap is
+    one compiled, replicated call in which every replica exchanges its own
+    copies with local assigns: an eager swap goes variable by variable and
+    device by device (TPUStrategy loops over the devices of every variable
+    from the host), several remote calls per variable and replica (see
+    benchmarks/ema_swap.py).
     """
-    strategy = self._strategy
+    if self._swap_fn is None:
+      pairs = list(zip(self.averages, self._model_variables))
 
-    def _swap(average, var):
-      tmp = tf.identity(average.read_value())
-      average.assign(tf.cast(var.read_value(), average.dtype))
-      var.assign(tf.cast(tmp, var.dtype))
-      return tmp
+      def replica_swap():
+        for average, var in pairs:
+          tmp = tf.identity(average)
+          average.assign(tf.cast(tf.convert_to_tensor(var), average.dtype))
+          var.assign(tf.cast(tmp, var.dtype))
 
-    for average, var in zip(self.averages, self._model_variables):
-      strategy.extended.update(average, _swap, args=(_tf_variable(var),),
-                               group=False)
+      strategy = self._strategy
+      self._swap_fn = tf.function(lambda: strategy.run(replica_swap))
+    self._swap_fn()

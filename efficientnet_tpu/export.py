@@ -53,14 +53,13 @@ def export_saved_model(trainer, export_dir: str) -> str:
   model_cfg = dataclasses.replace(cfg.model, use_bfloat16=False,
                                   bn_group_size=None, bn_group_batch_size=None)
   model = model_lib.build_model(model_cfg, bn_group_size=1)
-  if trainer.ema is not None:
-    trainer.ema.swap()
-  try:
-    weights = trainer.model.get_weights()
-  finally:
-    if trainer.ema is not None:
-      trainer.ema.swap()
-  model.set_weights(weights)
+  # Read the averages directly (no swap: only the writer exports, and the
+  # state is synchronized across replicas at every checkpoint and eval).
+  def value(v):
+    average = trainer.ema.shadow_of(v) if trainer.ema is not None else None
+    return (v if average is None else average).numpy()
+
+  model.set_weights([value(v) for v in trainer.model.weights])
   module = ServingModule(model, cfg.model.image_size, cfg.data.resize_method)
   tmp_dir = export_dir.rstrip('/') + '.tmp'
   if tf.io.gfile.exists(tmp_dir):

@@ -17,7 +17,7 @@ from efficientnet_tpu.config import ModelConfig
 
 _PACKAGE = 'efficientnet_tpu'
 
-BN_IMPLS = ('group', 'keras', 'keras_sync')
+BN_IMPLS = ('group', 'group_step_sync', 'keras', 'keras_sync')
 
 
 def dtype_policy(config: ModelConfig) -> str:
@@ -57,14 +57,17 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
   (its moving variables have aggregation NONE and each replica assigns its
   local statistics).
 
-  Moving statistics: every replica assigns the same value, namely the mean
-  over all groups of the group mean/variance used for normalization, so they
-  stay identical on all replicas without any aggregation on the variables
-  (aggregation NONE is a purely local, communication-free assign):
-  * group_size == replicas: the group statistics are already global;
-  * off TPU the one grouped all-reduce hands every replica all groups' sums;
-  * group_size 1, and grouped BN on TPU: one extra all-reduce MEAN of the
-    (gradient-stopped) [mean, variance] per layer.
+  Moving statistics are replica-local between synchronizations: every
+  replica updates its moving mean and variance with the statistics it
+  normalized with (local, group or global), with no communication, as
+  TPU-EN's local BN does. `collectives.replica_mean_assigner` then sets all
+  copies to their mean over replicas, in one all-reduce for the whole model,
+  before anything reads them (checkpoint, evaluation, export). The moving
+  average is linear, so the mean of the per-replica averages equals the
+  average of the per-step means: the synchronized values are those of an
+  all-reduce MEAN in every layer at every step, which cost one collective per
+  BN layer per step (`sync_every_step=True` keeps that behaviour, for the
+  benchmark in benchmarks/scaling.py).
 
   Outside a replica context (plain `model.predict`, a single device), or with
   one replica, it is ordinary batch norm. Inference uses moving statistics.
@@ -83,6 +86,7 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
                gamma_initializer='ones',
                moving_mean_initializer='zeros',
                moving_variance_initializer='ones',
+               sync_every_step: bool = False,
                **kwargs):
     super().__init__(**kwargs)
     if group_size < 0:
@@ -103,6 +107,7 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
         moving_mean_initializer)
     self.moving_variance_initializer = keras.initializers.get(
         moving_variance_initializer)
+    self.sync_every_step = bool(sync_every_step)
     self.supports_masking = True
 
   def build(self, input_shape):
@@ -132,38 +137,28 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
     return input_shape
 
   def _statistics(self, x32):
-    """Returns (mean, variance) to normalize with, and those for the EMA."""
+    """Returns (mean, variance) over this replica's BN group."""
     channels = x32.shape[-1]
     local = tf.concat([tf.reduce_mean(x32, self._reduction_axes),
                        tf.reduce_mean(tf.square(x32), self._reduction_axes)],
                       axis=0)
+    if collectives.in_replica_context():
+      num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+      if num_replicas > 1:
+        g = collectives.effective_group_size(self.group_size, num_replicas)
+        local = collectives.grouped_sum(local, g) / g
+    mean, mean_sq = local[:channels], local[channels:]
+    return mean, tf.maximum(mean_sq - tf.square(mean), 0.0)
 
-    def moments(stats):
-      mean, mean_sq = stats[..., :channels], stats[..., channels:]
-      return mean, tf.maximum(mean_sq - tf.square(mean), 0.0)
-
-    if not collectives.in_replica_context():
-      mean, var = moments(local)
-      return mean, var, mean, var
-    ctx = tf.distribute.get_replica_context()
-    num_replicas = ctx.num_replicas_in_sync
-    if num_replicas == 1:
-      mean, var = moments(local)
-      return mean, var, mean, var
-    g = collectives.effective_group_size(self.group_size, num_replicas)
-    if g == num_replicas:
-      mean, var = moments(collectives.all_reduce_sum(local) / num_replicas)
-      return mean, var, mean, var
-    if g > 1 and not collectives.is_tpu_replica_context():
-      group, rows = collectives.grouped_mean_and_group_rows(local, g)
-      mean, var = moments(group)
-      rows_mean, rows_var = moments(tf.stop_gradient(rows))
-      return (mean, var, tf.reduce_mean(rows_mean, 0),
-              tf.reduce_mean(rows_var, 0))
-    mean, var = moments(collectives.grouped_sum(local, g) / g)
-    avg = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
-                         tf.stop_gradient(tf.concat([mean, var], 0)))
-    return mean, var, avg[:channels], avg[channels:]
+  def _moving_targets(self, mean, var):
+    """What the moving averages move towards: this replica's statistics,
+    or (sync_every_step) their mean over all replicas."""
+    stats = tf.stop_gradient(tf.concat([mean, var], 0))
+    if self.sync_every_step and collectives.in_replica_context():
+      stats = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.MEAN, stats)
+    channels = mean.shape[-1]
+    return stats[:channels], stats[channels:]
 
   def _normalize(self, x, mean, var):
     x32 = tf.cast(x, tf.float32)
@@ -179,7 +174,8 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
     del mask
     if training and self.trainable:
       x32 = tf.cast(inputs, tf.float32)
-      mean, var, ema_mean, ema_var = self._statistics(x32)
+      mean, var = self._statistics(x32)
+      ema_mean, ema_var = self._moving_targets(mean, var)
       decay = 1.0 - self.momentum
       mm = tf.convert_to_tensor(self.moving_mean)
       mv = tf.convert_to_tensor(self.moving_variance)
@@ -207,6 +203,7 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
             self.moving_mean_initializer),
         'moving_variance_initializer': keras.initializers.serialize(
             self.moving_variance_initializer),
+        'sync_every_step': self.sync_every_step,
     })
     return config
 
@@ -220,13 +217,16 @@ def make_batch_norm(config: ModelConfig, bn_group_size: int = 1,
     bn_group_size: replicas per BN group (1 local, 0 all replicas).
     name: layer name.
     impl: 'group' (ours, always used by training), or for comparisons
+      'group_step_sync' (ours, moving statistics all-reduced every step),
       'keras' (keras BatchNormalization, local; moving statistics drift
       apart across replicas) and 'keras_sync' (keras synchronized=True).
   """
   kwargs = dict(momentum=config.bn_momentum, epsilon=config.bn_epsilon,
                 name=name, dtype=dtype_policy(config))
-  if impl == 'group':
-    return GroupSyncBatchNormalization(group_size=bn_group_size, **kwargs)
+  if impl in ('group', 'group_step_sync'):
+    return GroupSyncBatchNormalization(
+        group_size=bn_group_size, sync_every_step=impl == 'group_step_sync',
+        **kwargs)
   if impl == 'keras':
     return keras.layers.BatchNormalization(**kwargs)
   if impl == 'keras_sync':

@@ -53,25 +53,40 @@ def test_grouped_sum_values_and_gradient(strategy, g):
                                atol=1e-6)
 
 
-def test_all_group_sums_and_group_rows(strategy):
+def test_all_group_sums(strategy):
   x = np.random.default_rng(0).normal(size=(R, 4)).astype(np.float32)
 
   @tf.function
   def step(x):
-    return strategy.run(
-        lambda x: (collectives.all_group_sums(x, 4),
-                   collectives.grouped_mean_and_group_rows(x, 2)),
-        args=(x,))
+    return strategy.run(lambda x: collectives.all_group_sums(x, 4),
+                        args=(x,))
 
-  rows4, (mean2, rows2) = tf.nest.map_structure(
-      lambda t: local_values(strategy, t), step(per_replica(strategy, x)))
+  rows4 = local_values(strategy, step(per_replica(strategy, x)))
   want4 = x.reshape(2, 4, 4).sum(1)
-  want2 = x.reshape(4, 2, 4).mean(1)
   for r in range(R):
     np.testing.assert_allclose(rows4[r], want4, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(rows2[r], want2, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(mean2[r], want2[r // 2], rtol=1e-6,
-                               atol=1e-6)
+
+
+def test_replica_mean_assigner_sets_every_copy_to_the_mean(strategy):
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(R, 3)).astype(np.float32)
+  b = rng.normal(size=(R, 2, 2)).astype(np.float32)
+  with strategy.scope():
+    va = tf.Variable(tf.zeros(3), trainable=False)
+    vb = tf.Variable(tf.zeros((2, 2)), trainable=False)
+
+  @tf.function
+  def set_local(a, b):
+    strategy.run(lambda a, b: (va.assign(a), vb.assign(b)), args=(a, b))
+
+  set_local(per_replica(strategy, a), per_replica(strategy, b))
+  assert not np.allclose(*local_values(strategy, va)[:2])  # Replica-local.
+  collectives.replica_mean_assigner(strategy, [va, vb])()
+  for got, want in ((va, a.mean(0)), (vb, b.mean(0))):
+    copies = local_values(strategy, got)
+    for r in range(R):
+      np.testing.assert_array_equal(copies[r], copies[0])
+    np.testing.assert_allclose(copies[0], want, rtol=1e-6, atol=1e-6)
 
 
 def test_grouped_sum_needs_replica_context(strategy):
@@ -91,19 +106,32 @@ def test_grouped_sum_needs_replica_context(strategy):
     # A slice smaller than one group normalizes over all replicas.
     ({'bn_group_batch_size': 128}, 4, 8, 4),
     ({'bn_group_batch_size': 128}, 1024, 64, 2),
+    # Per-replica batch at or above the target: local BN.
+    ({'bn_group_batch_size': 128}, 8, 512, 1),
+    ({'bn_group_batch_size': 128}, 32, 256, 1),
+    ({'bn_group_batch_size': 128}, 16, 128, 1),
+    # Not a multiple, or not a divisor of the replicas: the largest group
+    # (dividing the replicas) whose batch stays within the target.
+    ({'bn_group_batch_size': 24}, 8, 16, 1),
+    ({'bn_group_batch_size': 12}, 8, 4, 2),
+    ({'bn_group_batch_size': 128}, 6, 16, 6),
+    ({'bn_group_batch_size': 128}, 12, 16, 6),
+    ({'bn_group_batch_size': 128}, 10, 32, 2),
 ])
 def test_resolve_bn_group_size(kwargs, replicas, batch, want):
   got = collectives.resolve_bn_group_size(ModelConfig(**kwargs), replicas,
                                           batch)
   assert got == want
+  target = kwargs.get('bn_group_batch_size')
+  if target:  # Brute force: the largest divisor within the target batch.
+    fits = [d for d in range(1, replicas + 1)
+            if replicas % d == 0 and (d == 1 or d * batch <= target)]
+    assert got == max(fits)
 
 
 @pytest.mark.parametrize('kwargs,replicas,batch,flag', [
     ({'bn_group_size': 3}, 8, 4, '--bn_group_size'),
     ({'bn_group_size': 16}, 8, 4, '--bn_group_size'),
-    ({'bn_group_batch_size': 24}, 8, 16, '--bn_group_batch_size'),
-    ({'bn_group_batch_size': 8}, 8, 16, '--bn_group_batch_size'),
-    ({'bn_group_batch_size': 12}, 8, 4, '--bn_group_batch_size'),
 ])
 def test_resolve_bn_group_size_errors(kwargs, replicas, batch, flag):
   with pytest.raises(ConfigError, match=flag) as e:

@@ -59,3 +59,38 @@ def test_only_floating_variables_are_averaged():
   v_int = tf.Variable([1, 2])
   ema = ema_lib.ExponentialMovingAverage([v_float, v_int], 0.9)
   assert len(ema.averages) == 1
+
+
+def test_swap_is_per_replica_and_works_without_a_strategy():
+  """Replica-local state (BN moving statistics between synchronizations)
+  is exchanged copy by copy, and the swap also runs with no strategy."""
+  strategy = cpu_replicas(4)
+  with strategy.scope():
+    v = tf.Variable(tf.zeros(3), trainable=False)
+    ema = ema_lib.ExponentialMovingAverage([v], 0.5)
+  rng = np.random.default_rng(1)
+  local_v, local_avg = rng.normal(size=(2, 4, 3)).astype(np.float32)
+
+  @tf.function
+  def set_local(a, b):
+    strategy.run(lambda a, b: (v.assign(a), ema.averages[0].assign(b)),
+                 args=(a, b))
+
+  dist = lambda x: strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant(x[ctx.replica_id_in_sync_group]))
+  set_local(dist(local_v), dist(local_avg))
+  ema.swap()
+  got_v = [c.numpy() for c in strategy.experimental_local_results(v)]
+  got_avg = [c.numpy() for c in
+             strategy.experimental_local_results(ema.averages[0])]
+  for r in range(4):
+    np.testing.assert_array_equal(got_v[r], local_avg[r])
+    np.testing.assert_array_equal(got_avg[r], local_v[r])
+
+  plain = tf.Variable([1.0, 2.0])
+  plain_ema = ema_lib.ExponentialMovingAverage([plain], 0.5)
+  plain.assign([3.0, 4.0])
+  plain_ema.swap()
+  np.testing.assert_array_equal(plain.numpy(), [1.0, 2.0])
+  np.testing.assert_array_equal(plain_ema.averages[0].numpy(), [3.0, 4.0])
+  assert plain_ema.shadow_of(plain) is plain_ema.averages[0]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from efficientnet_tpu import collectives
 from efficientnet_tpu import layers
 from efficientnet_tpu.config import ModelConfig
 from tests.helpers import cpu_replicas, local_values, per_replica
@@ -53,6 +54,12 @@ def _make_layer(strategy, g, rng, dtype='float32'):
     layer.gamma.assign(rng.uniform(0.5, 1.5, C).astype(np.float32))
     layer.beta.assign(rng.normal(size=C).astype(np.float32))
   return layer
+
+
+def _sync(strategy, layer):
+  """What the trainer does before a checkpoint, eval or export."""
+  collectives.replica_mean_assigner(
+      strategy, [layer.moving_mean, layer.moving_variance])()
 
 
 def _data(rng, steps=None):
@@ -102,6 +109,12 @@ def test_training_step_matches_concatenated_group_batch(strategy, g):
     np.testing.assert_allclose(sum(gb[r] for r in members), ref_gb,
                                atol=1e-3, rtol=1e-4)
 
+  # Before synchronization each replica's moving statistics took one step
+  # toward its own group's statistics, with no communication.
+  for r, mm in enumerate(local_values(strategy, layer.moving_mean.value)):
+    np.testing.assert_allclose(mm, (1 - MOMENTUM) * group_means[r // (g or R)],
+                               rtol=1e-5, atol=1e-6, err_msg=f'replica {r}')
+  _sync(strategy, layer)
   # One step of EMA from (0, 1) toward the mean of the group statistics.
   want_mean = (1 - MOMENTUM) * np.mean(group_means, 0)
   want_var = MOMENTUM + (1 - MOMENTUM) * np.mean(group_vars, 0)
@@ -129,6 +142,7 @@ def test_several_steps_in_one_function_keep_moving_stats_identical(
       strategy.run(lambda x, i: layer(x[i], training=True), args=(x, i))
 
   run(per_replica(strategy, x))
+  _sync(strategy, layer)
 
   want_mean, want_var = np.zeros(C), np.ones(C)
   for s in range(steps):
@@ -156,30 +170,36 @@ def test_several_steps_in_one_function_keep_moving_stats_identical(
     np.testing.assert_allclose(y[r], want, atol=1e-4, rtol=1e-4)
 
 
-def test_keras_batch_norm_lets_moving_stats_diverge(strategy):
-  """Why group_size 1 uses our layer: Keras BN drifts apart per replica."""
+def test_moving_stats_are_replica_local_until_synchronized(strategy):
+  """Local BN: no collective per step; one all-reduce MEAN on demand."""
   rng = np.random.default_rng(3)
   x = _data(rng)
   with strategy.scope():
-    keras_bn = layers.make_batch_norm(
-        ModelConfig(bn_momentum=MOMENTUM), 1, 'bn', impl='keras')
-    keras_bn.build((None,) + SHAPE[1:])
     ours = layers.make_batch_norm(ModelConfig(bn_momentum=MOMENTUM), 1, 'bn2')
     ours.build((None,) + SHAPE[1:])
+    per_step = layers.make_batch_norm(ModelConfig(bn_momentum=MOMENTUM), 1,
+                                      'bn3', impl='group_step_sync')
+    per_step.build((None,) + SHAPE[1:])
   assert isinstance(ours, layers.GroupSyncBatchNormalization)
 
   @tf.function
   def step(x):
-    strategy.run(lambda x: (keras_bn(x, training=True),
-                            ours(x, training=True)), args=(x,))
+    strategy.run(lambda x: (ours(x, training=True),
+                            per_step(x, training=True)), args=(x,))
 
   step(per_replica(strategy, x))
-  theirs = local_values(strategy, keras_bn.moving_mean.value)
-  assert not np.allclose(theirs[0], theirs[1])
+  local = local_values(strategy, ours.moving_mean.value)
+  for r in range(R):
+    np.testing.assert_allclose(
+        local[r], (1 - MOMENTUM) * x[r].mean(axis=(0, 1, 2)), rtol=1e-5,
+        atol=1e-6)
+  _sync(strategy, ours)
   mine = local_values(strategy, ours.moving_mean.value)
+  theirs = local_values(strategy, per_step.moving_mean.value)
+  want = (1 - MOMENTUM) * x.mean(axis=(0, 1, 2, 3))
   for r in range(R):
     np.testing.assert_array_equal(mine[r], mine[0])
-  want = (1 - MOMENTUM) * x.mean(axis=(0, 1, 2, 3))
+    np.testing.assert_allclose(theirs[r], want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(mine[0], want, rtol=1e-5, atol=1e-6)
 
 
@@ -203,6 +223,7 @@ def test_bfloat16_input(strategy, g):
     got = np.concatenate([y[r] for r in members]).astype(np.float32)
     # bfloat16 has 8 bits of mantissa: |y| up to ~5 -> ~0.03 resolution.
     np.testing.assert_allclose(got, ref_y, atol=5e-2, rtol=1e-2)
+  _sync(strategy, layer)
   mms = local_values(strategy, layer.moving_mean.value)
   assert mms[0].dtype == np.float32
   for r in range(R):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from efficientnet_tpu import collectives
 from efficientnet_tpu import layers
 from efficientnet_tpu import model as model_lib
 from efficientnet_tpu.config import ConfigError, ModelConfig
@@ -121,7 +122,8 @@ def test_forward_fp32_and_bf16(bf16):
 
 
 def test_training_on_replicas_keeps_moving_stats_identical():
-  """Integration: a train step on 4 replicas with BN groups of 2."""
+  """Integration: a train step on 4 replicas with BN groups of 2, then the
+  synchronization the trainer runs before checkpoints."""
   strategy = cpu_replicas(4)
   with strategy.scope():
     model = model_lib.build_model(_tiny(), bn_group_size=2)
@@ -146,6 +148,7 @@ def test_training_on_replicas_keeps_moving_stats_identical():
                           strategy.experimental_local_results(g)]
                          for g in step(dist(images), dist(labels))])
   assert np.isfinite(grad_norms).all() and (grad_norms.sum(1) > 0).all()
+  collectives.replica_mean_assigner(strategy, model.non_trainable_weights)()
   for v in model.non_trainable_weights:
     values = [np.asarray(c) for c in
               strategy.experimental_local_results(v.value)]
