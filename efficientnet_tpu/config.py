@@ -224,12 +224,17 @@ class DistributeConfig:
   num_cpu_replicas: int = 1
   # 0 = all visible GPUs.
   num_gpus: int = 0
+  # Expected replica count (dry runs resolve the slice plan for it).
+  num_replicas: Optional[int] = None
 
   def __post_init__(self):
     _choice(self.strategy, 'strategy', STRATEGIES)
     _check(self.num_cpu_replicas >= 1, 'num_cpu_replicas', 'an integer >= 1',
            self.num_cpu_replicas)
     _check(self.num_gpus >= 0, 'num_gpus', 'an integer >= 0', self.num_gpus)
+    if self.num_replicas is not None:
+      _check(self.num_replicas >= 1, 'num_replicas', 'an integer >= 1',
+             self.num_replicas)
     if self.strategy == 'tpu':
       _check(bool(self.tpu), 'tpu',
              "a TPU name, 'local' (TPU VM) or grpc:// address with "
@@ -255,7 +260,8 @@ class TrainConfig:
   eval_steps: Optional[int] = None
   keep_checkpoint_max: int = 5
   export_dir: Optional[str] = None
-  # None = on for TPU/GPU, off for CPU (XLA is ~8x slower on CPU).
+  # None = auto: TPU always compiles; GPU and CPU off (see
+  # distribute.resolve_jit_compile). True: forward/backward under XLA.
   jit_compile: Optional[bool] = None
   dry_run: bool = False
   seed: int = 0

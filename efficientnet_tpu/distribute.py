@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+from typing import FrozenSet, Optional, Tuple
 
 from absl import logging
 import tensorflow as tf
+from tensorflow.python.distribute import multi_worker_util
 
 from efficientnet_tpu.config import ConfigError, DistributeConfig
 
@@ -76,19 +78,79 @@ def _gpu_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
   return tf.distribute.MirroredStrategy([g.name for g in gpus])
 
 
-def _multi_worker_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
-  del cfg
+# What a process writes into model_dir (see writer_roles).
+TRAIN_WRITER = 'train'
+EVAL_WRITER = 'eval'
+
+
+def read_tf_config() -> Optional[dict]:
+  """TF_CONFIG as a dict (None if unset), failing with a one-line error."""
   raw = os.environ.get('TF_CONFIG')
   if not raw:
-    raise ConfigError('--strategy=multi_worker: expected the TF_CONFIG '
-                      'environment variable (cluster and task), found none')
+    return None
   try:
     tf_config = json.loads(raw)
-    tf_config['cluster']['worker']  # pylint: disable=pointless-statement
-    tf_config['task']['index']  # pylint: disable=pointless-statement
-  except (ValueError, KeyError, TypeError) as e:
-    raise ConfigError('TF_CONFIG: expected JSON with cluster.worker and '
+    cluster, task = tf_config['cluster'], tf_config['task']
+    if not (cluster.get('worker') or cluster.get('chief')):
+      raise KeyError('cluster.worker or cluster.chief')
+    multi_worker_util._validate_cluster_spec(  # pylint: disable=protected-access
+        cluster, task['type'], int(task['index']))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ConfigError('TF_CONFIG: expected JSON with cluster.worker (and '
+                      'optionally chief / evaluator) and task.type / '
                       f'task.index, got {raw!r} ({e})') from None
+  return tf_config
+
+
+def task_of(tf_config: Optional[dict]) -> Tuple[Optional[str], int]:
+  """(task type, task index) of this process; (None, 0) without TF_CONFIG."""
+  if not tf_config:
+    return None, 0
+  return tf_config['task']['type'], int(tf_config['task']['index'])
+
+
+def writer_roles(tf_config: Optional[dict]) -> FrozenSet[str]:
+  """What this process writes into model_dir, by TF's chief rule.
+
+  TRAIN_WRITER: checkpoints, config.json, train summaries, the export after
+  training. EVAL_WRITER: eval summaries, eval_results.jsonl, best/. Exactly
+  one process of a cluster holds each role:
+  * no TF_CONFIG, or a cluster of workers only: worker 0 holds both;
+  * chief + workers: the chief holds both (`multi_worker_util.is_chief`);
+  * ... + evaluator: the chief trains and writes, the evaluator (a side-car
+    that evaluates each new checkpoint) holds EVAL_WRITER, and the training
+    cluster does not evaluate.
+  """
+  if not tf_config:
+    return frozenset((TRAIN_WRITER, EVAL_WRITER))
+  cluster = tf_config['cluster']
+  task_type, task_id = task_of(tf_config)
+  if task_type == 'evaluator':
+    return frozenset((EVAL_WRITER,))
+  if not multi_worker_util.is_chief(cluster, task_type, task_id):
+    return frozenset()
+  if cluster.get('evaluator'):
+    return frozenset((TRAIN_WRITER,))
+  return frozenset((TRAIN_WRITER, EVAL_WRITER))
+
+
+def _local_strategy() -> tf.distribute.Strategy:
+  """All local GPUs, else the CPU: for a side-car evaluator task."""
+  gpus = tf.config.list_logical_devices('GPU')
+  return tf.distribute.MirroredStrategy(
+      [d.name for d in gpus] or [tf.config.list_logical_devices('CPU')[0].name])
+
+
+def _multi_worker_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
+  del cfg
+  tf_config = read_tf_config()
+  if tf_config is None:
+    raise ConfigError('--strategy=multi_worker: expected the TF_CONFIG '
+                      'environment variable (cluster and task), found none')
+  if task_of(tf_config)[0] == 'evaluator':
+    # The evaluator is no part of the training cluster (TF's rule): it
+    # evaluates checkpoints on its own devices.
+    return _local_strategy()
   return tf.distribute.MultiWorkerMirroredStrategy()
 
 
@@ -112,6 +174,10 @@ def build_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
   return strategy
 
 
+def _is_gpu_device(device: str) -> bool:
+  return tf.DeviceSpec.from_string(device).device_type == 'GPU'
+
+
 def is_tpu_strategy(strategy: tf.distribute.Strategy) -> bool:
   return isinstance(strategy, (tf.distribute.TPUStrategy,
                                tf.distribute.experimental.TPUStrategy))
@@ -129,18 +195,40 @@ def num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
   return 1
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-  """True on the one worker that writes summaries, configs and exports."""
-  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-    resolver = strategy.cluster_resolver
-    return resolver.task_type in (None, 'chief') or (
-        resolver.task_type == 'worker' and resolver.task_id == 0)
-  return True
+def resolve_jit_compile(strategy: tf.distribute.Strategy,
+                        requested: Optional[bool]) -> bool:
+  """Whether the forward and backward pass run in an XLA-compiled function.
 
+  * TPU: TPUStrategy compiles the whole replicated loop with XLA; nothing is
+    wrapped again (returns False). --jit_compile=false cannot be honoured.
+  * GPU (MirroredStrategy, MultiWorkerMirroredStrategy): off by default.
+    Compiling the whole replica step, as `strategy.run(tf.function(...,
+    jit_compile=True))`, puts MirroredStrategy into its all-GPU no-merge_call
+    mode, where the optimizer's `iterations` update (ONLY_FIRST_REPLICA, a
+    merge_call) fails at the first step. --jit_compile=true compiles only
+    the forward and backward pass; apply_gradients, EMA and metric updates
+    run outside it.
+  * CPU: off (XLA is ~8x slower on CPU); on only with one replica, since the
+    logical CPU replicas of one host cannot run compiled functions that
+    touch another replica's variables or collectives.
 
-def default_jit_compile(strategy: tf.distribute.Strategy) -> bool:
-  """XLA on TPU and GPU; off on CPU, where it is ~8x slower."""
+  Raises:
+    ConfigError: the request cannot work on this strategy's devices.
+  """
   if is_tpu_strategy(strategy):
+    if requested is False:
+      raise ConfigError('--jit_compile: TPUs always compile the training '
+                        'step with XLA; use --jit_compile=auto')
+    return False
+  if not requested:
+    return False
+  if all(_is_gpu_device(d) for d in strategy.extended.worker_devices):
     return True
-  devices = strategy.extended.worker_devices
-  return any('GPU' in d.upper() for d in devices)
+  if strategy.num_replicas_in_sync > 1:
+    raise ConfigError(
+        f'--jit_compile: XLA cannot compile the step of '
+        f'{strategy.num_replicas_in_sync} CPU replicas (their variables and '
+        'collectives span logical CPU devices that one XLA CPU program '
+        'cannot address); use --jit_compile=auto (XLA is ~8x slower on '
+        'CPU anyway)')
+  return True

@@ -17,6 +17,7 @@ from absl import logging
 import tensorflow as tf
 
 from efficientnet_tpu import data as data_lib
+from efficientnet_tpu import distribute
 from efficientnet_tpu import train as train_lib
 
 RESULTS_FILENAME = 'eval_results.jsonl'
@@ -31,6 +32,8 @@ class Evaluator:
     self.trainer = trainer
     cfg = trainer.cfg
     self.strategy = trainer.strategy
+    # Eval summaries, eval_results.jsonl and best/ (see writer_roles).
+    self.is_writer = distribute.EVAL_WRITER in trainer.writer_roles
     self.num_steps = data_lib.num_eval_steps(cfg.data.num_eval_images,
                                              cfg.train.eval_batch_size)
     if cfg.train.eval_steps:
@@ -40,17 +43,21 @@ class Evaluator:
           name: train_lib.sum_variable(f'eval_{name}')
           for name in ('loss', 'top_1', 'top_5', 'count')
       }
+    self._logits_fn = (tf.function(self._logits, jit_compile=True)
+                       if trainer.jit_compile else self._logits)
     self._dataset = None
     self._eval_loop_fn = None
     self._writer = None
     self._best_manager = None
     self._best = None
 
+  def _logits(self, images):
+    return tf.cast(self.trainer.model(self.trainer.normalize(images),
+                                      training=False), tf.float32)
+
   def _replica_eval_step(self, batch):
-    model = self.trainer.model
     num_classes = self.trainer.cfg.model.num_classes
-    logits = tf.cast(model(self.trainer.normalize(batch['images']),
-                           training=False), tf.float32)
+    logits = self._logits_fn(batch['images'])
     labels, mask = batch['labels'], batch['mask']
     loss = train_lib.smoothed_cross_entropy(labels, logits, num_classes, 0.0)
     top_1 = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)
@@ -65,12 +72,14 @@ class Evaluator:
     """One full pass over the eval set; returns exact metrics."""
     if self._eval_loop_fn is None:
       self._dataset = self.trainer.distribute_input(is_training=False)
-      self._eval_loop_fn = train_lib.replicated_loop(
-          self.strategy, self._replica_eval_step, self.trainer.jit_compile)
+      self._eval_loop_fn = train_lib.replicated_loop(self.strategy,
+                                                     self._replica_eval_step)
     for v in self._sums.values():
       v.assign(0.0)
     ema = self.trainer.ema
     start = time.time()
+    # Eval normalizes with the moving statistics: the same on every replica.
+    self.trainer.sync_replica_local_state()
     if ema is not None:
       ema.swap()
     try:
@@ -94,7 +103,7 @@ class Evaluator:
   @property
   def summary_writer(self):
     if self._writer is None:
-      if self.trainer.is_writer:
+      if self.is_writer:
         self._writer = tf.summary.create_file_writer(
             os.path.join(self.trainer.cfg.train.model_dir, 'eval'))
       else:
@@ -109,7 +118,7 @@ class Evaluator:
     logging.info('eval at step %d: %s', step,
                  ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
     self.trainer.write_summaries(metrics, step, writer=self.summary_writer)
-    if self.trainer.is_writer:
+    if self.is_writer:
       model_dir = self.trainer.cfg.train.model_dir
       record = dict(metrics, step=step, checkpoint=checkpoint_path)
       path = os.path.join(model_dir, RESULTS_FILENAME)
@@ -139,13 +148,13 @@ class Evaluator:
       return
     self._best = metrics['top_1_accuracy']
     if self._best_manager is None:
-      directory = (best_dir if self.trainer.is_writer else
-                   train_lib.worker_dir(self.strategy, best_dir))
+      directory = train_lib.worker_dir(self.trainer.task, best_dir,
+                                       self.is_writer)
       self._best_manager = tf.train.CheckpointManager(
           self.trainer.checkpoint, directory, max_to_keep=1,
           checkpoint_name='best')
     path = self._best_manager.save(checkpoint_number=step)
-    if self.trainer.is_writer:
+    if self.is_writer:
       with tf.io.gfile.GFile(best_file, 'w') as f:
         json.dump(dict(metrics, step=step, checkpoint=path), f, indent=2)
     else:

@@ -39,6 +39,10 @@ flags.DEFINE_string('gcp_project', None, 'GCP project of the TPU named by '
 flags.DEFINE_integer('num_cpu_replicas', 1, 'Logical CPU devices (replicas) '
                      'for --strategy=cpu: simulates a pod slice locally.')
 flags.DEFINE_integer('num_gpus', 0, 'GPUs to use with --strategy=gpu; 0 = all.')
+flags.DEFINE_integer('num_replicas', None, 'Replicas of the slice (TPU cores, '
+                     'GPUs): --dry_run resolves the per-replica batch and BN '
+                     'groups for it without hardware; a real run checks that '
+                     'the strategy has this many.')
 
 # ---- data --------------------------------------------------------------------
 flags.DEFINE_string('data_dir', None, 'Directory (local or gs://) of ImageNet '
@@ -141,8 +145,11 @@ flags.DEFINE_integer('keep_checkpoint_max', 5, 'Checkpoints kept.')
 flags.DEFINE_string('export_dir', None, 'Write a SavedModel serving JPEG '
                     'bytes here after training / evaluation.')
 flags.DEFINE_enum('jit_compile', 'auto', ['auto', 'true', 'false'],
-                  'XLA: auto = on for TPU/GPU, off for CPU.')
-flags.DEFINE_bool('dry_run', False, 'Print the resolved config and LR '
+                  'XLA. auto: TPU compiles every step (always); GPU and CPU '
+                  'off. true (GPU, or one CPU replica): the forward and '
+                  'backward pass compiled, the optimizer update outside.')
+flags.DEFINE_bool('dry_run', False, 'Print the resolved config, the '
+                  'replica plan (with --num_replicas off CPU) and LR '
                   'schedule, plot it to model_dir/lr_schedule.png, and exit.')
 
 
@@ -207,7 +214,8 @@ def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
           tpu_zone=f.tpu_zone,
           gcp_project=f.gcp_project,
           num_cpu_replicas=f.num_cpu_replicas,
-          num_gpus=f.num_gpus),
+          num_gpus=f.num_gpus,
+          num_replicas=f.num_replicas),
       train=config_lib.TrainConfig(
           model_dir=f.model_dir,
           mode=f.mode,
@@ -235,10 +243,11 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
   from efficientnet_tpu import schedules  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
 
-  if cfg.distribute.strategy == 'cpu':
-    # Replica divisibility is known up front on CPU; elsewhere it is checked
-    # once the strategy reports the real replica count.
-    cfg.validate_for_replicas(cfg.distribute.num_cpu_replicas)
+  num_replicas = known_num_replicas(cfg)
+  if num_replicas:
+    # Batch divisibility and BN groups, known up front on CPU or with
+    # --num_replicas; otherwise checked once the strategy reports them.
+    train_lib.replica_plan(cfg, num_replicas)
   # Building the schedule validates it (warmup vs length, end LR, ...).
   schedules.build_learning_rate_schedule(cfg.optimizer,
                                          cfg.train.train_batch_size,
@@ -270,10 +279,20 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
         'not empty (exports never overwrite)')
 
 
+def known_num_replicas(cfg: config_lib.ExperimentConfig):
+  """The replica count before any strategy exists (None if unknown)."""
+  if cfg.distribute.num_replicas:
+    return cfg.distribute.num_replicas
+  if cfg.distribute.strategy == 'cpu':
+    return cfg.distribute.num_cpu_replicas
+  return None
+
+
 def dry_run(cfg: config_lib.ExperimentConfig) -> None:
-  """Prints the resolved config and schedule; plots the LR curve."""
+  """Prints the resolved config, replica plan and schedule; plots the LR."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import schedules  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
   schedule = schedules.build_learning_rate_schedule(
       cfg.optimizer, cfg.train.train_batch_size, cfg.steps_per_epoch,
       cfg.total_train_steps)
@@ -281,6 +300,14 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
       cfg.optimizer, cfg.train.train_batch_size, cfg.steps_per_epoch,
       cfg.total_train_steps)
   print(cfg.to_json())
+  num_replicas = known_num_replicas(cfg)
+  if num_replicas:
+    print(f'Replicas ({num_replicas}):')
+    for k, v in train_lib.replica_plan(cfg, num_replicas).items():
+      print(f'  {k}: {v}')
+  else:
+    print('Replicas: set --num_replicas=N to resolve the per-replica batch '
+          'and BN groups of an N-replica slice')
   print('Learning-rate schedule:')
   for k, v in summary.items():
     print(f'  {k}: {v}')
@@ -288,6 +315,11 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
   path = os.path.join(cfg.train.model_dir, 'lr_schedule.png')
   schedules.plot_schedule(schedule, cfg.total_train_steps, path)
   print(f'  plot: {path}')
+
+
+# A side-car evaluator task waits this long for each new checkpoint when
+# --eval_timeout is not set.
+SIDECAR_EVAL_TIMEOUT_S = 3600
 
 
 def run_experiment(cfg: config_lib.ExperimentConfig) -> dict:
@@ -303,14 +335,23 @@ def run_experiment(cfg: config_lib.ExperimentConfig) -> dict:
   # gives the same initial model, on every worker.
   keras.utils.set_random_seed(cfg.train.seed)
   trainer = train_lib.Trainer(cfg, strategy)
-  mode = cfg.train.mode
+  mode, eval_timeout = cfg.train.mode, cfg.train.eval_timeout
+  if trainer.task[0] == 'evaluator':
+    # TF_CONFIG's side-car evaluator: evaluates each new checkpoint.
+    mode, eval_timeout = 'eval', eval_timeout or SIDECAR_EVAL_TIMEOUT_S
+    logging.info('Evaluator task: evaluating new checkpoints in %s (waiting '
+                 'up to %d s for each).', cfg.train.model_dir, eval_timeout)
+  elif mode == 'train_and_eval' and trainer.has_evaluator_task:
+    mode = 'train'
+    logging.info('TF_CONFIG has an evaluator task: it evaluates; this '
+                 'training task does not.')
   if mode == 'train':
     metrics = trainer.train()
   elif mode == 'train_and_eval':
     metrics = trainer.train(evaluator=evaluation.Evaluator(trainer))
   else:
     metrics = evaluation.continuous_eval(trainer, evaluation.Evaluator(trainer),
-                                         cfg.train.eval_timeout)
+                                         eval_timeout)
   if cfg.train.export_dir and trainer.is_writer:
     export.export_saved_model(trainer, cfg.train.export_dir)
   return metrics

@@ -25,7 +25,7 @@ from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import optimizers
 from efficientnet_tpu import preprocessing
 from efficientnet_tpu import schedules
-from efficientnet_tpu.config import ExperimentConfig
+from efficientnet_tpu.config import ConfigError, ExperimentConfig
 
 CONFIG_FILENAME = 'config.json'
 
@@ -48,38 +48,62 @@ def sum_variable(name: str, dtype=tf.float32) -> tf.Variable:
       aggregation=tf.VariableAggregation.SUM)
 
 
-def replicated_loop(strategy, replica_step, jit_compile: bool):
+def replicated_loop(strategy, replica_step):
   """Returns `loop(iterator, num_steps)`: that many steps in one host call.
 
   The loop is one tf.function (the TPUEstimator "host loop"): the host pays
-  the call and dispatch overhead once per loop, not once per step.
-  `replica_step(batch)` runs on every replica, XLA-compiled when asked.
+  the call and dispatch overhead once per loop, not once per step. On TPU,
+  TPUStrategy compiles the whole loop with XLA; elsewhere XLA, when on,
+  is applied inside `replica_step` (see `distribute.resolve_jit_compile`).
   """
-  step_fn = (tf.function(replica_step, jit_compile=True) if jit_compile
-             else replica_step)
 
   @tf.function
   def loop(iterator, num_steps):
     for _ in tf.range(num_steps):
-      strategy.run(step_fn, args=(next(iterator),))
+      strategy.run(replica_step, args=(next(iterator),))
 
   return loop
 
 
-def _is_writer(strategy) -> bool:
-  return distribute.is_chief(strategy)
-
-
-def worker_dir(strategy, model_dir: str) -> str:
-  """Chief writes to model_dir; other workers to a private scratch dir.
+def worker_dir(task, model_dir: str, is_writer: bool) -> str:
+  """The writer writes to model_dir; other workers to a private scratch dir.
 
   MultiWorkerMirroredStrategy needs every worker to take part in a save, but
-  only the chief's copy may land in model_dir.
+  only the writer's copy may land in model_dir.
   """
-  if _is_writer(strategy):
+  if is_writer:
     return model_dir
-  task = getattr(strategy.cluster_resolver, 'task_id', 0)
-  return os.path.join(model_dir, f'.worker_{task}_tmp')
+  task_type, task_id = task
+  return os.path.join(model_dir, f'.{task_type or "worker"}_{task_id}_tmp')
+
+
+def replica_local_variables(model, ema=None) -> list:
+  """Float state that replicas update locally between synchronizations:
+  the batch-norm moving statistics and their EMA shadows."""
+  local = [v for v in model.non_trainable_variables
+           if tf.as_dtype(v.dtype).is_floating]
+  if ema is not None:
+    local += [ema.shadow_of(v) for v in local if ema.shadow_of(v) is not None]
+  return local
+
+
+def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
+  """How a run splits over `num_replicas`: batches, BN groups, steps.
+
+  Raises the same one-line ConfigErrors a run on that many replicas would.
+  """
+  cfg.validate_for_replicas(num_replicas)
+  per_replica = cfg.train.train_batch_size // num_replicas
+  g = collectives.resolve_bn_group_size(cfg.model, num_replicas, per_replica)
+  return {
+      'per_replica_train_batch': per_replica,
+      'per_replica_eval_batch': cfg.train.eval_batch_size // num_replicas,
+      'bn_group_size': g,
+      'bn_groups': num_replicas // g,
+      'bn_group_batch': g * per_replica,
+      'steps_per_epoch': round(cfg.steps_per_epoch, 2),
+      'total_steps': cfg.total_train_steps,
+  }
 
 
 class Trainer:
@@ -89,17 +113,28 @@ class Trainer:
     self.cfg = cfg
     self.strategy = strategy
     self.num_replicas = strategy.num_replicas_in_sync
-    cfg.validate_for_replicas(self.num_replicas)
-    self.per_replica_batch = cfg.train.train_batch_size // self.num_replicas
-    self.bn_group_size = collectives.resolve_bn_group_size(
-        cfg.model, self.num_replicas, self.per_replica_batch)
+    expected = cfg.distribute.num_replicas
+    if expected and expected != self.num_replicas:
+      raise ConfigError(f'--num_replicas: expected {self.num_replicas} (the '
+                        f'replicas of this {type(strategy).__name__}), got '
+                        f'{expected}')
+    plan = replica_plan(cfg, self.num_replicas)
+    self.per_replica_batch = plan['per_replica_train_batch']
+    self.bn_group_size = plan['bn_group_size']
     self.total_steps = cfg.total_train_steps
     self.steps_per_epoch = cfg.steps_per_epoch
-    self.jit_compile = (cfg.train.jit_compile
-                        if cfg.train.jit_compile is not None
-                        else distribute.default_jit_compile(strategy))
+    # XLA for the forward and backward pass (TPU: the whole loop, always).
+    self.jit_compile = distribute.resolve_jit_compile(strategy,
+                                                      cfg.train.jit_compile)
     self.input_dtype = tf.bfloat16 if cfg.model.use_bfloat16 else tf.float32
-    self.is_writer = _is_writer(strategy)
+    tf_config = (distribute.read_tf_config()
+                 if cfg.distribute.strategy == 'multi_worker' else None)
+    self.task = distribute.task_of(tf_config)
+    self.writer_roles = distribute.writer_roles(tf_config)
+    self.is_writer = distribute.TRAIN_WRITER in self.writer_roles
+    # An evaluator task in the cluster evaluates; the training tasks do not.
+    self.has_evaluator_task = bool(
+        tf_config and tf_config['cluster'].get('evaluator'))
 
     with strategy.scope():
       self.model = model_lib.build_model(cfg.model,
@@ -119,13 +154,19 @@ class Trainer:
       self._loss_sum = sum_variable('train_loss_sum')
       self._correct_sum = sum_variable('train_correct_sum')
       self._example_sum = sum_variable('train_example_sum')
+    self._sync_replica_local = collectives.replica_mean_assigner(
+        strategy, replica_local_variables(self.model, self.ema))
+    self._forward_backward_fn = (
+        tf.function(self._forward_backward, jit_compile=True)
+        if self.jit_compile else self._forward_backward)
 
     checkpoint_items = dict(model=self.model, optimizer=self.optimizer)
     if self.ema is not None:
       checkpoint_items['ema'] = self.ema
     self.checkpoint = tf.train.Checkpoint(**checkpoint_items)
     self.checkpoint_manager = tf.train.CheckpointManager(
-        self.checkpoint, worker_dir(strategy, cfg.train.model_dir),
+        self.checkpoint,
+        worker_dir(self.task, cfg.train.model_dir, self.is_writer),
         max_to_keep=cfg.train.keep_checkpoint_max,
         step_counter=self.optimizer.iterations, checkpoint_name='ckpt')
     self._train_loop_fn = None
@@ -146,7 +187,17 @@ class Trainer:
       logging.info('Restored %s at step %d', path, self.global_step)
     return self.global_step
 
+  def sync_replica_local_state(self) -> None:
+    """Sets the BN moving statistics (and their EMA shadows) of every
+    replica to their mean over replicas: one all-reduce for the model.
+
+    Call on every worker before anything reads them (a checkpoint, an
+    evaluation, an export); see `layers.GroupSyncBatchNormalization`.
+    """
+    self._sync_replica_local()
+
   def save_checkpoint(self) -> str:
+    self.sync_replica_local_state()
     path = self.checkpoint_manager.save(
         checkpoint_number=self.optimizer.iterations)
     if not self.is_writer:
@@ -201,13 +252,12 @@ class Trainer:
     return preprocessing.normalize(images, self.input_dtype)
 
   # ---- the replicated train loop ----------------------------------------
-  def _replica_train_step(self, batch: Dict[str, tf.Tensor]) -> None:
+  def _forward_backward(self, images: tf.Tensor, labels: tf.Tensor):
+    """One replica's loss, logits and gradients (XLA-compiled when on)."""
     cfg = self.cfg
-    images = self.normalize(batch['images'])
-    labels = batch['labels']
     variables = self.model.trainable_variables
     with tf.GradientTape() as tape:
-      logits = self.model(images, training=True)
+      logits = self.model(self.normalize(images), training=True)
       per_example = smoothed_cross_entropy(
           labels, logits, cfg.model.num_classes,
           cfg.optimizer.label_smoothing)
@@ -219,8 +269,16 @@ class Trainer:
     # gradients need no gradient of their own: stopping it cuts the trace of
     # a tiny model on 8 CPU replicas from ~2 minutes to under one.
     grads = [tf.stop_gradient(g) for g in tape.gradient(loss, variables)]
+    return loss, tf.cast(logits, tf.float32), grads
+
+  def _replica_train_step(self, batch: Dict[str, tf.Tensor]) -> None:
+    labels = batch['labels']
+    loss, logits, grads = self._forward_backward_fn(batch['images'], labels)
+    # Outside any compiled function: the optimizer's ONLY_FIRST_REPLICA
+    # `iterations` update needs merge_call (see resolve_jit_compile).
     step = self.optimizer.iterations
-    self.optimizer.apply_gradients(zip(grads, variables))
+    self.optimizer.apply_gradients(zip(grads,
+                                       self.model.trainable_variables))
     if self.ema is not None:
       self.ema.update(step)
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
@@ -232,8 +290,8 @@ class Trainer:
   def train_loop(self, num_steps: int) -> Dict[str, float]:
     """Runs `num_steps` steps in one host call; returns loop metrics."""
     if self._train_loop_fn is None:
-      self._train_loop_fn = replicated_loop(
-          self.strategy, self._replica_train_step, self.jit_compile)
+      self._train_loop_fn = replicated_loop(self.strategy,
+                                            self._replica_train_step)
       self._train_iterator = iter(self.distribute_input(is_training=True))
     for v in (self._loss_sum, self._correct_sum, self._example_sum):
       v.assign(0.0)

@@ -1,5 +1,7 @@
 """Shared test helpers: CPU-replica strategies and tiny experiment configs."""
 
+import socket
+
 import numpy as np
 import tensorflow as tf
 
@@ -49,6 +51,17 @@ def tiny_config(model_dir, num_replicas=1, **overrides):
       optimizer=config_lib.OptimizerConfig(**optimizer),
       distribute=config_lib.DistributeConfig(num_cpu_replicas=num_replicas),
       train=config_lib.TrainConfig(**train))
+
+
+def free_ports(n):
+  """n free TCP ports on 127.0.0.1 (for multi-process runs on localhost)."""
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(('127.0.0.1', 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
 
 
 def strategy_for(cfg):

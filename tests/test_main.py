@@ -93,8 +93,9 @@ def test_dry_run_prints_schedule_and_plots(tmp_path, capsys):
   rc, out = _run(capsys, f'--model_dir={tmp_path}', '--dry_run')
   assert rc == 0
   assert 'Learning-rate schedule:' in out.out
-  assert json.loads(out.out[:out.out.index('Learning-rate')])['model'][
+  assert json.loads(out.out[:out.out.index('Replicas')])['model'][
       'image_size'] == 32
+  assert 'bn_group_size: 2' in out.out  # Smoke preset: 4 replicas, groups.
   assert (tmp_path / 'lr_schedule.png').stat().st_size > 1000
   assert not (tmp_path / 'checkpoint').exists()
 
@@ -113,3 +114,60 @@ def test_data_defaults_to_tfrecord_with_data_dir():
   cfg = main_lib.config_from_flags(FLAGS)
   assert cfg.data.source == 'tfrecord'
   assert cfg.data.include_background_label
+
+
+PRESETS = os.path.join(os.path.dirname(__file__), '..', 'launch', 'presets')
+
+
+def _preset_config(name, *extra):
+  """Parses a preset like the command line (synthetic data, no TPU yet)."""
+  FLAGS.unparse_flags()
+  FLAGS(['efficientnet-tpu-train',
+         f'--flagfile={os.path.join(PRESETS, name)}', '--model_dir=/tmp/x',
+         '--data=synthetic', '--tpu=local', *extra])
+  return main_lib.config_from_flags(FLAGS)
+
+
+@pytest.mark.parametrize('name', sorted(
+    n for n in os.listdir(PRESETS) if n.startswith('efficientnet')))
+@pytest.mark.parametrize('replicas', [8, 32, 1024])
+def test_every_preset_resolves_on_8_32_and_1024_replicas(name, replicas):
+  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
+  cfg = _preset_config(name)
+  batch, eval_batch = cfg.train.train_batch_size, cfg.train.eval_batch_size
+  if batch % replicas or eval_batch % replicas:
+    with pytest.raises(main_lib.config_lib.ConfigError,
+                       match='^--(eval|train)_batch_size: expected a '
+                             'multiple of the number of replicas'):
+      train_lib.replica_plan(cfg, replicas)
+    return
+  plan = train_lib.replica_plan(cfg, replicas)
+  per_replica = batch // replicas
+  assert plan['per_replica_train_batch'] == per_replica
+  g = plan['bn_group_size']
+  assert replicas % g == 0 and plan['bn_groups'] == replicas // g
+  target = cfg.model.bn_group_batch_size
+  if target:  # Groups never exceed the target; local BN at or above it.
+    assert g == 1 if per_replica >= target else g * per_replica <= target
+    if target % per_replica == 0 and replicas % (target // per_replica) == 0:
+      assert g * per_replica == target
+  elif cfg.model.bn_group_size:
+    assert g == cfg.model.bn_group_size
+
+
+def test_dry_run_for_a_slice_prints_its_plan_or_the_runs_error(tmp_path,
+                                                                capsys):
+  preset = 'efficientnet-b5-lars-65536.cfg'
+  _preset_config(preset, f'--model_dir={tmp_path}', '--dry_run',
+                 '--num_replicas=1024')
+  assert main_lib.main(['efficientnet-tpu-train']) == 0
+  out = capsys.readouterr().out
+  for line in ('per_replica_train_batch: 64', 'bn_group_size: 2',
+               'bn_groups: 512', 'bn_group_batch: 128', 'total_steps: 6842'):
+    assert line in out, out[-1500:]
+  _preset_config(preset, f'--model_dir={tmp_path}', '--dry_run',
+                 '--num_replicas=48')
+  assert main_lib.main(['efficientnet-tpu-train']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: --train_batch_size: expected a multiple of '
+                        'the number of replicas (48)') and err.count('\n') == 1

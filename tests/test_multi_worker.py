@@ -2,29 +2,19 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tests.digits import write_digits_tfrecords
+from tests.helpers import free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_ports(n):
-  socks = [socket.socket() for _ in range(n)]
-  for s in socks:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in socks]
-  for s in socks:
-    s.close()
-  return ports
-
-
 def _run_two_workers(model_dir, extra_flags, timeout=600):
-  workers = [f'127.0.0.1:{p}' for p in _free_ports(2)]
+  workers = [f'127.0.0.1:{p}' for p in free_ports(2)]
   procs = []
   for index in range(2):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2',

@@ -1,0 +1,289 @@
+"""The code paths of GPUs and TPUs, forced on logical CPU devices.
+
+Reference for every forced run: the same config, initial weights and data on
+the ordinary CPU-replica path (merge_call, ReductionToOneDevice), which the
+rest of the suite checks against numpy and single-device runs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from efficientnet_tpu import distribute
+from efficientnet_tpu import evaluation
+from efficientnet_tpu import train as train_lib
+from efficientnet_tpu.config import ConfigError
+from tests.gpu_path import forced_gpu_path
+from tests.helpers import cpu_replicas, free_ports, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _weights(trainer):
+  return [v.numpy().copy() for v in trainer.model.variables]
+
+
+def _train_and_eval(cfg, strategy, initial=None):
+  trainer = train_lib.Trainer(cfg, strategy)
+  if initial is not None:
+    for v, w in zip(trainer.model.variables, initial):
+      v.assign(w)
+      if trainer.ema is not None:  # The averages start from the weights.
+        trainer.ema.shadow_of(v).assign(w)
+  start = _weights(trainer)
+  metrics = trainer.train(evaluator=evaluation.Evaluator(trainer))
+  return trainer, start, metrics
+
+
+def _gpu_mirrored(n):
+  """MirroredStrategy as on n GPUs: default (collective) cross-device ops."""
+  return tf.distribute.MirroredStrategy([f'/cpu:{i}' for i in range(n)])
+
+
+@pytest.mark.parametrize('n,bf16,jit', [
+    (1, False, None), (2, False, None), (1, True, None), (2, True, None),
+    (1, False, True)])
+def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
+    tmp_path, n, bf16, jit):
+  """Default GPU flags (jit None = auto) and --jit_compile=true (two
+  replicas with XLA: the chief + worker test below; CPU XLA compiles
+  slowly)."""
+  overrides = dict(model=dict(use_bfloat16=bf16),
+                   optimizer=dict(moving_average_decay=0.9),
+                   train=dict(eval_batch_size=16))
+  ref_cfg = tiny_config(tmp_path / 'ref', num_replicas=n, **overrides)
+  ref, initial, ref_metrics = _train_and_eval(ref_cfg, cpu_replicas(n))
+
+  overrides['train']['jit_compile'] = jit
+  cfg = tiny_config(tmp_path / 'gpu', num_replicas=n, **overrides)
+  with forced_gpu_path():
+    strategy = _gpu_mirrored(n)
+    trainer, _, metrics = _train_and_eval(cfg, strategy, initial)
+    assert trainer.jit_compile == bool(jit)
+    assert trainer.global_step == 4
+    update = max(np.abs(a - b).max() for a, b in zip(_weights(ref), initial))
+    mismatch = max(np.abs(a - b).max()
+                   for a, b in zip(_weights(trainer), _weights(ref)))
+    assert update > 1e-2
+    # float32 without XLA: the same arithmetic. XLA fuses and reorders;
+    # bfloat16 rounds activations: small relative to the update.
+    limit = 1e-6 if not (bf16 or jit) else 0.05
+    assert mismatch <= limit * update, (mismatch, update)
+    assert metrics['eval/num_examples'] == ref_metrics['eval/num_examples']
+    if not (bf16 or jit):
+      assert metrics['eval/top_1_accuracy'] == ref_metrics[
+          'eval/top_1_accuracy']
+      np.testing.assert_allclose(metrics['eval/loss'],
+                                 ref_metrics['eval/loss'], rtol=1e-5)
+    if jit or (bf16 and n > 1):  # Resume: the same code as float32 runs.
+      return
+    saved = _weights(trainer)
+    # Checkpoint and resume on the same path.
+    cfg.train.train_steps = 6
+    resumed = train_lib.Trainer(cfg, _gpu_mirrored(n))
+    assert resumed.restore() == 4
+    for got, want in zip(_weights(resumed), saved):
+      np.testing.assert_array_equal(got, want)
+    resumed.train()
+    assert resumed.global_step == 6
+  assert tf.train.latest_checkpoint(str(tmp_path / 'gpu')).endswith('ckpt-6')
+
+
+def test_whole_step_under_xla_is_what_fails_on_the_gpu_path(tmp_path):
+  """Why XLA covers only the forward/backward pass: the previous policy
+  (the whole replica step in a jit function) fails on the all-GPU path."""
+  cfg = tiny_config(tmp_path, num_replicas=1)
+  with forced_gpu_path():
+    trainer = train_lib.Trainer(cfg, _gpu_mirrored(1))
+    step = tf.function(trainer._replica_train_step, jit_compile=True)  # pylint: disable=protected-access
+
+    @tf.function
+    def loop(iterator):
+      trainer.strategy.run(step, args=(next(iterator),))
+
+    with pytest.raises(RuntimeError, match='merge_call'):
+      loop(iter(trainer.distribute_input(is_training=True)))
+
+
+def test_jit_compile_policy_per_strategy():
+  with forced_gpu_path():
+    gpu = _gpu_mirrored(2)
+    assert not distribute.resolve_jit_compile(gpu, None)  # auto: off
+    assert distribute.resolve_jit_compile(gpu, True)
+  cpu2 = cpu_replicas(2)
+  assert not distribute.resolve_jit_compile(cpu2, None)
+  with pytest.raises(ConfigError, match='^--jit_compile: .*2 CPU replicas.*'
+                     'use --jit_compile=auto'):
+    distribute.resolve_jit_compile(cpu2, True)
+  assert distribute.resolve_jit_compile(cpu_replicas(1), True)
+  with mock.patch.object(distribute, 'is_tpu_strategy', lambda s: True):
+    # TPUStrategy compiles the whole loop: nothing is compiled twice.
+    assert not distribute.resolve_jit_compile(cpu2, None)
+    assert not distribute.resolve_jit_compile(cpu2, True)
+    with pytest.raises(ConfigError, match='^--jit_compile: TPUs always'):
+      distribute.resolve_jit_compile(cpu2, False)
+
+
+def test_cli_refuses_xla_on_cpu_replicas_with_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'efficientnet_tpu.main',
+       f'--flagfile={REPO}/launch/presets/cpu_smoke.cfg',
+       f'--model_dir={tmp_path}', '--jit_compile=true'],
+      env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2'),
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  lines = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and '--jit_compile' in lines[0], out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr
+  assert not list(tmp_path.glob('ckpt-*'))
+
+
+# ---- writer election ---------------------------------------------------------
+
+_LAYOUTS = {
+    'workers': {'worker': ['h:1', 'h:2', 'h:3']},
+    'chief+workers': {'chief': ['h:0'], 'worker': ['h:1', 'h:2']},
+    'chief+workers+evaluator': {'chief': ['h:0'], 'worker': ['h:1', 'h:2'],
+                                'evaluator': ['h:9']},
+    'workers+evaluator': {'worker': ['h:1', 'h:2'], 'evaluator': ['h:9']},
+}
+
+
+@pytest.mark.parametrize('layout', sorted(_LAYOUTS))
+def test_exactly_one_writer_per_role_by_tfs_chief_rule(layout):
+  from tensorflow.python.distribute import multi_worker_util  # pylint: disable=g-import-not-at-top
+  cluster = _LAYOUTS[layout]
+  tasks = [(t, i) for t in cluster for i in range(len(cluster[t]))]
+  roles = {task: distribute.writer_roles(
+      {'cluster': cluster, 'task': {'type': task[0], 'index': task[1]}})
+           for task in tasks}
+  for role in (distribute.TRAIN_WRITER, distribute.EVAL_WRITER):
+    assert sum(role in r for r in roles.values()) == 1, (role, roles)
+  # The train writer is TF's chief among the training tasks.
+  (writer,) = [t for t, r in roles.items() if distribute.TRAIN_WRITER in r]
+  assert multi_worker_util.is_chief(cluster, *writer)
+  assert writer[0] != 'evaluator'
+  if 'evaluator' in cluster:
+    assert roles[('evaluator', 0)] == {distribute.EVAL_WRITER}
+  # Without TF_CONFIG: one process, both roles.
+  assert distribute.writer_roles(None) == {distribute.TRAIN_WRITER,
+                                           distribute.EVAL_WRITER}
+
+
+def test_bad_tf_config_is_a_one_line_error(monkeypatch):
+  monkeypatch.setenv('TF_CONFIG', json.dumps(
+      {'cluster': {'chief': ['a:1', 'b:2'], 'worker': ['c:3']},
+       'task': {'type': 'chief', 'index': 0}}))
+  with pytest.raises(ConfigError, match='^TF_CONFIG: '):
+    distribute.read_tf_config()
+
+
+@pytest.mark.slow
+def test_chief_and_worker_on_localhost_only_the_chief_writes(tmp_path):
+  """Vertex AI's layout: a chief task plus workers, MultiWorkerMirrored
+  on the GPU path (forced), XLA on the forward/backward pass."""
+  chief, worker = [f'127.0.0.1:{p}' for p in free_ports(2)]
+  cluster = {'chief': [chief], 'worker': [worker]}
+  model_dir = tmp_path / 'run'
+  procs = []
+  for task_type in ('chief', 'worker'):
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2',
+               TF_CONFIG=json.dumps({'cluster': cluster, 'task': {
+                   'type': task_type, 'index': 0}}))
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'tests', 'gpu_path.py'),
+         '--strategy=multi_worker', f'--model_dir={model_dir}',
+         '--width_coefficient=0.1', '--depth_coefficient=0.1',
+         '--image_size=16', '--num_label_classes=5', '--dropout_rate=0',
+         '--stochastic_depth_rate=0', '--train_batch_size=16',
+         '--eval_batch_size=16', '--train_steps=4', '--iterations_per_loop=2',
+         '--mode=train_and_eval', '--num_train_images=256',
+         '--num_eval_images=37', '--optimizer=momentum',
+         '--lr_scaling=none', '--base_learning_rate=0.1',
+         '--lr_schedule=constant', '--lr_warmup_epochs=0',
+         '--moving_average_decay=0.9', '--jit_compile=true',
+         f'--export_dir={tmp_path / "export"}'],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=600)
+      assert p.returncode == 0, err[-3000:]
+      outs.append(json.loads(out.strip().splitlines()[-1]))
+  finally:
+    for p in procs:
+      p.kill()
+  timing = ('images_per_second', 'step_time_ms', 'eval/eval_time_s',
+            'eval/eval_images_per_second')
+  for key in outs[0]:  # Identical training and eval on both.
+    if key not in timing:
+      assert outs[0][key] == outs[1][key], key
+  assert outs[0]['eval/num_examples'] == 37
+  names = sorted(os.listdir(model_dir))
+  assert 'ckpt-4.index' in names and 'config.json' in names
+  assert not [n for n in names if n.startswith('.')], names  # No scratch.
+  # One eval line per evaluation (steps 4: the end), written once.
+  lines = (model_dir / evaluation.RESULTS_FILENAME).read_text().splitlines()
+  assert [json.loads(l)['step'] for l in lines] == [4]
+  assert (tmp_path / 'export' / 'saved_model.pb').exists()
+
+
+@pytest.mark.slow
+def test_accelerator_check_quick_mode_runs_every_check(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks',
+                                    'accelerator_check.py'), '--quick',
+       f'--results_dir={tmp_path}'],
+      env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2'),
+      capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  result = json.loads((tmp_path / 'accelerator_check_quick.json').read_text())
+  assert len(result['rows']) == 2
+  for row in result['rows']:
+    assert row['status'] == 'ok' and row['resume'] == 'ok', row
+    assert row['eval_images'] == 3 * row['global_batch'] + 5
+    assert row['xla'] == ('--jit_compile=true' in row['variant'])
+  assert result['keras_race']['speed_ratio_median'] > 0
+
+
+@pytest.mark.slow
+def test_evaluator_task_evaluates_checkpoints_and_writes_only_eval(tmp_path):
+  """A side-car evaluator (TF_CONFIG task type 'evaluator') evaluates the
+  training cluster's checkpoints and writes eval results, nothing else."""
+  model_dir = tmp_path / 'run'
+  common = [f'--flagfile={REPO}/launch/presets/cpu_smoke.cfg',
+            f'--model_dir={model_dir}', '--num_cpu_replicas=1',
+            '--bn_group_size=1', '--train_steps=4', '--iterations_per_loop=2',
+            '--width_coefficient=0.1', '--depth_coefficient=0.1',
+            '--image_size=16', '--num_eval_images=20',
+            '--eval_batch_size=10']
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2')
+  train = subprocess.run(
+      [sys.executable, '-m', 'efficientnet_tpu.main', '--mode=train',
+       *common], env=env, capture_output=True, text=True, timeout=300)
+  assert train.returncode == 0, train.stderr[-2000:]
+  assert not (model_dir / evaluation.RESULTS_FILENAME).exists()
+  before = {p.name: p.stat().st_mtime for p in model_dir.iterdir()}
+  (worker,) = [f'127.0.0.1:{p}' for p in free_ports(1)]
+  env['TF_CONFIG'] = json.dumps({
+      'cluster': {'worker': [worker], 'evaluator': ['127.0.0.1:1']},
+      'task': {'type': 'evaluator', 'index': 0}})
+  ev = subprocess.run(
+      [sys.executable, '-m', 'efficientnet_tpu.main', '--mode=train_and_eval',
+       '--strategy=multi_worker', *common], env=env, capture_output=True,
+      text=True, timeout=300)
+  assert ev.returncode == 0, ev.stderr[-2000:]
+  assert 'Evaluator task' in ev.stderr
+  lines = (model_dir / evaluation.RESULTS_FILENAME).read_text().splitlines()
+  assert [json.loads(l)['num_examples'] for l in lines] == [20]
+  assert json.loads(lines[0])['step'] == 4
+  # Training files untouched: no new checkpoint, config or train summary.
+  for name, mtime in before.items():
+    assert (model_dir / name).stat().st_mtime == mtime, name
+  assert not (model_dir / 'ckpt-6.index').exists()
