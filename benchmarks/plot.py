@@ -156,6 +156,11 @@ def main():
     raise SystemExit(f'no results JSON files in {common.RESULTS_DIR}; run a '
                      'benchmark first')
   for path in files:
+    if not args.files:  # Results without a chart (tables only) are skipped.
+      with open(path) as f:
+        if json.load(f).get('benchmark') not in PLOTTERS:
+          print(f'{path}: table only, no chart')
+          continue
     print(plot_file(path))
 
 

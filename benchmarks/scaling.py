@@ -5,8 +5,10 @@ host loop `train_loop(n)`: LARS, label smoothing, EMA, group BN) on 1, 2, 4
 and 8 logical CPU replicas (MirroredStrategy) with the SAME global batch, in
 three batch-norm modes:
 
-  local   bn_group_size=1  per-replica statistics (+1 all-reduce per layer
-                            to keep the moving statistics identical)
+  local   bn_group_size=1  per-replica statistics, no collective in BN
+                            (moving statistics averaged at checkpoints)
+  local_stepsync           local BN as it was: + 1 all-reduce per layer per
+                            step of the moving statistics
   group2  bn_group_size=2  statistics shared by pairs of replicas
   global  bn_group_size=0  statistics over all replicas
 
@@ -24,6 +26,7 @@ so image generation does not compete with the step for the cores.
     python benchmarks/scaling.py                    # ~10 min on 2 busy cores
     python benchmarks/scaling.py --quick            # 1,2,4 replicas, ~4 min
     python benchmarks/scaling.py --replicas=1,8 --modes=local,global
+    python benchmarks/scaling.py --replicas=8 --modes=local,local_stepsync
 
 Writes benchmarks/results/scaling.json.
 """
@@ -35,13 +38,14 @@ import os
 import sys
 import tempfile
 import time
+from unittest import mock
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-MODES = {'local': 1, 'group2': 2, 'global': 0}
+MODES = {'local': 1, 'local_stepsync': 1, 'group2': 2, 'global': 0}
 
 
 def _parse():
@@ -92,7 +96,11 @@ def variants(replicas, modes):
       effective = r if g == 0 else g
       if effective > r or r % effective:
         continue
-      if effective == 1:
+      if m == 'local_stepsync':
+        if r == 1:
+          continue
+        label = m
+      elif effective == 1:
         label, g = 'local', 1
       elif effective == r:
         label, g = 'global', 0
@@ -102,6 +110,13 @@ def variants(replicas, modes):
         labels.add(label)
         out.append((r, label, g))
   return out
+
+
+def _step_sync_builder(model_lib):
+  """build_model with the per-step moving-statistics all-reduce."""
+  original = model_lib.build_model
+  return lambda config, bn_group_size=1: original(
+      config, bn_group_size, bn_impl='group_step_sync')
 
 
 def main():
@@ -128,7 +143,12 @@ def main():
         bn_group_size=g)
     strategy = distribute.build_strategy(cfg.distribute)
     start = time.perf_counter()
-    trainer = train_lib.Trainer(cfg, strategy)
+    if mode == 'local_stepsync':
+      with mock.patch.object(train_lib.model_lib, 'build_model',
+                             _step_sync_builder(train_lib.model_lib)):
+        trainer = train_lib.Trainer(cfg, strategy)
+    else:
+      trainer = train_lib.Trainer(cfg, strategy)
     build_s = time.perf_counter() - start
     common.use_cached_input(trainer)
     start = time.perf_counter()
