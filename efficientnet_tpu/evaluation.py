@@ -19,6 +19,7 @@ import tensorflow as tf
 from efficientnet_tpu import data as data_lib
 from efficientnet_tpu import distribute
 from efficientnet_tpu import train as train_lib
+from efficientnet_tpu.config import ConfigError
 
 RESULTS_FILENAME = 'eval_results.jsonl'
 BEST_DIRNAME = 'best'
@@ -127,9 +128,8 @@ class Evaluator:
       if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
           old = f.read()
-      with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-        f.write(old + json.dumps(record, sort_keys=True) + '\n')
-      tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+      train_lib.write_text_atomically(
+          path, old + json.dumps(record, sort_keys=True) + '\n')
     self._maybe_archive_best(step, metrics)
     return metrics
 
@@ -155,8 +155,9 @@ class Evaluator:
           checkpoint_name='best')
     path = self._best_manager.save(checkpoint_number=step)
     if self.is_writer:
-      with tf.io.gfile.GFile(best_file, 'w') as f:
-        json.dump(dict(metrics, step=step, checkpoint=path), f, indent=2)
+      train_lib.write_text_atomically(
+          best_file, json.dumps(dict(metrics, step=step, checkpoint=path),
+                                indent=2))
     else:
       tf.io.gfile.rmtree(os.path.dirname(path))
 
@@ -187,5 +188,9 @@ def continuous_eval(trainer: train_lib.Trainer, evaluator: Evaluator,
     if step >= trainer.total_steps:
       break
   if not metrics:
-    logging.warning('No checkpoint found in %s to evaluate.', model_dir)
+    # Nothing was evaluated: no result, no export (a typo in --model_dir
+    # must not end in exit 0 or a SavedModel of random weights).
+    waited = f' within --eval_timeout={timeout}s' if timeout > 0 else ''
+    raise ConfigError(f'--model_dir: no checkpoint in {model_dir} to '
+                      f'evaluate{waited}; point it at a training run')
   return metrics

@@ -159,8 +159,17 @@ def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
     raise config_lib.ConfigError('--model_dir: expected a directory for '
                                  'checkpoints and summaries, got None')
   source = f.data or ('tfrecord' if f.data_dir else 'synthetic')
+  if source == 'synthetic' and f.data_dir:
+    raise config_lib.ConfigError(
+        f'--data_dir: {f.data_dir} is given but --data=synthetic (set by a '
+        'preset or flag) reads no files; add --data=tfrecord (or tfds:NAME) '
+        'after the preset, or drop --data_dir')
   strategy = 'tpu' if (f.tpu and f['strategy'].using_default_value) else (
       f.strategy)
+  if f.tpu and strategy != 'tpu':
+    raise config_lib.ConfigError(
+        f'--tpu: {f.tpu!r} is given but --strategy={strategy} does not use '
+        'a TPU; use --strategy=tpu (or leave --strategy out), or drop --tpu')
   return config_lib.ExperimentConfig(
       model=config_lib.ModelConfig(
           name=f.model_name,

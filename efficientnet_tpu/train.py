@@ -218,8 +218,7 @@ class Trainer:
       # Keep the first run's config; record the resumed one beside it.
       path = os.path.join(self.cfg.train.model_dir,
                           f'config-step{self.global_step}.json')
-    with tf.io.gfile.GFile(path, 'w') as f:
-      f.write(text)
+    write_text_atomically(path, text)
 
   @property
   def summary_writer(self):
@@ -358,9 +357,28 @@ class Trainer:
     return metrics
 
 
+def write_text_atomically(path: str, text: str) -> None:
+  """Writes `path` through a temporary file and a rename, so a reader (or a
+  run killed mid-write) never sees a partial file."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with tf.io.gfile.GFile(tmp, 'w') as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
 def read_config(model_dir: str) -> Optional[dict]:
+  """model_dir/config.json as a dict; None if absent.
+
+  Raises:
+    ConfigError: the file is not valid JSON (e.g. truncated).
+  """
   path = os.path.join(model_dir, CONFIG_FILENAME)
   if not tf.io.gfile.exists(path):
     return None
   with tf.io.gfile.GFile(path) as f:
-    return json.load(f)
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise ConfigError(f'--model_dir: {path} is not valid JSON ({e}); '
+                      'restore the file or use a new --model_dir') from None

@@ -39,6 +39,12 @@ def _reset_flags():
     (['--strategy=tpu'], '--tpu:'),
     (['--strategy=tpu', '--tpu=no-such-tpu', '--tpu_zone=us-central1-a'],
      "--tpu: could not reach TPU 'no-such-tpu'"),
+    # The smoke preset sets --data=synthetic: a later --data_dir is not
+    # silently ignored, nor is a --tpu that the strategy would not use.
+    (['--data_dir=/data/imagenet'],
+     '--data_dir: /data/imagenet is given but --data=synthetic'),
+    (['--tpu=local', '--strategy=cpu'],
+     "--tpu: 'local' is given but --strategy=cpu does not use a TPU"),
 ])
 def test_bad_flags_fail_before_any_work_on_one_line(tmp_path, capsys, args,
                                                     start):
@@ -171,3 +177,26 @@ def test_dry_run_for_a_slice_prints_its_plan_or_the_runs_error(tmp_path,
   err = capsys.readouterr().err
   assert err.startswith('error: --train_batch_size: expected a multiple of '
                         'the number of replicas (48)') and err.count('\n') == 1
+
+
+def test_truncated_config_json_is_a_one_line_error(tmp_path, capsys):
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  (model_dir / 'config.json').write_text('{"model": {"name": "efficie')
+  rc, out = _run(capsys, f'--model_dir={model_dir}')
+  assert rc == 2
+  assert out.err.startswith(f'error: --model_dir: {model_dir}/config.json is '
+                            'not valid JSON') and out.err.count('\n') == 1
+  assert (model_dir / 'config.json').read_text() == '{"model": {"name": "efficie'
+
+
+def test_eval_without_a_checkpoint_fails_and_exports_nothing(tmp_path,
+                                                             capsys):
+  rc, out = _run(capsys, f'--model_dir={tmp_path / "typo"}', '--mode=eval',
+                 f'--export_dir={tmp_path / "export"}', '--num_cpu_replicas=1',
+                 '--bn_group_size=1')
+  assert rc == 2
+  assert out.err.startswith('error: --model_dir: no checkpoint in ')
+  assert out.err.count('\n') == 1
+  assert not (tmp_path / 'export').exists()
+  assert not (tmp_path / 'typo' / 'eval_results.jsonl').exists()
