@@ -261,12 +261,12 @@ def test_evaluator_task_evaluates_checkpoints_and_writes_only_eval(tmp_path):
             f'--model_dir={model_dir}', '--num_cpu_replicas=1',
             '--bn_group_size=1', '--train_steps=4', '--iterations_per_loop=2',
             '--width_coefficient=0.1', '--depth_coefficient=0.1',
-            '--image_size=16', '--num_eval_images=20',
+            '--image_size=16', '--num_eval_images=20', '--lr_warmup_epochs=0',
             '--eval_batch_size=10']
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2')
   train = subprocess.run(
-      [sys.executable, '-m', 'efficientnet_tpu.main', '--mode=train',
-       *common], env=env, capture_output=True, text=True, timeout=300)
+      [sys.executable, '-m', 'efficientnet_tpu.main', *common,
+       '--mode=train'], env=env, capture_output=True, text=True, timeout=300)
   assert train.returncode == 0, train.stderr[-2000:]
   assert not (model_dir / evaluation.RESULTS_FILENAME).exists()
   before = {p.name: p.stat().st_mtime for p in model_dir.iterdir()}
@@ -275,8 +275,8 @@ def test_evaluator_task_evaluates_checkpoints_and_writes_only_eval(tmp_path):
       'cluster': {'worker': [worker], 'evaluator': ['127.0.0.1:1']},
       'task': {'type': 'evaluator', 'index': 0}})
   ev = subprocess.run(
-      [sys.executable, '-m', 'efficientnet_tpu.main', '--mode=train_and_eval',
-       '--strategy=multi_worker', *common], env=env, capture_output=True,
+      [sys.executable, '-m', 'efficientnet_tpu.main', *common,
+       '--mode=train_and_eval', '--strategy=multi_worker'], env=env, capture_output=True,
       text=True, timeout=300)
   assert ev.returncode == 0, ev.stderr[-2000:]
   assert 'Evaluator task' in ev.stderr
@@ -287,3 +287,4 @@ def test_evaluator_task_evaluates_checkpoints_and_writes_only_eval(tmp_path):
   for name, mtime in before.items():
     assert (model_dir / name).stat().st_mtime == mtime, name
   assert not (model_dir / 'ckpt-6.index').exists()
+  assert not [p for p in os.listdir(model_dir) if p.startswith('.')]
