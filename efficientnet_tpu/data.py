@@ -142,7 +142,8 @@ def make_input_fn(data_cfg: DataConfig, num_classes: int, image_size: int,
   # Imported lazily: the synthetic smoke path needs none of the JPEG code.
   from efficientnet_tpu import input_pipeline  # pylint: disable=g-import-not-at-top
   return input_pipeline.build_input_fn(data_cfg, image_size, is_training,
-                                       global_batch_size, dtype)
+                                       global_batch_size, dtype,
+                                       num_classes=num_classes)
 
 
 def check_data_files(data_cfg: DataConfig, mode: str) -> None:

@@ -279,16 +279,28 @@ def _looks_valid(image_bytes: tf.Tensor, allow_non_jpeg: bool) -> tf.Tensor:
   return ok
 
 
-def _check_payload(image_bytes, label, source, allow_non_jpeg: bool):
+def _label_ok(label, num_classes: Optional[int]) -> tf.Tensor:
+  """0 <= label < num_classes (no upper bound when num_classes is None)."""
+  ok = label >= 0
+  if num_classes is not None:
+    ok = tf.logical_and(ok, label < num_classes)
+  return ok
+
+
+def _check_payload(image_bytes, label, source, allow_non_jpeg: bool,
+                   num_classes: Optional[int] = None):
   """Raises an error naming the file for a bad image or label."""
   ok = _looks_valid(image_bytes, allow_non_jpeg)
   return [
       tf.debugging.Assert(ok, [
           'Corrupt, truncated or non-JPEG image in', source,
           '(set skip_corrupt to skip bad records in training)']),
-      tf.debugging.Assert(label >= 0, [
-          'Negative label in', source, '(TFRecord labels must be 1-based, '
-          'image/class/label in 1..num_classes)']),
+      tf.debugging.Assert(_label_ok(label, num_classes), [
+          'Label out of range in', source, ': 0-based label', label,
+          'with num_classes', -1 if num_classes is None else num_classes,
+          '(TFRecord labels are 1-based, image/class/label in '
+          '1..num_classes: check --num_label_classes, or set skip_corrupt '
+          'to skip such records in training)']),
   ]
 
 
@@ -320,7 +332,8 @@ def build_input_fn(data_cfg: DataConfig,
                    is_training: bool,
                    global_batch_size: int,
                    dtype: tf.DType = tf.float32,
-                   private_threadpool_size: int = 0) -> InputFn:
+                   private_threadpool_size: int = 0,
+                   num_classes: Optional[int] = None) -> InputFn:
   """Returns `fn(input_context) -> tf.data.Dataset` of per-replica batches.
 
   Args:
@@ -333,6 +346,9 @@ def build_input_fn(data_cfg: DataConfig,
     dtype: kept for compatibility; images are always uint8 (normalization
       and the cast to dtype happen on device).
     private_threadpool_size: 0 = TensorFlow's shared pool.
+    num_classes: labels must be in [0, num_classes): an error naming the
+      file, or (skip_corrupt, training) the record is skipped. None: only
+      negative labels are refused.
 
   Raises:
     ConfigError: no matching files, tfds dataset not prepared, etc. Listing
@@ -372,10 +388,11 @@ def build_input_fn(data_cfg: DataConfig,
           data_cfg.randaug_num_layers, data_cfg.randaug_magnitude,
           allow_non_jpeg=is_tfds)
       if not skip:
-        with tf.control_dependencies(
-            _check_payload(image_bytes, label, source, is_tfds)):
+        with tf.control_dependencies(_check_payload(
+            image_bytes, label, source, is_tfds, num_classes)):
           return {'images': preprocess(), 'labels': label}
-      valid = tf.logical_and(_looks_valid(image_bytes, is_tfds), label >= 0)
+      valid = tf.logical_and(_looks_valid(image_bytes, is_tfds),
+                             _label_ok(label, num_classes))
       valid = _log_invalid(valid, source)
       image = tf.cond(valid, preprocess,
                       lambda: tf.zeros([image_size, image_size, 3], tf.uint8))
@@ -393,7 +410,7 @@ def build_input_fn(data_cfg: DataConfig,
         ds = ds.map(lambda example, valid: example)
     else:
       ds = _eval_tail(ds, decode, ctx, batch, steps, image_size,
-                      resize_method, is_tfds, data_cfg)
+                      resize_method, is_tfds, data_cfg, num_classes)
     ds = ds.prefetch(_AUTOTUNE)
     return ds.with_options(_options(is_training, private_threadpool_size))
 
@@ -402,7 +419,8 @@ def build_input_fn(data_cfg: DataConfig,
 
 def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
                batch: int, steps: int, image_size: int, resize_method: str,
-               is_tfds: bool, data_cfg: DataConfig) -> tf.data.Dataset:
+               is_tfds: bool, data_cfg: DataConfig,
+               num_classes: Optional[int] = None) -> tf.data.Dataset:
   """Decodes, pads with masked examples and batches exactly `steps` times."""
   num, index = ctx.num_input_pipelines, ctx.input_pipeline_id
   replicas_per_pipeline = ctx.num_replicas_in_sync // num
@@ -411,8 +429,8 @@ def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
 
   def eval_map(*record):
     image_bytes, label, source = decode(*record)
-    with tf.control_dependencies(
-        _check_payload(image_bytes, label, source, is_tfds)):
+    with tf.control_dependencies(_check_payload(
+        image_bytes, label, source, is_tfds, num_classes)):
       image = preprocessing.preprocess_for_eval(
           image_bytes, image_size, resize_method, allow_non_jpeg=is_tfds)
     return {'images': image, 'labels': label}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import app
@@ -366,6 +367,26 @@ def run_experiment(cfg: config_lib.ExperimentConfig) -> dict:
   return metrics
 
 
+def input_error_line(e: BaseException):
+  """One line for an error raised by the input pipeline's checks, or None.
+
+  The pipeline's `tf.debugging.Assert`s (bad image, label out of range,
+  truncated TFRecord file) and TFRecord CRC failures name the file; the
+  rest of TF's message (graph node, stack) is dropped.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if isinstance(e, tf.errors.InvalidArgumentError):
+    match = re.search(r'assertion failed: (.*)', e.message)
+    if match is None:
+      return None
+    parts = re.findall(r'\[([^\]]*)\]', match.group(1))
+    return '--data_dir: ' + ' '.join(p.strip() for p in parts if p.strip())
+  if isinstance(e, tf.errors.DataLossError):
+    return '--data_dir: ' + e.message.strip().splitlines()[0] + (
+        ' (set --skip_corrupt to skip bad records in training)')
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -378,6 +399,14 @@ def main(argv):
     metrics = run_experiment(cfg)
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
+    return 2
+  except Exception as e:  # pylint: disable=broad-except
+    line = input_error_line(e)
+    if line is None:
+      raise
+    # Bad records found while running: what was written before (checkpoints,
+    # summaries) stays; nothing after the failing step is written.
+    print(f'error: {line}', file=sys.stderr)
     return 2
   logging.info('Final metrics: %s', metrics)
   print(json.dumps({k: round(v, 6) if isinstance(v, float) else v

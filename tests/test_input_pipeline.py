@@ -499,3 +499,34 @@ def test_tfds_prepared_dataset(tmp_path):
   for b in input_pipeline.build_input_fn(bg, SIZE, False, 4, tf.float32)(None):
     labels.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   assert sorted(labels) == sorted(l + 1 for l in _TFDS_TEST_LABELS)
+
+
+def _write_with_bad_label(d, prefix, bad_label):
+  """Labels 1..5 (5 classes), one record with `bad_label` in file 1."""
+  labels = iter([1, 2, 3, 4, 5, 1, bad_label, 3])
+  write_split(str(d), prefix, [4, 4], label_fn=lambda f, j: next(labels))
+  return os.path.join(d, f'{prefix}-00001-of-00002')
+
+
+@pytest.mark.parametrize('bad_label', [6, 5000, 0])
+def test_labels_outside_the_classes_fail_or_are_skipped(tmp_path, bad_label):
+  bad = _write_with_bad_label(tmp_path, 'validation', bad_label)
+  _write_with_bad_label(tmp_path, 'train', bad_label)
+  cfg = _cfg(tmp_path, num_eval_images=8)
+  ev = input_pipeline.build_input_fn(cfg, SIZE, False, 2, tf.float32,
+                                     num_classes=5)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=f'Label out of range in.*{bad}'):
+    list(ev)
+  train = input_pipeline.build_input_fn(cfg, SIZE, True, 2, tf.float32,
+                                        num_classes=5)(None)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='Label out of'):
+    for _ in train.take(50):
+      pass
+  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
+                                       SIZE, True, 2, tf.float32,
+                                       num_classes=5)(None)
+  seen = set()
+  for b in skip.take(40):
+    seen.update((b['labels'].numpy() + 1).tolist())
+  assert seen == {1, 2, 3, 4, 5}  # The bad record never reaches training.

@@ -200,3 +200,35 @@ def test_eval_without_a_checkpoint_fails_and_exports_nothing(tmp_path,
   assert out.err.count('\n') == 1
   assert not (tmp_path / 'export').exists()
   assert not (tmp_path / 'typo' / 'eval_results.jsonl').exists()
+
+
+@pytest.mark.parametrize('bad', ['label', 'payload'])
+def test_bad_records_end_in_one_line_naming_the_file(tmp_path, capsys, bad):
+  """Out-of-range labels (6 with 5 classes) and non-JPEG payloads found
+  while running: exit 2, one line that names the file, no traceback."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tests.test_input_pipeline import _example, _jpeg, write_split  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / 'data'
+  data_dir.mkdir()
+  for prefix in ('train', 'validation'):
+    write_split(str(data_dir), prefix, [4],
+                label_fn=lambda f, j: j % 5 + 1)
+  bad_file = data_dir / 'validation-00001-of-00002'
+  (data_dir / 'validation-00000-of-00001').rename(
+      data_dir / 'validation-00000-of-00002')
+  with tf.io.TFRecordWriter(str(bad_file)) as w:
+    w.write(_example(_jpeg((1, 2, 3)) if bad == 'label' else b'GIF89a..', 6))
+  rc, out = _run(capsys, f'--model_dir={tmp_path / "run"}', '--data=tfrecord',
+                 f'--data_dir={data_dir}', '--num_label_classes=5',
+                 '--num_train_images=4', '--num_eval_images=5',
+                 '--train_batch_size=4', '--eval_batch_size=4',
+                 '--train_steps=2', '--iterations_per_loop=2',
+                 '--num_cpu_replicas=1', '--bn_group_size=1',
+                 '--lr_warmup_epochs=0', '--mode=train_and_eval',
+                 f'--export_dir={tmp_path / "export"}')
+  assert rc == 2
+  lines = [l for l in out.err.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and str(bad_file) in lines[0], out.err[-2000:]
+  want = 'Label out of range' if bad == 'label' else 'non-JPEG image'
+  assert want in lines[0] and 'Traceback' not in out.err
+  assert not (tmp_path / 'export').exists()
