@@ -83,7 +83,8 @@ def replica_local_variables(model, ema=None) -> list:
   local = [v for v in model.non_trainable_variables
            if tf.as_dtype(v.dtype).is_floating]
   if ema is not None:
-    local += [ema.shadow_of(v) for v in local if ema.shadow_of(v) is not None]
+    shadows = [ema.shadow_of(v) for v in local]
+    local += [s for s in shadows if s is not None]
   return local
 
 

@@ -15,3 +15,6 @@ NUM_TEST_CPUS = 8
 _cpu = tf.config.list_physical_devices('CPU')[0]
 tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_TEST_CPUS)
+# Initialize the devices now: a later configure_cpu_devices(n) (a test that
+# builds a 1-replica strategy first) must find them fixed, not re-split them.
+assert len(tf.config.list_logical_devices('CPU')) == NUM_TEST_CPUS
