@@ -1,4 +1,14 @@
-"""SavedModel export with a serving signature that takes JPEG bytes.
+"""SavedModel export with a serving signature that takes encoded images.
+
+`serving_default` takes `image_bytes: string[N]`: JPEG, PNG, GIF (first
+frame), BMP or still WebP. JPEGs go through exactly the eval preprocessing
+(fused center-crop decode); the other formats are decoded to RGB (alpha
+dropped, grayscale replicated) and given the same center crop and resize
+(`preprocessing.preprocess_for_serving`). A row that does not decode (bad
+or truncated bytes, an empty string, animated WebP, another format) does
+not fail the batch: it comes back with `valid = False`, `classes` and
+`top_5_classes` -1 and all-zero `logits` and `probabilities`. An empty
+batch gives empty outputs.
 
 The exported model is rebuilt without any distribution strategy (local batch
 norm: inference uses the moving statistics anyway) and given the trained
@@ -20,7 +30,7 @@ from efficientnet_tpu import preprocessing
 
 
 class ServingModule(tf.Module):
-  """`serve(image_bytes: string[N]) -> logits, probabilities, classes`."""
+  """`serve(image_bytes: string[N])`: per-row predictions and `valid`."""
 
   def __init__(self, model, image_size: int, resize_method: str):
     super().__init__(name='efficientnet_serving')
@@ -28,21 +38,52 @@ class ServingModule(tf.Module):
     self.image_size = image_size
     self.resize_method = resize_method
 
+  def _decode(self, image_bytes):
+    """(indices int32[M], images uint8[M, S, S, 3]) of the rows that decode.
+
+    A decode error inside a tf.data map is dropped by `ignore_errors`
+    instead of failing the call, which a plain map_fn cannot do; the
+    survivors keep their row index.
+    """
+    num = tf.shape(image_bytes)[0]
+    size = self.image_size
+    dataset = tf.data.Dataset.from_tensor_slices((tf.range(num), image_bytes))
+    dataset = dataset.map(
+        lambda i, b: (i, preprocessing.preprocess_for_serving(
+            b, size, resize_method=self.resize_method)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    # log_warning: the server log says why a row was dropped.
+    dataset = dataset.ignore_errors(log_warning=True)
+    # One batch of all survivors; reduce (unlike get_single_element) also
+    # copes with zero batches (empty input or no valid row).
+    dataset = dataset.batch(tf.cast(tf.maximum(num, 1), tf.int64))
+    initial = (tf.zeros([0], tf.int32), tf.zeros([0, size, size, 3], tf.uint8))
+    return dataset.reduce(
+        initial, lambda state, batch: (tf.concat([state[0], batch[0]], 0),
+                                       tf.concat([state[1], batch[1]], 0)))
+
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string,
                                               name='image_bytes')])
   def serve(self, image_bytes):
-    images = tf.map_fn(
-        lambda b: preprocessing.preprocess_for_eval(
-            b, self.image_size, resize_method=self.resize_method),
-        image_bytes, fn_output_signature=tf.uint8)
+    num = tf.shape(image_bytes)[0]
+    indices, images = self._decode(image_bytes)
     images = preprocessing.normalize(images, tf.float32)
     logits = tf.cast(self.model(images, training=False), tf.float32)
-    top_5 = tf.math.top_k(logits, k=min(5, logits.shape[-1]))
+    num_classes = logits.shape[-1]
+    top_5 = tf.math.top_k(logits, k=min(5, num_classes)).indices
+    rows = indices[:, tf.newaxis]
+
+    def scatter(values, fill, shape):
+      return tf.tensor_scatter_nd_update(
+          tf.fill(shape, tf.constant(fill, values.dtype)), rows, values)
+
     return {
-        'logits': logits,
-        'probabilities': tf.nn.softmax(logits),
-        'classes': tf.argmax(logits, axis=-1, output_type=tf.int32),
-        'top_5_classes': top_5.indices,
+        'logits': scatter(logits, 0, [num, num_classes]),
+        'probabilities': scatter(tf.nn.softmax(logits), 0, [num, num_classes]),
+        'classes': scatter(tf.argmax(logits, axis=-1, output_type=tf.int32),
+                           -1, [num]),
+        'top_5_classes': scatter(top_5, -1, [num, top_5.shape[-1]]),
+        'valid': scatter(tf.ones_like(indices, tf.bool), False, [num]),
     }
 
 

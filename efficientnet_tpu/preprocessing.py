@@ -185,17 +185,31 @@ def preprocess_for_train(image_bytes: tf.Tensor,
                          augment: str = 'none',
                          randaug_num_layers: int = 2,
                          randaug_magnitude: float = 10.0,
-                         allow_non_jpeg: bool = False) -> tf.Tensor:
+                         allow_non_jpeg: bool = False,
+                         seed: Optional[tf.Tensor] = None) -> tf.Tensor:
   """Random crop + flip + resize (+ augmentation): uint8 [S, S, 3].
 
   Not normalized: the train step calls `normalize` on device.
+
+  Args:
+    seed: optional stateless seed [2] for the crop and the flip: the same
+      seed gives the same crop and flip whatever thread or run computes it
+      (RandAugment / AutoAugment still draw from stateful ops).
   """
+  crop_seed = flip_seed = None
+  if seed is not None:
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 2))
   image = decode_and_crop(
-      image_bytes, lambda shape: random_crop_window(shape, image_size),
+      image_bytes,
+      lambda shape: random_crop_window(shape, image_size, seed=crop_seed),
       allow_non_jpeg)
   # Flipping the uint8 crop before resizing equals flipping the output (the
   # resize kernels are mirror-symmetric) and moves 4x fewer bytes.
-  image = tf.image.random_flip_left_right(image)
+  if flip_seed is None:
+    image = tf.image.random_flip_left_right(image)
+  else:
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   image = _static_shape(resize(image, image_size, resize_method), image_size)
   return _maybe_augment(image, augment, randaug_num_layers, randaug_magnitude)
 
@@ -208,6 +222,106 @@ def preprocess_for_eval(image_bytes: tf.Tensor,
   image = decode_and_crop(
       image_bytes, lambda shape: center_crop_window(shape, image_size),
       allow_non_jpeg)
+  return _static_shape(resize(image, image_size, resize_method), image_size)
+
+
+# WebP and BMP headers are read from the first bytes; shorter inputs are
+# zero-padded so that reading a field never fails on its own.
+_HEADER_BYTES = 64
+_WEBP_ANIMATION_FLAG = 0x02  # In the VP8X flags byte (offset 20).
+
+
+def _header_int(header: tf.Tensor, offset: int, size: int) -> tf.Tensor:
+  """Little-endian unsigned field of `size` bytes at `offset` (int32)."""
+  value = tf.constant(0, tf.int32)
+  for i in range(size):
+    value += tf.bitwise.left_shift(header[offset + i], 8 * i)
+  return value
+
+
+def _decode_webp_rgb(image_bytes: tf.Tensor, header: tf.Tensor,
+                     header_bytes: tf.Tensor) -> tf.Tensor:
+  """A still WebP as uint8 [H, W, 3]; fails on animated WebP."""
+  # TF 2.21's WebP decoder corrupts the heap (the process dies) on animated
+  # files without the alpha flag and rejects the others, so animations are
+  # refused before the decoder sees them.
+  animated = tf.logical_and(
+      tf.equal(tf.strings.substr(header_bytes, 12, 4), 'VP8X'),
+      tf.not_equal(tf.bitwise.bitwise_and(header[20], _WEBP_ANIMATION_FLAG),
+                   0))
+  check = tf.debugging.Assert(tf.logical_not(animated),
+                              ['animated WebP is not supported'])
+  with tf.control_dependencies([check]):
+    # channels=0: an RGB file gives 3 channels, one with alpha 4 (asking
+    # for 3 fails on it); drop alpha as the PNG decoder does.
+    image = tf.io.decode_webp(image_bytes, channels=0)
+  return image[0, :, :, :3]
+
+
+def _decode_bmp_rgb(image_bytes: tf.Tensor, header: tf.Tensor) -> tf.Tensor:
+  """A BMP as uint8 [H, W, 3], applying the palette of 8-bit files."""
+  bits_per_pixel = _header_int(header, 28, 2)
+
+  def paletted():
+    # TF returns the 8-bit palette indices as gray levels; look them up.
+    # The palette (BGRX entries) follows the DIB header; 0 colors means 256.
+    dib_size = _header_int(header, 14, 4)
+    num_colors = _header_int(header, 46, 4)
+    num_colors = tf.where(tf.equal(num_colors, 0), 256, num_colors)
+    palette = tf.io.decode_raw(
+        tf.strings.substr(image_bytes, 14 + dib_size, 4 * num_colors),
+        tf.uint8)
+    palette = tf.reverse(tf.reshape(palette, [num_colors, 4])[:, :3], [1])
+    indices = tf.io.decode_bmp(image_bytes, channels=0)[:, :, 0]
+    # Out-of-range indices fail (CPU gather), as a corrupt file should.
+    return tf.gather(palette, tf.cast(indices, tf.int32))
+
+  return tf.cond(tf.equal(bits_per_pixel, 8), paletted,
+                 lambda: tf.io.decode_bmp(image_bytes, channels=3))
+
+
+def decode_rgb(image_bytes: tf.Tensor) -> tf.Tensor:
+  """Decodes JPEG, PNG, GIF, BMP or still WebP bytes to uint8 [H, W, 3].
+
+  Grayscale is replicated to 3 channels and alpha dropped; a GIF gives its
+  first frame. Animated WebP and undecodable bytes raise InvalidArgument.
+  """
+  header_bytes = tf.strings.substr(
+      tf.strings.join([image_bytes, b'\0' * _HEADER_BYTES]), 0,
+      _HEADER_BYTES)
+  header = tf.cast(tf.io.decode_raw(header_bytes, tf.uint8), tf.int32)
+  is_webp = tf.logical_and(
+      tf.equal(tf.strings.substr(header_bytes, 0, 4), 'RIFF'),
+      tf.equal(tf.strings.substr(header_bytes, 8, 4), 'WEBP'))
+  is_bmp = tf.equal(tf.strings.substr(header_bytes, 0, 2), 'BM')
+  image = tf.case(
+      [(is_webp, lambda: _decode_webp_rgb(image_bytes, header, header_bytes)),
+       (is_bmp, lambda: _decode_bmp_rgb(image_bytes, header))],
+      default=lambda: tf.io.decode_image(image_bytes, channels=3,
+                                         expand_animations=False))
+  image.set_shape([None, None, 3])
+  return image
+
+
+def preprocess_for_serving(image_bytes: tf.Tensor, image_size: int,
+                           resize_method: str = 'bicubic') -> tf.Tensor:
+  """`preprocess_for_eval` for JPEG, PNG, GIF, BMP and still WebP bytes.
+
+  JPEGs take exactly the eval path (fused center-crop decode); the other
+  formats are decoded whole by `decode_rgb` and given the same center crop
+  and resize. Returns uint8 [S, S, 3], not normalized; raises
+  InvalidArgument on bytes that do not decode.
+  """
+  def jpeg():
+    return decode_and_crop(
+        image_bytes, lambda shape: center_crop_window(shape, image_size))
+
+  def other():
+    image = decode_rgb(image_bytes)
+    w = center_crop_window(tf.shape(image), image_size)
+    return tf.slice(image, [w[0], w[1], 0], [w[2], w[3], 3])
+
+  image = tf.cond(_is_jpeg(image_bytes), jpeg, other)
   return _static_shape(resize(image, image_size, resize_method), image_size)
 
 

@@ -1,6 +1,9 @@
-"""SavedModel export: reload it and classify JPEG bytes."""
+"""SavedModel export: reload it and classify encoded images."""
+
+import io
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
@@ -16,6 +19,145 @@ def _jpegs(n, seed=0):
   return [tf.io.encode_jpeg(rng.integers(0, 256, size=(40 + 7 * i, 30, 3),
                                          dtype=np.uint8)).numpy()
           for i in range(n)]
+
+
+def _encode(image, fmt, **kwargs):
+  buf = io.BytesIO()
+  image.save(buf, format=fmt, **kwargs)
+  return buf.getvalue()
+
+
+def _pixels(rng, height, width, channels=3):
+  return rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+
+
+def _animation(frames, fmt, **kwargs):
+  return _encode(frames[0], fmt, save_all=True, append_images=frames[1:],
+                 **kwargs)
+
+
+def _fixtures(seed=0):
+  """{name: bytes}: one of each supported format, in a few pixel modes."""
+  rng = np.random.default_rng(seed)
+  rgba = _pixels(rng, 30, 44, 4)
+  rgba[..., 3] = rng.integers(1, 256, size=rgba.shape[:2])  # Keep RGB.
+  frames = [Image.fromarray(_pixels(rng, 36, 28)) for _ in range(3)]
+  return {
+      'jpeg': tf.io.encode_jpeg(_pixels(rng, 40, 30)).numpy(),
+      'png_rgba': _encode(Image.fromarray(rgba, 'RGBA'), 'PNG'),
+      'png_gray': _encode(Image.fromarray(_pixels(rng, 25, 33)[..., 0], 'L'),
+                          'PNG'),
+      'gif_animated': _animation(frames, 'GIF'),
+      'bmp': _encode(Image.fromarray(_pixels(rng, 31, 22)), 'BMP'),
+      'bmp_palette': _encode(Image.fromarray(_pixels(rng, 23, 35)).convert(
+          'P'), 'BMP'),
+      'webp': _encode(Image.fromarray(_pixels(rng, 27, 41)), 'WEBP',
+                      quality=90),
+      'webp_rgba': _encode(Image.fromarray(rgba, 'RGBA'), 'WEBP',
+                           lossless=True, exact=True),
+  }
+
+
+def _bad_inputs():
+  jpeg = tf.io.encode_jpeg(np.zeros([40, 30, 3], np.uint8)).numpy()
+  frames = [Image.fromarray(np.full([20, 20, 3], v, np.uint8))
+            for v in (0, 255)]
+  return {
+      'garbage': b'not an image at all',
+      'truncated_jpeg': jpeg[:len(jpeg) // 2],
+      'empty': b'',
+      # TF 2.21's WebP decoder crashes on these, so they are refused.
+      'webp_animated': _animation(frames, 'WEBP', lossless=True),
+  }
+
+
+def _reference_image(data, image_size):
+  """uint8 [S, S, 3] from an independent decode (PIL) + the eval crop."""
+  if data[:3] == b'\xff\xd8\xff':  # JPEG: the unchanged eval path.
+    return preprocessing.preprocess_for_eval(tf.constant(data), image_size)
+  image = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+  y, x, h, w = preprocessing.center_crop_window(
+      tf.shape(image), image_size).numpy()
+  return preprocessing.resize(image[y:y + h, x:x + w], image_size)
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  """(trainer, serving signature) of one tiny trained model, shared."""
+  tmp_path = tmp_path_factory.mktemp('export')
+  cfg = tiny_config(tmp_path / 'run')
+  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  trainer.train_loop(2)  # Moving BN statistics move off their init.
+  export_dir = str(tmp_path / 'export')
+  export.export_saved_model(trainer, export_dir)
+  return trainer, tf.saved_model.load(export_dir).signatures[
+      'serving_default']
+
+
+def test_decode_rgb_matches_pil():
+  """Every format and pixel mode decodes as PIL does (RGB, first frame)."""
+  for name, data in _fixtures().items():
+    got = preprocessing.decode_rgb(tf.constant(data)).numpy()
+    if name == 'jpeg':  # libjpeg and PIL may differ by rounding.
+      assert got.shape == (40, 30, 3)
+      continue
+    want = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+    np.testing.assert_array_equal(got, want, err_msg=name)
+  gif = Image.open(io.BytesIO(_fixtures()['gif_animated']))
+  gif.seek(1)
+  assert np.abs(np.asarray(gif.convert('RGB')).astype(int) -
+                preprocessing.decode_rgb(tf.constant(
+                    _fixtures()['gif_animated'])).numpy()).max() > 0
+
+
+def test_export_serves_mixed_formats_and_flags_bad_rows(exported):
+  trainer, served = exported
+  size = trainer.cfg.model.image_size
+  good, bad = _fixtures(), _bad_inputs()
+  # Bad rows between good ones: the good rows must keep their positions.
+  names = ['garbage', 'jpeg', 'png_rgba', 'truncated_jpeg', 'png_gray',
+           'gif_animated', 'empty', 'bmp', 'bmp_palette', 'webp',
+           'webp_animated', 'webp_rgba']
+  inputs = {**good, **bad}
+  out = served(image_bytes=tf.constant([inputs[n] for n in names]))
+  out = {k: v.numpy() for k, v in out.items()}
+
+  is_good = np.array([n in good for n in names])
+  np.testing.assert_array_equal(out['valid'], is_good)
+  images = tf.stack([preprocessing.normalize(_reference_image(inputs[n], size))
+                     for n in names if n in good])
+  want = trainer.model(images, training=False).numpy()
+  np.testing.assert_allclose(out['logits'][is_good], want, rtol=1e-4,
+                             atol=1e-4)
+  np.testing.assert_array_equal(out['classes'][is_good], want.argmax(-1))
+  np.testing.assert_allclose(out['probabilities'][is_good],
+                             tf.nn.softmax(want).numpy(), rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_array_equal(out['top_5_classes'][is_good],
+                                np.argsort(-want, axis=-1)[:, :5])
+
+  assert out['top_5_classes'].shape == (len(names), 5)
+  np.testing.assert_array_equal(out['classes'][~is_good], -1)
+  np.testing.assert_array_equal(out['top_5_classes'][~is_good], -1)
+  np.testing.assert_array_equal(out['logits'][~is_good], 0.0)
+  np.testing.assert_array_equal(out['probabilities'][~is_good], 0.0)
+
+
+def test_export_all_invalid_and_empty_batches(exported):
+  _, served = exported
+  num_classes = 5  # tiny_config
+  for batch in ([b'', b'garbage'], []):
+    out = served(image_bytes=tf.constant(batch, tf.string))
+    n = len(batch)
+    assert out['logits'].shape == (n, num_classes)
+    assert out['probabilities'].shape == (n, num_classes)
+    assert out['classes'].shape == (n,)
+    assert out['top_5_classes'].shape == (n, 5)
+    assert out['valid'].shape == (n,)
+    assert out['valid'].dtype == tf.bool
+    assert not out['valid'].numpy().any()
+    np.testing.assert_array_equal(out['classes'].numpy(), -1)
+    np.testing.assert_array_equal(out['logits'].numpy(), 0.0)
 
 
 def test_export_serves_jpeg_bytes_with_ema_weights(tmp_path):
@@ -46,6 +188,7 @@ def test_export_serves_jpeg_bytes_with_ema_weights(tmp_path):
   np.testing.assert_allclose(out['probabilities'].numpy().sum(-1), 1.0,
                              rtol=1e-5)
   assert out['top_5_classes'].shape == (3, 5)
+  assert out['valid'].numpy().all()
 
 
 def test_export_never_overwrites(tmp_path):
