@@ -129,6 +129,14 @@ class DataConfig:
   resize_method: str = 'bicubic'
   shuffle_buffer: int = 1024
   skip_corrupt: bool = False
+  # With skip_corrupt: training stops when more than this fraction of the
+  # records read so far was bad (checked from MIN_READS_FOR_FRACTION reads).
+  max_corrupt_fraction: float = 0.01
+  # Images whose header declares more pixels are refused before decoding.
+  max_image_pixels: int = 1 << 26
+  # Deterministic input order and TF ops: a resumed run is bitwise equal to
+  # an uninterrupted one (tfrecord and synthetic sources).
+  deterministic: bool = False
   # Synthetic source only: images per split and whether labels are
   # learnable (a class-dependent pattern) or pure noise.
   synthetic_learnable: bool = True
@@ -151,6 +159,17 @@ class DataConfig:
            'an integer >= 0', self.randaug_num_layers)
     _check(0 <= self.randaug_magnitude <= 30, 'randaug_magnitude',
            'a value in [0, 30]', self.randaug_magnitude)
+    _check(0 <= self.max_corrupt_fraction <= 1, 'max_corrupt_fraction',
+           'a value in [0, 1]', self.max_corrupt_fraction)
+    _check(self.max_image_pixels >= 1, 'max_image_pixels', 'an integer >= 1',
+           self.max_image_pixels)
+    if self.deterministic:
+      _check(not self.source.startswith('tfds:'), 'deterministic',
+             '--data=tfrecord or synthetic (tfds readers do not resume '
+             'exactly)', self.source)
+      _check(self.augment == 'none', 'deterministic',
+             '--augment_name=none (RandAugment and AutoAugment draw from '
+             'stateful random ops)', self.augment)
 
 
 @dataclasses.dataclass

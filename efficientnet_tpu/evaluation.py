@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from efficientnet_tpu import data as data_lib
 from efficientnet_tpu import distribute
+from efficientnet_tpu import fileio
 from efficientnet_tpu import train as train_lib
 from efficientnet_tpu.config import ConfigError
 
@@ -128,7 +129,7 @@ class Evaluator:
       if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
           old = f.read()
-      train_lib.write_text_atomically(
+      fileio.write_atomically(
           path, old + json.dumps(record, sort_keys=True) + '\n')
     self._maybe_archive_best(step, metrics)
     return metrics
@@ -155,7 +156,7 @@ class Evaluator:
           checkpoint_name='best')
     path = self._best_manager.save(checkpoint_number=step)
     if self.is_writer:
-      train_lib.write_text_atomically(
+      fileio.write_atomically(
           best_file, json.dumps(dict(metrics, step=step, checkpoint=path),
                                 indent=2))
     else:

@@ -65,6 +65,19 @@ flags.DEFINE_enum('resize_method', 'bicubic', config_lib.RESIZE_METHODS,
 flags.DEFINE_integer('shuffle_buffer', 1024, 'Examples in the shuffle buffer.')
 flags.DEFINE_bool('skip_corrupt', False, 'Skip (and count) corrupt training '
                   'records instead of failing.')
+flags.DEFINE_float('max_corrupt_fraction', 0.01, 'With --skip_corrupt: stop '
+                   'with an error when more than this fraction of the '
+                   'training records read was bad (checked after 1000 '
+                   'reads), or when 1000 reads in a row were bad.')
+flags.DEFINE_integer('max_image_pixels', 1 << 26, 'Refuse images whose '
+                     'header declares more pixels (checked before '
+                     'decoding): an error naming the file, or skipped and '
+                     'counted with --skip_corrupt.')
+flags.DEFINE_bool('deterministic', False, 'Deterministic input order and TF '
+                  'ops (slower): a run resumed after a kill ends with '
+                  'bitwise the weights of an uninterrupted run with the '
+                  'same --seed. tfrecord and synthetic data, no '
+                  '--augment_name.')
 flags.DEFINE_integer('seed', 0, 'Seed for weight initialization, synthetic '
                      'data and shuffling.')
 
@@ -197,6 +210,9 @@ def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
           resize_method=f.resize_method,
           shuffle_buffer=f.shuffle_buffer,
           skip_corrupt=f.skip_corrupt,
+          max_corrupt_fraction=f.max_corrupt_fraction,
+          max_image_pixels=f.max_image_pixels,
+          deterministic=f.deterministic,
           seed=f.seed),
       optimizer=config_lib.OptimizerConfig(
           optimizer=f.optimizer,
@@ -263,7 +279,25 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
                                          cfg.train.train_batch_size,
                                          cfg.steps_per_epoch,
                                          cfg.total_train_steps)
-  data_lib.check_data_files(cfg.data, cfg.train.mode)
+  # Every mode writes there (checkpoints, summaries, eval results): a
+  # read-only model_dir fails now, not after an hour of training or eval.
+  import uuid  # pylint: disable=g-import-not-at-top
+  model_dir = cfg.train.model_dir
+  # Unique: every worker of a multi-host run probes the same model_dir.
+  probe = os.path.join(model_dir, f'.write_probe-{uuid.uuid4().hex}')
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(probe, 'w') as f:
+      f.write('probe')
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    reason = (getattr(e, 'message', None) or str(e)).strip()
+    reason = reason.splitlines()[0] if reason else type(e).__name__
+    raise config_lib.ConfigError(
+        f'--model_dir: {model_dir} is not writable ({reason}); every mode '
+        'writes checkpoints, summaries or eval results there: fix its '
+        'permissions or use another --model_dir') from None
+  data_lib.check_data_files(cfg.data, cfg.train.mode, cfg.train.model_dir)
   previous = train_lib.read_config(cfg.train.model_dir)
   if previous is not None:
     old_model = previous.get('model', {})
@@ -333,38 +367,60 @@ SIDECAR_EVAL_TIMEOUT_S = 3600
 
 
 def run_experiment(cfg: config_lib.ExperimentConfig) -> dict:
-  """Builds the strategy and runs cfg.train.mode; returns final metrics."""
+  """Builds the strategy and runs cfg.train.mode; returns final metrics.
+
+  Training modes hold the model_dir lock (`run_lock`) throughout.
+  """
+  import contextlib  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import distribute  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import evaluation  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import export  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import run_lock  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
 
-  strategy = distribute.build_strategy(cfg.distribute)
-  # Weight initialization (Python, numpy and TF seeds): the same --seed
-  # gives the same initial model, on every worker.
-  keras.utils.set_random_seed(cfg.train.seed)
-  trainer = train_lib.Trainer(cfg, strategy)
-  mode, eval_timeout = cfg.train.mode, cfg.train.eval_timeout
-  if trainer.task[0] == 'evaluator':
-    # TF_CONFIG's side-car evaluator: evaluates each new checkpoint.
-    mode, eval_timeout = 'eval', eval_timeout or SIDECAR_EVAL_TIMEOUT_S
-    logging.info('Evaluator task: evaluating new checkpoints in %s (waiting '
-                 'up to %d s for each).', cfg.train.model_dir, eval_timeout)
-  elif mode == 'train_and_eval' and trainer.has_evaluator_task:
-    mode = 'train'
-    logging.info('TF_CONFIG has an evaluator task: it evaluates; this '
-                 'training task does not.')
-  if mode == 'train':
-    metrics = trainer.train()
-  elif mode == 'train_and_eval':
-    metrics = trainer.train(evaluator=evaluation.Evaluator(trainer))
+  # One training run per model_dir, taken before the strategy exists so a
+  # refused run costs nothing. Only the process writing the training's
+  # checkpoints locks: --mode=eval beside a training run (a side-car
+  # evaluator) is supported, and the other workers write no checkpoints.
+  tf_config = (distribute.read_tf_config()
+               if cfg.distribute.strategy == 'multi_worker' else None)
+  if (cfg.train.mode in ('train', 'train_and_eval') and
+      distribute.TRAIN_WRITER in distribute.writer_roles(tf_config)):
+    lock = run_lock.ModelDirLock(cfg.train.model_dir)
   else:
-    metrics = evaluation.continuous_eval(trainer, evaluation.Evaluator(trainer),
-                                         eval_timeout)
-  if cfg.train.export_dir and trainer.is_writer:
-    export.export_saved_model(trainer, cfg.train.export_dir)
-  return metrics
+    lock = contextlib.nullcontext()
+  with lock:
+    if cfg.data.deterministic:
+      # Before any op runs: reductions, scatters and tf.data ordering then
+      # give bitwise the same results on every run (slower; see --help).
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.experimental.enable_op_determinism()
+    strategy = distribute.build_strategy(cfg.distribute)
+    # Weight initialization (Python, numpy and TF seeds): the same --seed
+    # gives the same initial model, on every worker.
+    keras.utils.set_random_seed(cfg.train.seed)
+    trainer = train_lib.Trainer(cfg, strategy)
+    mode, eval_timeout = cfg.train.mode, cfg.train.eval_timeout
+    if trainer.task[0] == 'evaluator':
+      # TF_CONFIG's side-car evaluator: evaluates each new checkpoint.
+      mode, eval_timeout = 'eval', eval_timeout or SIDECAR_EVAL_TIMEOUT_S
+      logging.info('Evaluator task: evaluating new checkpoints in %s (waiting '
+                   'up to %d s for each).', cfg.train.model_dir, eval_timeout)
+    elif mode == 'train_and_eval' and trainer.has_evaluator_task:
+      mode = 'train'
+      logging.info('TF_CONFIG has an evaluator task: it evaluates; this '
+                   'training task does not.')
+    if mode == 'train':
+      metrics = trainer.train()
+    elif mode == 'train_and_eval':
+      metrics = trainer.train(evaluator=evaluation.Evaluator(trainer))
+    else:
+      metrics = evaluation.continuous_eval(
+          trainer, evaluation.Evaluator(trainer), eval_timeout)
+    if cfg.train.export_dir and trainer.is_writer:
+      export.export_saved_model(trainer, cfg.train.export_dir)
+    return metrics
 
 
 def input_error_line(e: BaseException):
@@ -380,7 +436,9 @@ def input_error_line(e: BaseException):
     if match is None:
       return None
     parts = re.findall(r'\[([^\]]*)\]', match.group(1))
-    return '--data_dir: ' + ' '.join(p.strip() for p in parts if p.strip())
+    line = ' '.join(p.strip() for p in parts if p.strip())
+    # Checks that name their own flag (--max_corrupt_fraction, ...).
+    return line if line.startswith('--') else '--data_dir: ' + line
   if isinstance(e, tf.errors.DataLossError):
     return '--data_dir: ' + e.message.strip().splitlines()[0] + (
         ' (set --skip_corrupt to skip bad records in training)')

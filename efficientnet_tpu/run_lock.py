@@ -248,10 +248,8 @@ class ModelDirLock:
       return
     # A local write truncates first: a reader could see an empty marker
     # (a free lock). A rename is atomic.
-    tmp = f'{self.path}.tmp-{os.getpid()}'
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-      f.write(text)
-    tf.io.gfile.rename(tmp, self.path, overwrite=True)
+    from efficientnet_tpu import fileio  # pylint: disable=g-import-not-at-top
+    fileio.write_atomically(self.path, text)
 
   def _acquire_marker(self) -> None:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top

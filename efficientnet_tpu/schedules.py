@@ -33,6 +33,7 @@ Conventions (shared by all schedules):
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Dict, Optional
@@ -41,6 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from efficientnet_tpu import fileio
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
 
 _PACKAGE = 'efficientnet_tpu'
@@ -323,7 +325,8 @@ def plot_schedule(schedule: WarmupSchedule, total_steps: int,
                f', warmup {schedule.warmup_steps} steps')
   ax.grid(True, alpha=0.3)
   fig.tight_layout()
-  with tf.io.gfile.GFile(path, 'wb') as f:
-    fig.savefig(f, format='png')
+  png = io.BytesIO()
+  fig.savefig(png, format='png')
   plt.close(fig)
+  fileio.write_atomically(path, png.getvalue())
   return path

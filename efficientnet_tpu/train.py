@@ -21,6 +21,7 @@ from efficientnet_tpu import collectives
 from efficientnet_tpu import data as data_lib
 from efficientnet_tpu import distribute
 from efficientnet_tpu import ema as ema_lib
+from efficientnet_tpu import fileio
 from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import optimizers
 from efficientnet_tpu import preprocessing
@@ -86,6 +87,13 @@ def replica_local_variables(model, ema=None) -> list:
     shadows = [ema.shadow_of(v) for v in local]
     local += [s for s in shadows if s is not None]
   return local
+
+
+def model_rng_state(model) -> list:
+  """The state variables of the model's Keras seed generators (dropout,
+  stochastic depth), which its own checkpoint does not track."""
+  return [v for v in model.variables
+          if v.path.endswith('seed_generator_state')]
 
 
 def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
@@ -164,6 +172,12 @@ class Trainer:
     checkpoint_items = dict(model=self.model, optimizer=self.optimizer)
     if self.ema is not None:
       checkpoint_items['ema'] = self.ema
+    # Dropout / stochastic-depth RNG state: Keras 3 seed generators are not
+    # tracked by the model's checkpoint, and a resumed run must draw the
+    # masks an uninterrupted one would.
+    rng_state = model_rng_state(self.model)
+    if rng_state:
+      checkpoint_items['rng'] = rng_state
     self.checkpoint = tf.train.Checkpoint(**checkpoint_items)
     self.checkpoint_manager = tf.train.CheckpointManager(
         self.checkpoint,
@@ -172,6 +186,7 @@ class Trainer:
         step_counter=self.optimizer.iterations, checkpoint_name='ckpt')
     self._train_loop_fn = None
     self._train_iterator = None
+    self._skipped = None
     self._summary_writer = None
 
   # ---- state -----------------------------------------------------------
@@ -219,7 +234,7 @@ class Trainer:
       # Keep the first run's config; record the resumed one beside it.
       path = os.path.join(self.cfg.train.model_dir,
                           f'config-step{self.global_step}.json')
-    write_text_atomically(path, text)
+    fileio.write_atomically(path, text)
 
   @property
   def summary_writer(self):
@@ -233,11 +248,17 @@ class Trainer:
 
   # ---- data --------------------------------------------------------------
   def distribute_input(self, is_training: bool):
+    """The distributed train or eval dataset. Training input continues the
+    stream at the current step (see `data.resumable_stream`)."""
     batch = (self.cfg.train.train_batch_size if is_training
              else self.cfg.train.eval_batch_size)
     input_fn = data_lib.make_input_fn(
         self.cfg.data, self.cfg.model.num_classes, self.cfg.model.image_size,
-        is_training, batch, self.input_dtype)
+        is_training, batch, self.input_dtype,
+        start_step=self.global_step if is_training else 0,
+        count_cache_dir=self.cfg.train.model_dir)
+    if is_training:
+      self._skipped = getattr(input_fn, 'skipped', None)
     options = tf.distribute.InputOptions(
         experimental_fetch_to_device=True,
         experimental_per_replica_buffer_size=2)
@@ -301,7 +322,7 @@ class Trainer:
     loss_sum = self._loss_sum.numpy()  # Blocks until the loop finished.
     elapsed = time.time() - start
     examples = self._example_sum.numpy()
-    return {
+    metrics = {
         'loss': float(loss_sum / num_steps),
         'top_1_accuracy': float(self._correct_sum.numpy() / max(examples, 1)),
         'learning_rate': float(self.learning_rate(self.optimizer.iterations
@@ -310,6 +331,11 @@ class Trainer:
                                    self.cfg.train.train_batch_size / elapsed),
         'step_time_ms': float(1000.0 * elapsed / num_steps),
     }
+    if self._skipped is not None:
+      # This host's input since the process started (read ahead of the
+      # steps by the prefetch buffers).
+      metrics['skipped_records'] = self._skipped.total
+    return metrics
 
   def write_summaries(self, metrics: Dict[str, float], step: int,
                       writer=None, prefix: str = '') -> None:
@@ -356,15 +382,6 @@ class Trainer:
       eval_metrics = evaluator.evaluate_and_record(step)
       metrics.update({f'eval/{k}': v for k, v in eval_metrics.items()})
     return metrics
-
-
-def write_text_atomically(path: str, text: str) -> None:
-  """Writes `path` through a temporary file and a rename, so a reader (or a
-  run killed mid-write) never sees a partial file."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def read_config(model_dir: str) -> Optional[dict]:

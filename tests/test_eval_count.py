@@ -94,26 +94,26 @@ def test_cache_is_used_and_a_changed_size_recounts(raw_files, tmp_path,
   calls = _spy(monkeypatch)
   cache_dir = str(tmp_path / 'run')
   # Not created by an eval-only check: eval needs an existing model dir.
-  assert data_lib.eval_record_counts(files, cache_dir) == dict(
+  assert data_lib.record_counts(files, cache_dir) == dict(
       zip(files, written))
   assert not os.path.exists(cache_dir)
-  assert data_lib.eval_record_counts(
+  assert data_lib.record_counts(
       files, cache_dir, create_cache_dir=True) == dict(zip(files, written))
-  cache = os.path.join(cache_dir, data_lib.EVAL_COUNTS_FILE)
-  assert os.listdir(cache_dir) == [data_lib.EVAL_COUNTS_FILE]  # No temp left.
+  cache = os.path.join(cache_dir, data_lib.COUNTS_FILE)
+  assert os.listdir(cache_dir) == [data_lib.COUNTS_FILE]  # No temp left.
   assert len(calls) == 2
-  assert data_lib.eval_record_counts(files, cache_dir) == dict(
+  assert data_lib.record_counts(files, cache_dir) == dict(
       zip(files, written))
   assert len(calls) == 2  # Read from the cache, nothing counted.
 
   _write_raw(files[1], [1, 2, 3, 4])  # Same name, new size.
-  counts = data_lib.eval_record_counts(files, cache_dir)
+  counts = data_lib.record_counts(files, cache_dir)
   assert calls[-1] == [files[1]] and counts[files[1]] == 4
   entry = json.load(open(cache))['files'][files[1]]
   assert entry == {'bytes': os.path.getsize(files[1]), 'records': 4}
 
   open(cache, 'w').write('{"format": 1, "files": {')  # Malformed: recount.
-  data_lib.eval_record_counts(files, cache_dir)
+  data_lib.record_counts(files, cache_dir)
   assert calls[-1] == files and json.load(open(cache))['format'] == 1
 
 
@@ -121,7 +121,7 @@ def test_unwritable_cache_dir_only_skips_the_cache(raw_files, tmp_path):
   files, written = raw_files
   not_a_dir = tmp_path / 'file'
   not_a_dir.write_text('')
-  assert data_lib.eval_record_counts(
+  assert data_lib.record_counts(
       files, str(not_a_dir / 'run'), create_cache_dir=True) == dict(
           zip(files, written))
 
@@ -186,7 +186,7 @@ def test_too_few_eval_records_fail_before_training(tmp_path, capsys,
         f"records (2 'validation-*' files in '{data_dir}'); set "
         f"--num_eval_images=3 or less\n"), out.err[-2000:]
     # Nothing that could pass for a result: only the count cache.
-    assert os.listdir(model_dir) == [data_lib.EVAL_COUNTS_FILE]
+    assert os.listdir(model_dir) == [data_lib.COUNTS_FILE]
     assert not (tmp_path / 'export').exists()
     # Counted on the first run only; the rerun reads the cache.
     assert len(calls) == 1, attempt

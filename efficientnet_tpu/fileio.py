@@ -1,0 +1,31 @@
+"""Atomic file writes, local or on any tf.io.gfile filesystem (gs://...)."""
+
+from __future__ import annotations
+
+from typing import Union
+import uuid
+
+import tensorflow as tf
+
+
+def write_atomically(path: str, content: Union[str, bytes]) -> None:
+  """Writes `path` through a temporary file and a rename.
+
+  A reader (or a run killed mid-write) sees the old file or the new one,
+  never a partial one. The temporary name is unique, so hosts writing the
+  same file at once do not write into each other's temporary file; the
+  last rename wins. A failed write leaves no temporary file behind.
+  """
+  tmp = f'{path}.tmp-{uuid.uuid4().hex}'
+  try:
+    with tf.io.gfile.GFile(tmp, 'wb' if isinstance(content, bytes) else 'w'
+                           ) as f:
+      f.write(content)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  except BaseException:
+    try:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.remove(tmp)
+    except tf.errors.OpError:
+      pass
+    raise

@@ -1,0 +1,129 @@
+"""Bad training records: counted, bounded, and refused by size before decode.
+
+References: the bad records each test writes (which files, how many, what
+is wrong with them) and PIL for image sizes.
+"""
+
+import io
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from efficientnet_tpu import input_pipeline
+from efficientnet_tpu import main as main_lib
+from efficientnet_tpu.config import DataConfig
+from tests.test_input_pipeline import _example, _jpeg, write_split
+
+SIZE = 16
+
+
+def _write(path, payloads_and_labels):
+  with tf.io.TFRecordWriter(str(path)) as w:
+    for payload, label in payloads_and_labels:
+      w.write(_example(payload, label))
+
+
+def _train(d, n_batches, batch=4, **kw):
+  """Runs a skip_corrupt training pipeline for n_batches; returns it."""
+  kw.setdefault('skip_corrupt', True)
+  cfg = DataConfig(source='tfrecord', data_dir=str(d), shuffle_buffer=8,
+                   num_train_images=100, **kw)
+  fn = input_pipeline.build_input_fn(cfg, SIZE, True, batch, num_classes=5)
+  for _ in fn(None).take(n_batches):
+    pass
+  return fn
+
+
+def test_skips_are_counted_per_file_and_warned_once(tmp_path, caplog):
+  good = [(_jpeg((10 * i, 0, 0)), i % 5 + 1) for i in range(8)]
+  _write(tmp_path / 'train-00000-of-00003', good)
+  bad_payload = tmp_path / 'train-00001-of-00003'
+  _write(bad_payload, good[:3] + [(b'GIF89a not a jpeg', 1),
+                                  (_jpeg((1, 2, 3))[:-100], 2)])
+  bad_label = tmp_path / 'train-00002-of-00003'
+  _write(bad_label, good[:4] + [(_jpeg((4, 5, 6)), 6)])
+  with caplog.at_level(logging.WARNING):
+    fn = _train(tmp_path, 40)  # 160 examples: about 9 epochs of 18 good.
+  per_file = fn.skipped.per_file
+  assert set(per_file) == {str(bad_payload), str(bad_label)}
+  # Each epoch reads every bad record once: 2 : 1 between the files, up to
+  # the epoch the pipeline is reading ahead in.
+  epochs = per_file[str(bad_label)]
+  assert epochs >= 8 and abs(per_file[str(bad_payload)] - 2 * epochs) <= 2
+  assert fn.skipped.total == sum(per_file.values())
+  warnings = [r.getMessage() for r in caplog.records
+              if 'Skipping bad training records' in r.getMessage()]
+  assert len(warnings) == 2, warnings  # Once per file, not per record.
+  assert any(str(bad_label) in w and 'label out of range' in w
+             for w in warnings)
+
+
+def test_a_stream_of_only_bad_records_stops_instead_of_hanging(tmp_path):
+  """Every record is bad (non-JPEG, or files cut short by a corrupt frame):
+  a one-line error after a bounded number of reads."""
+  _write(tmp_path / 'train-00000-of-00002', [(b'not an image', 1)] * 3)
+  data = open(_jpeg_file(tmp_path / 'train-00001-of-00002'), 'rb').read()
+  open(tmp_path / 'train-00001-of-00002', 'wb').write(data[:-7])
+  with pytest.raises(tf.errors.InvalidArgumentError) as e:
+    _train(tmp_path, 10)
+  line = main_lib.input_error_line(e.value)
+  assert line.startswith('--skip_corrupt: no valid training record in the '
+                         f'last {input_pipeline.MAX_BAD_READS_IN_A_ROW}')
+
+
+def _jpeg_file(path):
+  _write(path, [(_jpeg((1, 1, 1)), 1)])
+  return path
+
+
+@pytest.mark.parametrize('limit,fails', [(0.05, True), (0.2, False)])
+def test_bad_fraction_over_the_limit_stops_training(tmp_path, limit, fails):
+  """1 record in 10 is bad: over --max_corrupt_fraction=0.05 training stops
+  once MIN_READS_FOR_FRACTION records were read; 0.2 lets it run."""
+  records = [(_jpeg((i, 0, 0)), 1) for i in range(9)] + [(b'bad', 1)]
+  _write(tmp_path / 'train-00000-of-00001', records)
+  reads = input_pipeline.MIN_READS_FOR_FRACTION
+  batches = int(reads * 1.2 * 0.9) // 10  # Past the first check.
+  if fails:
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+      _train(tmp_path, batches, batch=10, max_corrupt_fraction=limit)
+    line = main_lib.input_error_line(e.value)
+    assert line.startswith('--max_corrupt_fraction: ') and '\n' not in line
+  else:
+    fn = _train(tmp_path, batches, batch=10, max_corrupt_fraction=limit)
+    assert fn.skipped.total >= reads // 10
+
+
+def _png(h, w):
+  out = io.BytesIO()
+  Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(out, 'PNG')
+  return out.getvalue()
+
+
+def test_header_pixels_reads_jpeg_and_png_headers():
+  for h, w in ((1, 1), (20, 26), (333, 77)):
+    for encoded in (_jpeg((0, 0, 0), h, w), _png(h, w)):
+      assert int(input_pipeline.header_pixels(tf.constant(encoded))) == h * w
+  assert int(input_pipeline.header_pixels(tf.constant(b'GIF89a'))) == 0
+
+
+def test_pixel_limit_refuses_or_skips_before_decoding(tmp_path):
+  write_split(str(tmp_path), 'train', [6], label_fn=lambda f, j: j % 5 + 1)
+  big = tmp_path / 'train-00001-of-00002'
+  os.rename(tmp_path / 'train-00000-of-00001',
+            tmp_path / 'train-00000-of-00002')
+  _write(big, [(_jpeg((9, 9, 9), 64, 80), 2)])  # 5120 pixels.
+  with pytest.raises(tf.errors.InvalidArgumentError) as e:
+    _train(tmp_path, 5, skip_corrupt=False, max_image_pixels=5000)
+  line = main_lib.input_error_line(e.value)
+  assert line.startswith(f'--max_image_pixels: the image in {big} declares '
+                         '5120 pixels, over the limit of 5000'), line
+  fn = _train(tmp_path, 5, max_image_pixels=5000)
+  assert fn.skipped.per_file[str(big)] >= 1
+  # At the limit the image is used.
+  fn = _train(tmp_path, 5, max_image_pixels=5120)
+  assert fn.skipped.total == 0
