@@ -1,11 +1,11 @@
-"""Tests for augment.py against PIL (ImageOps/ImageEnhance) and numpy."""
+"""Tests for data/augment.py against PIL (ImageOps/ImageEnhance) and numpy."""
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 import pytest
 import tensorflow as tf
 
-from efficientnet_tpu import augment
+from efficientnet_tpu.data import augment
 
 
 def _image(seed=0, h=37, w=45, low=0, high=256):

@@ -13,9 +13,10 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from efficientnet_tpu import input_pipeline
 from efficientnet_tpu import main as main_lib
 from efficientnet_tpu.config import DataConfig
+from efficientnet_tpu.data import checks
+from efficientnet_tpu.data import pipeline as data_pipeline
 from tests.test_input_pipeline import _example, _jpeg, write_split
 
 SIZE = 16
@@ -32,7 +33,7 @@ def _train(d, n_batches, batch=4, **kw):
   kw.setdefault('skip_corrupt', True)
   cfg = DataConfig(source='tfrecord', data_dir=str(d), shuffle_buffer=8,
                    num_train_images=100, **kw)
-  fn = input_pipeline.build_input_fn(cfg, SIZE, True, batch, num_classes=5)
+  fn = data_pipeline.build_input_fn(cfg, SIZE, True, batch, num_classes=5)
   for _ in fn(None).take(n_batches):
     pass
   return fn
@@ -72,7 +73,7 @@ def test_a_stream_of_only_bad_records_stops_instead_of_hanging(tmp_path):
     _train(tmp_path, 10)
   line = main_lib.input_error_line(e.value)
   assert line.startswith('--skip_corrupt: no valid training record in the '
-                         f'last {input_pipeline.MAX_BAD_READS_IN_A_ROW}')
+                         f'last {checks.MAX_BAD_READS_IN_A_ROW}')
 
 
 def _jpeg_file(path):
@@ -86,7 +87,7 @@ def test_bad_fraction_over_the_limit_stops_training(tmp_path, limit, fails):
   once MIN_READS_FOR_FRACTION records were read; 0.2 lets it run."""
   records = [(_jpeg((i, 0, 0)), 1) for i in range(9)] + [(b'bad', 1)]
   _write(tmp_path / 'train-00000-of-00001', records)
-  reads = input_pipeline.MIN_READS_FOR_FRACTION
+  reads = checks.MIN_READS_FOR_FRACTION
   batches = int(reads * 1.2 * 0.9) // 10  # Past the first check.
   if fails:
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
@@ -107,8 +108,8 @@ def _png(h, w):
 def test_header_pixels_reads_jpeg_and_png_headers():
   for h, w in ((1, 1), (20, 26), (333, 77)):
     for encoded in (_jpeg((0, 0, 0), h, w), _png(h, w)):
-      assert int(input_pipeline.header_pixels(tf.constant(encoded))) == h * w
-  assert int(input_pipeline.header_pixels(tf.constant(b'GIF89a'))) == 0
+      assert int(checks.header_pixels(tf.constant(encoded))) == h * w
+  assert int(checks.header_pixels(tf.constant(b'GIF89a'))) == 0
 
 
 def test_pixel_limit_refuses_or_skips_before_decoding(tmp_path):

@@ -1,4 +1,6 @@
-"""Tests for the synthetic source and the shared eval padding."""
+"""Tests for the synthetic source (data/synthetic.py through
+`pipeline.make_input_fn`), the eval padding (data/contract.py) and
+`pipeline.check_data_files`."""
 
 import collections
 
@@ -7,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_tpu import config as config_lib
-from efficientnet_tpu import data as data_lib
+from efficientnet_tpu.data import contract
+from efficientnet_tpu.data import pipeline as data_pipeline
 
 
 def _ctx(num_pipelines, pipeline_id, num_replicas):
@@ -22,7 +25,7 @@ def _ctx(num_pipelines, pipeline_id, num_replicas):
 ])
 def test_eval_padding_covers_every_example_exactly_once(
     num_images, global_batch, pipelines, replicas):
-  steps = data_lib.num_eval_steps(num_images, global_batch)
+  steps = contract.num_eval_steps(num_images, global_batch)
   assert steps == -(-num_images // global_batch)
   seen = collections.Counter()
   for pid in range(pipelines):
@@ -32,7 +35,7 @@ def test_eval_padding_covers_every_example_exactly_once(
                 .shard(pipelines, pid)
                 .map(lambda i: {'images': tf.zeros([2, 2, 3]),
                                 'labels': tf.cast(i, tf.int32)}))
-    ds = data_lib.batch_eval_examples(examples, per_replica,
+    ds = contract.batch_eval_examples(examples, per_replica,
                                       replicas // pipelines, steps)
     batches = list(ds.as_numpy_iterator())
     # Every replica of this pipeline runs exactly `steps` fixed-shape steps.
@@ -48,21 +51,20 @@ def test_eval_padding_covers_every_example_exactly_once(
   assert set(seen.values()) == {1}
 
 
-def _synthetic(is_training, dtype=tf.float32, **kw):
+def _synthetic(is_training, **kw):
   cfg = config_lib.DataConfig(num_train_images=64, num_eval_images=21, **kw)
-  return data_lib.make_input_fn(cfg, num_classes=5, image_size=8,
-                                is_training=is_training, global_batch_size=8,
-                                dtype=dtype)
+  return data_pipeline.make_input_fn(cfg, num_classes=5, image_size=8,
+                                     is_training=is_training,
+                                     global_batch_size=8)
 
 
-@pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
-def test_synthetic_element_spec(dtype):
-  """uint8 images like the real pipeline, whatever the compute dtype."""
-  train = _synthetic(True, dtype)(_ctx(1, 0, 2))
+def test_synthetic_element_spec():
+  """uint8 images like the real pipeline (normalized on device)."""
+  train = _synthetic(True)(_ctx(1, 0, 2))
   assert train.element_spec == {
       'images': tf.TensorSpec([4, 8, 8, 3], tf.uint8),
       'labels': tf.TensorSpec([4], tf.int32)}
-  evaluation = _synthetic(False, dtype)(_ctx(1, 0, 2))
+  evaluation = _synthetic(False)(_ctx(1, 0, 2))
   assert evaluation.element_spec == {
       'images': tf.TensorSpec([4, 8, 8, 3], tf.uint8),
       'labels': tf.TensorSpec([4], tf.int32),
@@ -71,6 +73,8 @@ def test_synthetic_element_spec(dtype):
   batches = list(evaluation.as_numpy_iterator())
   assert len(batches) == 6
   assert sum(b['mask'].sum() for b in batches) == 21
+  # Like every InputFn, None means one pipeline feeding one replica.
+  assert _synthetic(True)(None).element_spec['images'].shape[0] == 8
 
 
 def test_synthetic_is_deterministic_and_labels_in_range():
@@ -128,8 +132,8 @@ def test_missing_tfrecords_fail_with_the_pattern(tmp_path):
   with pytest.raises(config_lib.ConfigError,
                      match=r"^--data_dir: expected TFRecord files "
                      r"matching 'train-\*'"):
-    data_lib.check_data_files(cfg, 'train')
+    data_pipeline.check_data_files(cfg, 'train')
   (tmp_path / 'train-00000-of-00001').write_bytes(b'')
-  data_lib.check_data_files(cfg, 'train')
+  data_pipeline.check_data_files(cfg, 'train')
   with pytest.raises(config_lib.ConfigError, match='validation-'):
-    data_lib.check_data_files(cfg, 'train_and_eval')
+    data_pipeline.check_data_files(cfg, 'train_and_eval')

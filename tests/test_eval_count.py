@@ -8,10 +8,11 @@ from absl import flags
 import pytest
 import tensorflow as tf
 
-from efficientnet_tpu import data as data_lib
-from efficientnet_tpu import input_pipeline
 from efficientnet_tpu import main as main_lib
 from efficientnet_tpu.config import ConfigError, DataConfig
+from efficientnet_tpu.data import pipeline as data_pipeline
+from efficientnet_tpu.data import tfds as tfds_source
+from efficientnet_tpu.data import tfrecord
 from tests.test_input_pipeline import write_split
 
 FLAGS = flags.FLAGS
@@ -40,15 +41,15 @@ def raw_files(tmp_path):
 def test_counts_equal_the_records_written(raw_files, prefix):
   """Local paths (Python IO) and file:// (GFile, the GCS code path)."""
   files, written = raw_files
-  counts = input_pipeline.count_records([prefix + f for f in files])
+  counts = tfrecord.count_records([prefix + f for f in files])
   assert counts == written
   assert counts == [sum(1 for _ in tf.data.TFRecordDataset(f)) for f in files]
 
 
 def test_counts_of_example_records(tmp_path):
   write_split(str(tmp_path), 'validation', [3, 0, 2])
-  files = input_pipeline.list_files(str(tmp_path), is_training=False)
-  assert input_pipeline.count_records(files) == [3, 0, 2]
+  files = tfrecord.list_files(str(tmp_path), is_training=False)
+  assert tfrecord.count_records(files) == [3, 0, 2]
 
 
 @pytest.mark.parametrize('damage,problem', [
@@ -70,7 +71,7 @@ def test_bad_frame_is_one_line_naming_the_file(raw_files, damage, problem):
     data[116 * 7] ^= 0x01  # Length of the 8th record: its CRC fails.
   open(bad, 'wb').write(bytes(data))
   with pytest.raises(ConfigError) as e:
-    input_pipeline.count_records(files)
+    tfrecord.count_records(files)
   message = str(e.value)
   assert message.startswith(f'--data_dir: {bad}: ') and '\n' not in message
   assert problem in message, message
@@ -78,13 +79,13 @@ def test_bad_frame_is_one_line_naming_the_file(raw_files, damage, problem):
 
 def _spy(monkeypatch):
   """Records the files that count_records is asked to count."""
-  calls, real = [], input_pipeline.count_records
+  calls, real = [], tfrecord.count_records
 
   def spy(files, *args, **kwargs):
     calls.append(list(files))
     return real(files, *args, **kwargs)
 
-  monkeypatch.setattr(input_pipeline, 'count_records', spy)
+  monkeypatch.setattr(tfrecord, 'count_records', spy)
   return calls
 
 
@@ -94,26 +95,26 @@ def test_cache_is_used_and_a_changed_size_recounts(raw_files, tmp_path,
   calls = _spy(monkeypatch)
   cache_dir = str(tmp_path / 'run')
   # Not created by an eval-only check: eval needs an existing model dir.
-  assert data_lib.record_counts(files, cache_dir) == dict(
+  assert tfrecord.record_counts(files, cache_dir) == dict(
       zip(files, written))
   assert not os.path.exists(cache_dir)
-  assert data_lib.record_counts(
+  assert tfrecord.record_counts(
       files, cache_dir, create_cache_dir=True) == dict(zip(files, written))
-  cache = os.path.join(cache_dir, data_lib.COUNTS_FILE)
-  assert os.listdir(cache_dir) == [data_lib.COUNTS_FILE]  # No temp left.
+  cache = os.path.join(cache_dir, tfrecord.COUNTS_FILE)
+  assert os.listdir(cache_dir) == [tfrecord.COUNTS_FILE]  # No temp left.
   assert len(calls) == 2
-  assert data_lib.record_counts(files, cache_dir) == dict(
+  assert tfrecord.record_counts(files, cache_dir) == dict(
       zip(files, written))
   assert len(calls) == 2  # Read from the cache, nothing counted.
 
   _write_raw(files[1], [1, 2, 3, 4])  # Same name, new size.
-  counts = data_lib.record_counts(files, cache_dir)
+  counts = tfrecord.record_counts(files, cache_dir)
   assert calls[-1] == [files[1]] and counts[files[1]] == 4
   entry = json.load(open(cache))['files'][files[1]]
   assert entry == {'bytes': os.path.getsize(files[1]), 'records': 4}
 
   open(cache, 'w').write('{"format": 1, "files": {')  # Malformed: recount.
-  data_lib.record_counts(files, cache_dir)
+  tfrecord.record_counts(files, cache_dir)
   assert calls[-1] == files and json.load(open(cache))['format'] == 1
 
 
@@ -121,7 +122,7 @@ def test_unwritable_cache_dir_only_skips_the_cache(raw_files, tmp_path):
   files, written = raw_files
   not_a_dir = tmp_path / 'file'
   not_a_dir.write_text('')
-  assert data_lib.record_counts(
+  assert tfrecord.record_counts(
       files, str(not_a_dir / 'run'), create_cache_dir=True) == dict(
           zip(files, written))
 
@@ -131,23 +132,23 @@ def test_tfds_uses_the_split_info(tmp_path, monkeypatch):
       'train': types.SimpleNamespace(num_examples=100),
       'validation': types.SimpleNamespace(num_examples=10)})
   builder = types.SimpleNamespace(info=info)
-  monkeypatch.setattr(input_pipeline, '_tfds_builder',
+  monkeypatch.setattr(tfds_source, 'load_builder',
                       lambda cfg: (None, builder))
   cfg = DataConfig(source='tfds:fake', data_dir=str(tmp_path),
                    num_eval_images=10)
-  data_lib.check_data_files(cfg, 'eval')
+  data_pipeline.check_data_files(cfg, 'eval')
   cfg = DataConfig(source='tfds:fake', data_dir=str(tmp_path),
                    num_eval_images=11)
-  data_lib.check_data_files(cfg, 'train')
+  data_pipeline.check_data_files(cfg, 'train')
   with pytest.raises(ConfigError, match=r"^--num_eval_images: 11 requested "
                      r"but the eval split has 10 records \(split "
                      r"'validation' of tfds:fake .*set --num_eval_images=10 "
                      r"or less$"):
-    data_lib.check_data_files(cfg, 'train_and_eval')
+    data_pipeline.check_data_files(cfg, 'train_and_eval')
 
 
 def test_synthetic_has_nothing_to_count():
-  data_lib.check_data_files(
+  data_pipeline.check_data_files(
       DataConfig(source='synthetic', num_eval_images=10**9), 'eval')
 
 
@@ -186,7 +187,7 @@ def test_too_few_eval_records_fail_before_training(tmp_path, capsys,
         f"records (2 'validation-*' files in '{data_dir}'); set "
         f"--num_eval_images=3 or less\n"), out.err[-2000:]
     # Nothing that could pass for a result: only the count cache.
-    assert os.listdir(model_dir) == [data_lib.COUNTS_FILE]
+    assert os.listdir(model_dir) == [tfrecord.COUNTS_FILE]
     assert not (tmp_path / 'export').exists()
     # Counted on the first run only; the rerun reads the cache.
     assert len(calls) == 1, attempt

@@ -1,4 +1,5 @@
-"""Tests for input_pipeline.py on TFRecords written here with PIL."""
+"""Tests for data/pipeline.py (and the TFRecord and tfds sources it reads)
+on TFRecords written here with PIL."""
 
 import io
 import math
@@ -10,7 +11,9 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from efficientnet_tpu import input_pipeline
+from efficientnet_tpu.data import contract
+from efficientnet_tpu.data import pipeline as data_pipeline
+from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.config import ConfigError, DataConfig
 
 SIZE = 16
@@ -88,21 +91,20 @@ def train_dir(tmp_path_factory):
 
 def test_num_eval_steps():
   cfg = DataConfig(num_eval_images=37)
-  assert input_pipeline.num_eval_steps(cfg, 8) == 5
-  assert input_pipeline.num_eval_steps(DataConfig(num_eval_images=50000),
-                                       1024) == 49
-  assert input_pipeline.num_eval_steps(DataConfig(num_eval_images=16), 8) == 2
+  assert contract.num_eval_steps(cfg.num_eval_images, 8) == 5
+  assert contract.num_eval_steps(50000, 1024) == 49
+  assert contract.num_eval_steps(16, 8) == 2
 
 
 def test_normalization_constants():
-  np.testing.assert_allclose(input_pipeline.MEAN_RGB, MEAN)
-  np.testing.assert_allclose(input_pipeline.STDDEV_RGB, STD)
+  np.testing.assert_allclose(preprocessing.MEAN_RGB, MEAN)
+  np.testing.assert_allclose(preprocessing.STDDEV_RGB, STD)
 
 
 @pytest.mark.parametrize('background', [False, True])
 def test_eval_labels_round_trip(eval_dir, background):
   cfg = _cfg(eval_dir, include_background_label=background)
-  ds = input_pipeline.build_input_fn(cfg, SIZE, False, 8, tf.float32)(None)
+  ds = data_pipeline.build_input_fn(cfg, SIZE, False, 8)(None)
   labels, masks = [], []
   for b in ds:
     labels.append(b['labels'].numpy())
@@ -115,7 +117,7 @@ def test_eval_labels_round_trip(eval_dir, background):
 @pytest.mark.parametrize('background', [False, True])
 def test_train_labels_round_trip(train_dir, background):
   cfg = _cfg(train_dir, include_background_label=background)
-  ds = input_pipeline.build_input_fn(cfg, SIZE, True, 8, tf.float32)(None)
+  ds = data_pipeline.build_input_fn(cfg, SIZE, True, 8)(None)
   seen = set()
   for b in ds.take(20):
     seen.update(b['labels'].numpy().tolist())
@@ -145,15 +147,15 @@ def _check_eval_coverage(batches_per_pipeline, global_batch, replicas, k):
     (1, 8, 1), (1, 8, 4), (2, 8, 2), (2, 8, 4), (3, 12, 3), (3, 12, 6),
     (4, 8, 4), (4, 8, 8)])
 def test_eval_covers_each_image_once(eval_dir, k, global_batch, replicas):
-  fn = input_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False,
-                                     global_batch, tf.float32)
+  fn = data_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False,
+                                    global_batch)
   batches = [list(fn(_ctx(k, i, replicas))) for i in range(k)]
   _check_eval_coverage(batches, global_batch, replicas, k)
 
 
 def test_eval_more_records_than_num_eval_images(eval_dir):
   cfg = _cfg(eval_dir, num_eval_images=30)
-  fn = input_pipeline.build_input_fn(cfg, SIZE, False, 8, tf.float32)
+  fn = data_pipeline.build_input_fn(cfg, SIZE, False, 8)
   real = []
   for i in range(2):
     for b in fn(_ctx(2, i, 2)):
@@ -163,7 +165,7 @@ def test_eval_more_records_than_num_eval_images(eval_dir):
 
 def test_eval_fewer_records_than_num_eval_images_fails(eval_dir):
   cfg = _cfg(eval_dir, num_eval_images=45)
-  ds = input_pipeline.build_input_fn(cfg, SIZE, False, 8, tf.float32)(None)
+  ds = data_pipeline.build_input_fn(cfg, SIZE, False, 8)(None)
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match='fewer records than num_eval_images=45'):
     list(ds)
@@ -173,8 +175,7 @@ def test_eval_through_mirrored_strategy(eval_dir):
   strategy = tf.distribute.MirroredStrategy(
       [f'/cpu:{i}' for i in range(4)],
       cross_device_ops=tf.distribute.ReductionToOneDevice())
-  fn = input_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False, 8,
-                                     tf.float32)
+  fn = data_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False, 8)
   dist = strategy.distribute_datasets_from_function(fn)
   steps, real = 0, []
   for batch in dist:
@@ -185,15 +186,14 @@ def test_eval_through_mirrored_strategy(eval_dir):
     for lab, mask in zip(labels, masks):
       assert lab.shape == (2,)
       real.extend((lab.numpy() + 1)[mask.numpy() == 1].tolist())
-  assert steps == input_pipeline.num_eval_steps(_cfg(eval_dir), 8)
+  assert steps == contract.num_eval_steps(_cfg(eval_dir).num_eval_images, 8)
   assert sorted(real) == list(range(1, 38))
 
 
 def test_train_pipelines_see_disjoint_files(train_dir):
   files_seen = []
   for i in range(3):
-    fn = input_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 12,
-                                       tf.float32)
+    fn = data_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 12)
     seen = set()
     for b in fn(_ctx(3, i, 3)).take(40):
       seen.update((b['labels'].numpy() + 1) // 100)
@@ -204,17 +204,15 @@ def test_train_pipelines_see_disjoint_files(train_dir):
 
 
 def test_fewer_train_files_than_pipelines(train_dir):
-  fn = input_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 11,
-                                     tf.float32)
+  fn = data_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 11)
   with pytest.raises(ConfigError, match='input pipelines .11.'):
     fn(_ctx(11, 0, 11))
 
 
-@pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
-def test_element_spec_is_uint8_whatever_the_dtype(train_dir, eval_dir, dtype):
-  """Normalization and the cast to dtype happen on device."""
-  train = input_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 8,
-                                        dtype)(_ctx(1, 0, 2))
+def test_element_spec_is_uint8(train_dir, eval_dir):
+  """Normalization and the cast to the compute dtype happen on device."""
+  train = data_pipeline.build_input_fn(_cfg(train_dir), SIZE, True,
+                                       8)(_ctx(1, 0, 2))
   assert set(train.element_spec) == {'images', 'labels'}
   assert train.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3],
                                                        tf.uint8)
@@ -222,8 +220,8 @@ def test_element_spec_is_uint8_whatever_the_dtype(train_dir, eval_dir, dtype):
   b = next(iter(train))
   assert b['images'].dtype == tf.uint8
   assert b['images'].shape == (4, SIZE, SIZE, 3)
-  ev = input_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False, 8,
-                                     dtype)(_ctx(1, 0, 2))
+  ev = data_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False,
+                                    8)(_ctx(1, 0, 2))
   assert set(ev.element_spec) == {'images', 'labels', 'mask'}
   assert ev.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3],
                                                     tf.uint8)
@@ -235,8 +233,7 @@ def test_element_spec_is_uint8_whatever_the_dtype(train_dir, eval_dir, dtype):
 def test_images_are_raw_rgb_solid_colors(eval_dir, train_dir, training):
   """Solid-colour JPEGs: every pixel is the colour on the 0..255 scale."""
   data_dir = train_dir if training else eval_dir
-  ds = input_pipeline.build_input_fn(_cfg(data_dir), SIZE, training, 8,
-                                     tf.float32)(None)
+  ds = data_pipeline.build_input_fn(_cfg(data_dir), SIZE, training, 8)(None)
   n = 0
   for b in ds.take(5):
     masks = b['mask'].numpy() if 'mask' in b else np.ones(8)
@@ -254,7 +251,7 @@ def test_images_are_raw_rgb_solid_colors(eval_dir, train_dir, training):
 
 def test_training_is_repeated_and_augment_runs(train_dir):
   cfg = _cfg(train_dir, augment='randaugment', randaug_magnitude=15)
-  ds = input_pipeline.build_input_fn(cfg, SIZE, True, 16, tf.float32)(None)
+  ds = data_pipeline.build_input_fn(cfg, SIZE, True, 16)(None)
   n = 0
   for b in ds.take(6):  # 96 > 40 images: must wrap around.
     assert b['images'].dtype == tf.uint8
@@ -269,8 +266,7 @@ def test_training_is_repeated_and_augment_runs(train_dir):
 def test_no_files_names_directory_and_pattern(tmp_path):
   for training, pattern in ((True, 'train-*'), (False, 'validation-*')):
     with pytest.raises(ConfigError) as e:
-      input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, training, 8,
-                                    tf.float32)
+      data_pipeline.build_input_fn(_cfg(tmp_path), SIZE, training, 8)
     msg = str(e.value)
     assert '\n' not in msg and str(tmp_path) in msg and pattern in msg
 
@@ -289,17 +285,16 @@ def _write_with_bad_payload(d, prefix):
 def test_non_jpeg_payload_error_names_file(tmp_path):
   bad = _write_with_bad_payload(tmp_path, 'validation')
   cfg = _cfg(tmp_path, num_eval_images=14)
-  ds = input_pipeline.build_input_fn(cfg, SIZE, False, 2, tf.float32)(None)
+  ds = data_pipeline.build_input_fn(cfg, SIZE, False, 2)(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match=bad):
     list(ds)
   with pytest.raises(ConfigError):  # No train-* files here.
-    input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2, tf.float32)
+    data_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2)
 
 
 def _assert_strict_train_fails(d, match, batches):
   """The strict training pipeline on d fails within `batches` batches."""
-  strict = input_pipeline.build_input_fn(_cfg(d), SIZE, True, 2,
-                                         tf.float32)(None)
+  strict = data_pipeline.build_input_fn(_cfg(d), SIZE, True, 2)(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match=match):
     for _ in strict.take(batches):
       pass
@@ -307,8 +302,8 @@ def _assert_strict_train_fails(d, match, batches):
 
 def _skip_corrupt_labels(d, batches):
   """1-based labels of `batches` batches of skip_corrupt training on d."""
-  skip = input_pipeline.build_input_fn(_cfg(d, skip_corrupt=True),
-                                       SIZE, True, 2, tf.float32)(None)
+  skip = data_pipeline.build_input_fn(_cfg(d, skip_corrupt=True),
+                                      SIZE, True, 2)(None)
   seen = set()
   for b in skip.take(batches):
     seen.update((b['labels'].numpy() + 1).tolist())
@@ -334,8 +329,8 @@ def _write_corrupt_frame(d, prefix):
 
 def test_corrupt_record_error_names_file(tmp_path):
   path = _write_corrupt_frame(tmp_path, 'validation')
-  ds = input_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=6), SIZE,
-                                     False, 2, tf.float32)(None)
+  ds = data_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=6), SIZE,
+                                    False, 2)(None)
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r'Corrupt or truncated TFRecord in\W+' + path):
     list(ds)
@@ -378,8 +373,7 @@ def test_eval_long_files_cover_each_image_once(tmp_path):
   """Files longer than one read batch keep every record, in order."""
   ids = iter(range(1, 38))
   write_split(str(tmp_path), 'validation', [35, 2], lambda f, j: next(ids))
-  fn = input_pipeline.build_input_fn(_cfg(tmp_path), SIZE, False, 8,
-                                     tf.float32)
+  fn = data_pipeline.build_input_fn(_cfg(tmp_path), SIZE, False, 8)
   batches = [list(fn(_ctx(2, i, 2))) for i in range(2)]
   _check_eval_coverage(batches, 8, 2, 2)
   # One pipeline: interleaving 2 files, then file 0's remainder in order.
@@ -414,16 +408,16 @@ def test_truncated_file_error_names_file(tmp_path):
   path = os.path.join(tmp_path, 'validation-00000-of-00002')
   data = open(path, 'rb').read()
   open(path, 'wb').write(data[:-40])
-  ds = input_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=6), SIZE,
-                                     False, 2, tf.float32)(None)
+  ds = data_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=6), SIZE,
+                                    False, 2)(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match=path):
     list(ds)
 
 
 def test_zero_based_labels_rejected(tmp_path):
   write_split(str(tmp_path), 'validation', [3], lambda f, j: j)
-  ds = input_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=3), SIZE,
-                                     False, 3, tf.float32)(None)
+  ds = data_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=3), SIZE,
+                                    False, 3)(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match='1-based'):
     list(ds)
 
@@ -434,7 +428,7 @@ def test_zero_based_labels_rejected(tmp_path):
 def test_tfds_not_installed_or_not_prepared(tmp_path):
   cfg = DataConfig(source='tfds:imagenet2012', data_dir=str(tmp_path))
   with pytest.raises(ConfigError) as e:
-    input_pipeline.build_input_fn(cfg, SIZE, False, 8, tf.float32)
+    data_pipeline.build_input_fn(cfg, SIZE, False, 8)
   assert '\n' not in str(e.value)
   assert 'imagenet2012' in str(e.value)
 
@@ -482,21 +476,21 @@ def test_tfds_prepared_dataset(tmp_path):
   _prepare_tfds(tfds, str(tmp_path))
   cfg = DataConfig(source=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
                    num_eval_images=7)
-  fn = input_pipeline.build_input_fn(cfg, SIZE, False, 4, tf.float32)
+  fn = data_pipeline.build_input_fn(cfg, SIZE, False, 4)
   real = []
   for i in range(2):
     for b in fn(_ctx(2, i, 2)):
       real.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   # tfds labels are 0-based class indices: kept as is without background.
   assert sorted(real) == sorted(_TFDS_TEST_LABELS)
-  train = input_pipeline.build_input_fn(cfg, SIZE, True, 4, tf.bfloat16)(None)
+  train = data_pipeline.build_input_fn(cfg, SIZE, True, 4)(None)
   b = next(iter(train))
   assert b['images'].shape == (4, SIZE, SIZE, 3)
   assert b['images'].dtype == tf.uint8
   bg = DataConfig(source=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
                   num_eval_images=7, include_background_label=True)
   labels = []
-  for b in input_pipeline.build_input_fn(bg, SIZE, False, 4, tf.float32)(None):
+  for b in data_pipeline.build_input_fn(bg, SIZE, False, 4)(None):
     labels.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   assert sorted(labels) == sorted(l + 1 for l in _TFDS_TEST_LABELS)
 
@@ -513,19 +507,19 @@ def test_labels_outside_the_classes_fail_or_are_skipped(tmp_path, bad_label):
   bad = _write_with_bad_label(tmp_path, 'validation', bad_label)
   _write_with_bad_label(tmp_path, 'train', bad_label)
   cfg = _cfg(tmp_path, num_eval_images=8)
-  ev = input_pipeline.build_input_fn(cfg, SIZE, False, 2, tf.float32,
-                                     num_classes=5)(None)
+  ev = data_pipeline.build_input_fn(cfg, SIZE, False, 2,
+                                    num_classes=5)(None)
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=f'Label out of range in.*{bad}'):
     list(ev)
-  train = input_pipeline.build_input_fn(cfg, SIZE, True, 2, tf.float32,
-                                        num_classes=5)(None)
+  train = data_pipeline.build_input_fn(cfg, SIZE, True, 2,
+                                       num_classes=5)(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match='Label out of'):
     for _ in train.take(50):
       pass
-  skip = input_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
-                                       SIZE, True, 2, tf.float32,
-                                       num_classes=5)(None)
+  skip = data_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
+                                      SIZE, True, 2,
+                                      num_classes=5)(None)
   seen = set()
   for b in skip.take(40):
     seen.update((b['labels'].numpy() + 1).tolist())

@@ -8,8 +8,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from efficientnet_tpu import input_pipeline
 from efficientnet_tpu.config import DataConfig
+from efficientnet_tpu.data import pipeline as data_pipeline
 from efficientnet_tpu.tools import make_tfrecords
 
 SYNSETS = ['n02000000', 'n01000000', 'n03000000']  # Deliberately unsorted.
@@ -126,11 +126,11 @@ def test_round_trip_through_pipeline(folder, tmp_path):
   cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path),
                    num_eval_images=7, shuffle_buffer=8)
   got = []
-  for b in input_pipeline.build_input_fn(cfg, 16, False, 4, tf.float32)(None):
+  for b in data_pipeline.build_input_fn(cfg, 16, False, 4)(None):
     got.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   want = [LABEL[s] - 1 for s, _ in expected['validation'].values()]
   assert sorted(got) == sorted(want)
-  train = input_pipeline.build_input_fn(cfg, 16, True, 5, tf.float32)(None)
+  train = data_pipeline.build_input_fn(cfg, 16, True, 5)(None)
   seen = set()
   for b in train.take(12):
     seen.update(b['labels'].numpy().tolist())
@@ -194,7 +194,7 @@ def test_from_tfds_image_folder(tmp_path):
   cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path / 'out'),
                    num_eval_images=5, include_background_label=True)
   got = []
-  for b in input_pipeline.build_input_fn(cfg, 16, False, 2, tf.float32)(None):
+  for b in data_pipeline.build_input_fn(cfg, 16, False, 2)(None):
     got.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   assert sorted(got) == [1, 1, 2, 2, 2]
 

@@ -1,4 +1,4 @@
-"""Tests for preprocessing.py: crop windows, fused decode, resize, flip,
+"""Tests for data/preprocessing.py: crop windows, fused decode, resize, flip,
 uint8 rounding and normalization."""
 
 import io
@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from efficientnet_tpu import preprocessing
+from efficientnet_tpu.data import preprocessing
 
 
 def _jpeg_bytes(array, quality=95):

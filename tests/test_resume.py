@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from efficientnet_tpu import data as data_lib
-from efficientnet_tpu import input_pipeline
 from efficientnet_tpu.config import DataConfig
+from efficientnet_tpu.data import pipeline as data_pipeline
+from efficientnet_tpu.data import tfrecord
 from tests.test_input_pipeline import _ctx, write_split
 
 SIZE = 16
@@ -33,11 +33,11 @@ def train_dir(tmp_path_factory):
 
 def _batches(cfg, ctx, start_step, n, global_batch):
   if cfg.source == 'synthetic':
-    fn = data_lib.make_input_fn(cfg, 5, SIZE, True, global_batch,
-                                start_step=start_step)
+    fn = data_pipeline.make_input_fn(cfg, 5, SIZE, True, global_batch,
+                                     start_step=start_step)
   else:
-    fn = input_pipeline.build_input_fn(cfg, SIZE, True, global_batch,
-                                       start_step=start_step)
+    fn = data_pipeline.build_input_fn(cfg, SIZE, True, global_batch,
+                                      start_step=start_step)
   return [{k: v.numpy() for k, v in b.items()} for b in fn(ctx).take(n)]
 
 
@@ -85,12 +85,12 @@ def test_resume_with_skip_corrupt_counts_the_broken_file(tmp_path):
   path = str(tmp_path / 'train-00001-of-00002')
   data = open(path, 'rb').read()
   open(path, 'wb').write(data[:-10])
-  counts = input_pipeline.count_records([path], tolerate_corrupt=True)
+  counts = tfrecord.count_records([path], tolerate_corrupt=True)
   readable = sum(1 for _ in tf.data.TFRecordDataset(path).ignore_errors())
   assert readable == 2 and counts == [readable + 1]
   cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path),
                    num_train_images=6, shuffle_buffer=4, skip_corrupt=True)
-  fn = input_pipeline.build_input_fn(cfg, SIZE, True, 2, start_step=7)
+  fn = data_pipeline.build_input_fn(cfg, SIZE, True, 2, start_step=7)
   assert len(list(fn(_ctx(1, 0, 1)).take(4))) == 4
   assert fn.skipped.total >= 1
 

@@ -1,6 +1,6 @@
 """Converts an ImageNet-style folder or a prepared tfds dataset to TFRecords.
 
-Writes the standard sharded layout read by `input_pipeline`:
+Writes the standard sharded layout read by `efficientnet_tpu.data.tfrecord`:
 `train-%05d-of-%05d` and `validation-%05d-of-%05d`, each record an
 `Example` with image/encoded (RGB JPEG), image/format, image/filename,
 image/height, image/width, image/channels, image/colorspace,

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from efficientnet_tpu import augment as augment_lib
+from efficientnet_tpu.data import augment as augment_lib
 
 # ImageNet channel statistics on the 0..255 scale.
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)

@@ -1,0 +1,19 @@
+"""Input data: sources, validation, preprocessing, batching.
+
+Modules, each importing only those listed before it (no import cycle):
+
+* `contract`: the element spec every input function yields, `InputFn`,
+  `num_eval_steps` and the masked eval padding `batch_eval_examples`.
+* `stream`: the resumable training stream (epoch orders, element seeds).
+* `augment`, then `preprocessing`: per-image crop, resize, flip and
+  augmentation on the host; `preprocessing.normalize` runs on device.
+* `checks`: payload / label / pixel validation and skipping of bad records.
+* `tfrecord`: TFRecord files: listing, record counts (cached), reading.
+* `tfds`: the tensorflow-datasets source.
+* `synthetic`: the synthetic source and its input function.
+* `pipeline`: the entry points `make_input_fn` (dispatch on the source),
+  `build_input_fn` (the real-data pipeline) and `check_data_files`.
+
+Nothing is re-exported here: import the module you need, e.g.
+`from efficientnet_tpu.data import pipeline`.
+"""

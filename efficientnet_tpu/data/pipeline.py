@@ -1,0 +1,266 @@
+"""Input functions: one entry point per data source, and the checks of the
+data files that run before any work.
+
+`make_input_fn` dispatches on `DataConfig.source`: the synthetic source, or
+the real pipeline `build_input_fn` over TFRecords (`tfrecord`) or a tfds
+dataset (`tfds`), which validates each record (`checks`), decodes, crops,
+resizes and augments it (`preprocessing`) in one fused map, then batches it
+to the element spec of `contract`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import tensorflow as tf
+
+from efficientnet_tpu.config import ConfigError, DataConfig
+from efficientnet_tpu.data import checks
+from efficientnet_tpu.data import contract
+from efficientnet_tpu.data import preprocessing
+from efficientnet_tpu.data import stream
+from efficientnet_tpu.data import synthetic
+from efficientnet_tpu.data import tfds as tfds_source
+from efficientnet_tpu.data import tfrecord
+
+
+def make_input_fn(data_cfg: DataConfig, num_classes: int, image_size: int,
+                  is_training: bool, global_batch_size: int,
+                  start_step: int = 0,
+                  count_cache_dir: Optional[str] = None) -> contract.InputFn:
+  """Returns the input function for `data_cfg.source`.
+
+  Every source yields the element spec of `contract`. Training input
+  continues the stream of a run resumed at `start_step` (see
+  `stream.resumable_stream`; TFRecord counts that place it are cached in
+  `count_cache_dir`).
+  """
+  if data_cfg.source == 'synthetic':
+    return synthetic.synthetic_input_fn(data_cfg, num_classes, image_size,
+                                        is_training, global_batch_size,
+                                        start_step)
+  return build_input_fn(data_cfg, image_size, is_training, global_batch_size,
+                        num_classes=num_classes, start_step=start_step,
+                        count_cache_dir=count_cache_dir)
+
+
+def check_data_files(data_cfg: DataConfig, mode: str,
+                     cache_dir: Optional[str] = None) -> None:
+  """Fails before any work when the data the mode needs is not there.
+
+  Modes that evaluate also need at least `num_eval_images` eval records:
+  found only when eval starts, that error would come after the whole
+  training. TFRecord splits are counted once (see
+  `tfrecord.record_counts`), tfds splits come with their size.
+
+  Args:
+    data_cfg: the data source, directory and `num_eval_images`.
+    mode: 'train', 'eval' or 'train_and_eval'.
+    cache_dir: where the per-file eval record counts are cached (the model
+      dir); None counts every time.
+
+  Raises:
+    ConfigError: one line naming the flag to change.
+  """
+  evaluates = mode in ('eval', 'train_and_eval')
+  if data_cfg.source == 'synthetic':
+    return
+  if data_cfg.source != 'tfrecord':
+    if not tf.io.gfile.isdir(data_cfg.data_dir):
+      raise ConfigError(f'--data_dir: expected a prepared '
+                        f'tensorflow-datasets directory, '
+                        f'{data_cfg.data_dir!r} does not exist')
+    if evaluates:
+      _, builder = tfds_source.load_builder(data_cfg)
+      split = tfds_source.split_name(builder, False, data_cfg)
+      _check_num_eval_images(
+          data_cfg, builder.info.splits[split].num_examples,
+          f'split {split!r} of {data_cfg.source} in {data_cfg.data_dir!r}')
+    return
+  if mode in ('train', 'train_and_eval'):
+    tfrecord.list_files(data_cfg.data_dir, is_training=True)
+  if evaluates:
+    files = tfrecord.list_files(data_cfg.data_dir, is_training=False)
+    counts = tfrecord.record_counts(files, cache_dir,
+                                    create_cache_dir=mode != 'eval')
+    _check_num_eval_images(
+        data_cfg, sum(counts.values()),
+        f'{len(files)} {tfrecord.EVAL_PATTERN!r} files in '
+        f'{data_cfg.data_dir!r}')
+
+
+def _check_num_eval_images(data_cfg: DataConfig, found: int,
+                           where: str) -> None:
+  if found >= data_cfg.num_eval_images:
+    return
+  fix = (f'set --num_eval_images={found} or less' if found else
+         'write eval records or use --mode=train')
+  raise ConfigError(
+      f'--num_eval_images: {data_cfg.num_eval_images} requested but the eval '
+      f'split has {found} records ({where}); {fix}')
+
+
+# ---------------------------------------------------------------------------
+# The real-data pipeline.
+# ---------------------------------------------------------------------------
+
+
+def _options(is_training: bool, private_threadpool_size: int,
+             deterministic: bool = False) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = deterministic or not is_training
+  options.autotune.enabled = True
+  options.experimental_optimization.map_parallelization = True
+  options.experimental_optimization.parallel_batch = True
+  if private_threadpool_size:
+    options.threading.private_threadpool_size = private_threadpool_size
+  return options
+
+
+def build_input_fn(data_cfg: DataConfig,
+                   image_size: int,
+                   is_training: bool,
+                   global_batch_size: int,
+                   private_threadpool_size: int = 0,
+                   num_classes: Optional[int] = None,
+                   start_step: int = 0,
+                   count_cache_dir: Optional[str] = None
+                  ) -> contract.InputFn:
+  """Returns `fn(input_context) -> tf.data.Dataset` of per-replica batches.
+
+  Args:
+    data_cfg: source ('tfrecord' or 'tfds:NAME'), data_dir, label offset,
+      augmentation, resize method, shuffle buffer, skip_corrupt and its
+      limits, pixel limit, determinism.
+    image_size: output resolution S.
+    is_training: training (random crop, shuffled, repeated) or eval (center
+      crop, padded with a mask, exactly `num_eval_steps` batches).
+    global_batch_size: batch over all replicas; must divide evenly.
+    private_threadpool_size: 0 = TensorFlow's shared pool.
+    num_classes: labels must be in [0, num_classes): an error naming the
+      file, or (skip_corrupt, training) the record is skipped. None: only
+      negative labels are refused.
+    start_step: training resumes after this many steps: the stream
+      continues where it stopped (see `stream.resumable_stream`).
+    count_cache_dir: where the record counts that place a resumed stream
+      are cached (`tfrecord.record_counts`); None: counted on every resume.
+
+  Returns:
+    The input function. With skip_corrupt in training, its `skipped`
+    attribute (`checks.SkippedRecords`) counts the records skipped.
+
+  Raises:
+    ConfigError: no matching files, tfds dataset not prepared, etc. Listing
+      happens here, before any strategy call.
+  """
+  if data_cfg.source == 'synthetic':
+    raise ConfigError("--data: build_input_fn reads real data; use "
+                      "make_input_fn for --data=synthetic")
+  is_tfds = data_cfg.source.startswith('tfds:')
+  files = None
+  if is_tfds:
+    tfds_source.load_builder(data_cfg)  # Fail early, on the caller's thread.
+  else:
+    files = tfrecord.list_files(data_cfg.data_dir, is_training)
+  steps = contract.num_eval_steps(data_cfg.num_eval_images,
+                                  global_batch_size)
+  resize_method = data_cfg.resize_method
+  max_pixels = data_cfg.max_image_pixels
+  skip = is_training and data_cfg.skip_corrupt
+  skipped = checks.SkippedRecords() if skip else None
+
+  def input_fn(ctx: Optional[tf.distribute.InputContext] = None):
+    ctx = ctx or tf.distribute.InputContext()
+    batch = ctx.get_per_replica_batch_size(global_batch_size)
+    if is_tfds:
+      ds, decode = tfds_source.read_records(data_cfg, is_training, ctx,
+                                            start_step, global_batch_size)
+    else:
+      ds = tfrecord.read_records(data_cfg, files, is_training, ctx,
+                                 start_step, global_batch_size,
+                                 count_cache_dir)
+      decode = functools.partial(
+          tfrecord.parse_record,
+          include_background_label=data_cfg.include_background_label)
+    index = ctx.input_pipeline_id
+
+    # One fused map per record (parse, check, crop-decode, flip, resize,
+    # uint8): every extra tf.data function call costs per image.
+    def train_map(position, item):
+      image_bytes, label, source = (decode(*item) if isinstance(item, tuple)
+                                    else decode(item))
+      seed = stream.element_seed(data_cfg.seed, index, position)
+      preprocess = lambda: preprocessing.preprocess_for_train(  # pylint: disable=g-long-lambda
+          image_bytes, image_size, resize_method, data_cfg.augment,
+          data_cfg.randaug_num_layers, data_cfg.randaug_magnitude,
+          allow_non_jpeg=is_tfds, seed=seed)
+      if not skip:
+        with tf.control_dependencies(checks.check_payload(
+            image_bytes, label, source, is_tfds, num_classes, max_pixels)):
+          return {'images': preprocess(), 'labels': label}
+      valid = checks.validity(image_bytes, label, source, is_tfds,
+                              num_classes, max_pixels, skipped)
+      image = tf.cond(valid, preprocess,
+                      lambda: tf.zeros([image_size, image_size, 3], tf.uint8))
+      return {'images': image, 'labels': label}, valid
+
+    if is_training:
+      ds = ds.map(train_map, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=data_cfg.deterministic)
+      if skip:
+        # Payloads that pass the header checks but still fail to decode are
+        # dropped with TF's warning (not counted: the error has no file).
+        ds = ds.ignore_errors(log_warning=True)
+        initial, check = checks.skip_rate_check(data_cfg.max_corrupt_fraction)
+        ds = ds.scan(initial, check)
+        ds = ds.filter(lambda example, valid: valid)
+      ds = ds.batch(batch, drop_remainder=True)
+      if skip:
+        ds = ds.map(lambda example, valid: example)  # Once per batch.
+    else:
+      ds = _eval_tail(ds, decode, ctx, batch, steps, image_size,
+                      resize_method, is_tfds, data_cfg, num_classes)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options(is_training, private_threadpool_size,
+                                    data_cfg.deterministic))
+
+  input_fn.skipped = skipped
+  return input_fn
+
+
+def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
+               batch: int, steps: int, image_size: int, resize_method: str,
+               is_tfds: bool, data_cfg: DataConfig,
+               num_classes: Optional[int] = None) -> tf.data.Dataset:
+  """Decodes, pads with masked examples and batches exactly `steps` times."""
+  num, index = ctx.num_input_pipelines, ctx.input_pipeline_id
+  replicas_per_pipeline = ctx.num_replicas_in_sync // num
+  # This pipeline's share of the examples when sharded by example.
+  expected_real = len(range(index, data_cfg.num_eval_images, num))
+
+  def eval_map(*record):
+    image_bytes, label, source = decode(*record)
+    with tf.control_dependencies(checks.check_payload(
+        image_bytes, label, source, is_tfds, num_classes,
+        data_cfg.max_image_pixels)):
+      image = preprocessing.preprocess_for_eval(
+          image_bytes, image_size, resize_method, allow_non_jpeg=is_tfds)
+    return {'images': image, 'labels': label}
+
+  ds = ds.map(eval_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = contract.batch_eval_examples(ds, batch, replicas_per_pipeline, steps)
+
+  where = data_cfg.data_dir if not is_tfds else data_cfg.source
+  message = (f'Eval split in {where!r} has fewer records than '
+             f'num_eval_images={data_cfg.num_eval_images}')
+
+  def check_count(position, example):
+    # Real examples come first: padding must not start before this
+    # pipeline's share is exhausted.
+    expected = tf.clip_by_value(expected_real - position * batch, 0, batch)
+    ok = tf.reduce_sum(example['mask']) >= tf.cast(expected, tf.float32)
+    with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+      return {k: tf.identity(v) for k, v in example.items()}
+
+  return ds.enumerate().map(check_count)
