@@ -17,8 +17,8 @@ raised. On a machine without GPUs, `--quick` runs the same checks with a
 scaled-down model on 2 CPU replicas (1 where XLA is on); the test suite runs
 it.
 
-    python benchmarks/accelerator_check.py            # GPU: ~10-20 min
-    python benchmarks/accelerator_check.py --quick    # CPU smoke, ~2 min
+    python -m benchmarks.accelerator_check            # GPU: ~10-20 min
+    python -m benchmarks.accelerator_check --quick    # CPU smoke, ~2 min
 
 Writes benchmarks/results/accelerator_check.json.
 """
@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 import traceback
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _parse():
@@ -234,7 +232,7 @@ def main():
     print(f"\nkeras.applications race: {race['status']}")
   path = common.write_json('accelerator_check' + ('_quick' if args.quick
                                                   else ''), dict(
-      benchmark='accelerator_check', command=' '.join(['python'] + sys.argv),
+      benchmark='accelerator_check', command=common.command_line(),
       devices=devices, rows=rows, keras_race=race,
       machine=common.machine_info()), results_dir=args.results_dir)
   print(f'\nwrote {path}')

@@ -10,6 +10,7 @@ this way are what the benchmarks claim.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -22,9 +23,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, 'benchmarks', 'results')
-
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -153,6 +151,13 @@ def write_json(name: str, payload: dict, results_dir: str = RESULTS_DIR
   return path
 
 
+def command_line() -> str:
+  """How this benchmark was started: `python -m benchmarks.<name> <args>`."""
+  # Under `python -m`, argv[0] is the module's file path.
+  name = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+  return ' '.join(['python', '-m', f'benchmarks.{name}'] + sys.argv[1:])
+
+
 def parse_int_list(text: str, flag: str) -> List[int]:
   """'1,2,4' -> [1, 2, 4], with a one-line error naming the flag."""
   try:
@@ -175,25 +180,44 @@ def experiment_config(model_dir: str, *, num_replicas: int, batch: int,
                       dropout: float = 0.2, stochastic_depth: float = 0.2):
   """An ExperimentConfig for a scaled-down EfficientNet on synthetic data.
 
-  The loop settings follow the paper's recipe (LARS, label smoothing 0.1,
-  EMA) so the timed step is the production step, only smaller.
+  `testing.small_config` with the loop settings of the paper's recipe (LARS,
+  label smoothing 0.1, EMA) so the timed step is the production step, only
+  smaller. The settings that small_config scales down for the tests (BN
+  momentum, dataset sizes, label smoothing, steps per loop) keep their
+  production defaults here.
   """
-  from efficientnet_tpu import config as config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.ExperimentConfig(
-      model=config_lib.ModelConfig(
+  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import config as config_lib
+  from efficientnet_tpu import testing
+  # pylint: enable=g-import-not-at-top
+  return testing.small_config(
+      model_dir, num_replicas=num_replicas,
+      model=dict(
+          _defaults(config_lib.ModelConfig, 'bn_momentum'),
           width_coefficient=width, depth_coefficient=depth,
           image_size=image_size, num_classes=num_classes,
           dropout_rate=dropout, stochastic_depth_rate=stochastic_depth,
           bn_group_size=bn_group_size),
-      data=config_lib.DataConfig(source='synthetic'),
-      optimizer=config_lib.OptimizerConfig(
+      data=dict(
+          _defaults(config_lib.DataConfig, 'num_train_images',
+                    'num_eval_images'),
+          source='synthetic'),
+      optimizer=dict(
+          _defaults(config_lib.OptimizerConfig, 'label_smoothing'),
           optimizer=optimizer, base_learning_rate=0.1, lr_scaling='none',
           lr_schedule='poly', lr_warmup_epochs=1.0,
           moving_average_decay=0.9999 if ema else 0.0),
-      distribute=config_lib.DistributeConfig(num_cpu_replicas=num_replicas),
-      train=config_lib.TrainConfig(
-          model_dir=model_dir, train_batch_size=batch,
-          eval_batch_size=batch, train_steps=10**6))
+      train=dict(
+          _defaults(config_lib.TrainConfig, 'iterations_per_loop'),
+          train_batch_size=batch, eval_batch_size=batch, train_steps=10**6))
+
+
+def _defaults(cls, *names: str) -> dict:
+  """The dataclass defaults of `names` in the config section `cls`."""
+  values = {f.name: f.default for f in dataclasses.fields(cls)
+            if f.name in names}
+  assert len(values) == len(names), (cls, names)
+  return values
 
 
 def use_cached_input(trainer) -> None:

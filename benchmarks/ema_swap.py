@@ -13,8 +13,8 @@ resolution (the variables do not depend on it), on 8 logical CPU replicas.
 Both swaps run in one process, in alternating rounds; each round is two
 swaps (weights restored).
 
-    python benchmarks/ema_swap.py                 # 8 replicas, 7 rounds
-    python benchmarks/ema_swap.py --replicas 4 --rounds 5
+    python -m benchmarks.ema_swap                 # 8 replicas, 7 rounds
+    python -m benchmarks.ema_swap --replicas 4 --rounds 5
 
 Writes benchmarks/results/ema_swap.json.
 """
@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -91,7 +89,7 @@ def main():
         f'{statistics.median(ratios):.1f}x, range {ratios[0]:.1f}-'
         f'{ratios[-1]:.1f}x')
   path = common.write_json('ema_swap', dict(
-      benchmark='ema_swap', command=' '.join(['python'] + sys.argv),
+      benchmark='ema_swap', command=common.command_line(),
       replicas=args.replicas, rounds=args.rounds,
       variables=len(ema.averages), seconds_per_round=times,
       first_call_seconds=first, speedup_median=statistics.median(ratios),

@@ -3,12 +3,12 @@
 A small EfficientNet trains on N logical CPU replicas (MirroredStrategy) with
 our GroupSyncBatchNormalization at several group sizes and with
 `keras.layers.BatchNormalization(synchronized=True)`, swapped in through
-`layers.make_batch_norm`. All variants live in one process; after a warm-up
-the timed rounds alternate between variants, and the median ms/step is
-reported.
+`model.build_model(batch_norm_fn=...)` (see `bn_variants`). All variants
+live in one process; after a warm-up the timed rounds alternate between
+variants, and the median ms/step is reported.
 
-    python benchmarks/group_bn.py                # defaults: ~5 min, 2 cores
-    python benchmarks/group_bn.py --group_sizes=1,2,4,8 --rounds=7
+    python -m benchmarks.group_bn                # defaults: ~5 min, 2 cores
+    python -m benchmarks.group_bn --group_sizes=1,2,4,8 --rounds=7
 
 Keras' synchronized BN calls `ReplicaContext.all_reduce`, whose
 `tf.custom_gradient` walks the whole multi-replica graph once per reduction
@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -82,6 +80,7 @@ def main():
   devices = distribute.configure_cpu_devices(args.replicas)
   # Imported after the CPU split: Keras may touch devices on import.
   import keras  # pylint: disable=g-import-not-at-top
+  from benchmarks import bn_variants  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu.config import ModelConfig  # pylint: disable=g-import-not-at-top
 
@@ -108,7 +107,8 @@ def main():
         f'{args.depth}; {os.cpu_count()} cores', flush=True)
   for label, impl, g in variants:
     with strategy.scope():
-      model = model_lib.build_model(cfg, bn_group_size=g, bn_impl=impl)
+      model = model_lib.build_model(
+          cfg, bn_group_size=g, batch_norm_fn=bn_variants.batch_norm_fn(impl))
       optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
       optimizer.build(model.trainable_variables)
 

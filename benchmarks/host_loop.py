@@ -11,9 +11,9 @@ the same Trainer (the step count is a tensor: no retracing), alternating.
 
 Each replica reads one cached synthetic batch (see `common.use_cached_input`).
 
-    python benchmarks/host_loop.py                   # 1 and 8 replicas, ~4 min
-    python benchmarks/host_loop.py --replicas=1 --rounds=7
-    python benchmarks/host_loop.py --from_json=benchmarks/results/host_loop.json
+    python -m benchmarks.host_loop                   # 1 and 8 replicas, ~4 min
+    python -m benchmarks.host_loop --replicas=1 --rounds=7
+    python -m benchmarks.host_loop --from_json=benchmarks/results/host_loop.json
 
 Writes benchmarks/results/host_loop.json.
 """
@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _parse():
@@ -145,7 +143,7 @@ def main():
   print(f'{args.rounds} alternating rounds', flush=True)
   times = common.alternating_rounds(calls, args.rounds)
   payload = dict(
-      benchmark='host_loop', command=' '.join(['python'] + sys.argv),
+      benchmark='host_loop', command=common.command_line(),
       global_batch=args.batch, width=args.width, depth=args.depth,
       image_size=args.image_size, num_classes=args.num_classes,
       steps_per_round=args.steps_per_round, rounds=args.rounds,

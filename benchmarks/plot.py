@@ -1,7 +1,7 @@
 """PNG charts from the benchmark JSON files in benchmarks/results/.
 
-    python benchmarks/plot.py                       # every known results file
-    python benchmarks/plot.py benchmarks/results/scaling.json
+    python -m benchmarks.plot                       # every known results file
+    python -m benchmarks.plot benchmarks/results/scaling.json
 
 One PNG per JSON file, next to it (same stem). Bars show the median round;
 the whiskers span the worst and best rounds.
@@ -13,15 +13,13 @@ import argparse
 import glob
 import json
 import os
-import sys
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 COLORS = {'ours': '#1f77b4', 'keras': '#ff7f0e', 'local': '#2ca02c',
           'group2': '#9467bd', 'global': '#d62728'}

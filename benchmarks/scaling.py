@@ -23,10 +23,10 @@ first steps) is reported separately from the steady state.
 Each replica reads one cached synthetic batch (see `common.use_cached_input`),
 so image generation does not compete with the step for the cores.
 
-    python benchmarks/scaling.py                    # ~10 min on 2 busy cores
-    python benchmarks/scaling.py --quick            # 1,2,4 replicas, ~4 min
-    python benchmarks/scaling.py --replicas=1,8 --modes=local,global
-    python benchmarks/scaling.py --replicas=8 --modes=local,local_stepsync
+    python -m benchmarks.scaling                    # ~10 min on 2 busy cores
+    python -m benchmarks.scaling --quick            # 1,2,4 replicas, ~4 min
+    python -m benchmarks.scaling --replicas=1,8 --modes=local,global
+    python -m benchmarks.scaling --replicas=8 --modes=local,local_stepsync
 
 Writes benchmarks/results/scaling.json.
 """
@@ -35,15 +35,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from unittest import mock
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MODES = {'local': 1, 'local_stepsync': 1, 'group2': 2, 'global': 0}
 
@@ -114,9 +112,10 @@ def variants(replicas, modes):
 
 def _step_sync_builder(model_lib):
   """build_model with the per-step moving-statistics all-reduce."""
+  from benchmarks import bn_variants  # pylint: disable=g-import-not-at-top
   original = model_lib.build_model
-  return lambda config, bn_group_size=1: original(
-      config, bn_group_size, bn_impl='group_step_sync')
+  return lambda *args, **kwargs: original(
+      *args, batch_norm_fn=bn_variants.group_step_sync, **kwargs)
 
 
 def main():
@@ -124,6 +123,7 @@ def main():
   # Before TensorFlow initializes: the logical CPUs every strategy uses.
   from efficientnet_tpu import distribute  # pylint: disable=g-import-not-at-top
   distribute.configure_cpu_devices(max(args.replicas))
+  from efficientnet_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
 
   info = common.machine_info()
@@ -144,8 +144,9 @@ def main():
     strategy = distribute.build_strategy(cfg.distribute)
     start = time.perf_counter()
     if mode == 'local_stepsync':
-      with mock.patch.object(train_lib.model_lib, 'build_model',
-                             _step_sync_builder(train_lib.model_lib)):
+      # The Trainer builds its model through model_lib.build_model.
+      with mock.patch.object(model_lib, 'build_model',
+                             _step_sync_builder(model_lib)):
         trainer = train_lib.Trainer(cfg, strategy)
     else:
       trainer = train_lib.Trainer(cfg, strategy)
@@ -193,7 +194,7 @@ def main():
       rows, ('variant', 'group', 'per-replica', 'img/s', 'worst', 'best',
              'ms/step', 'vs local', 'first call s')))
   path = common.write_json(args.name, dict(
-      benchmark='scaling', command=' '.join(['python'] + sys.argv),
+      benchmark='scaling', command=common.command_line(),
       global_batch=args.batch, width=args.width, depth=args.depth,
       image_size=args.image_size, num_classes=args.num_classes,
       steps_per_call=args.steps, rounds=args.rounds, warmup=args.warmup,

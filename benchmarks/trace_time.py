@@ -5,7 +5,7 @@ replicas and times its first `train_loop(2)` call (tracing, iterator set-up
 and two steps), then the steady-state step time, for a BN group size and EMA
 setting. One configuration per process, as tracing state does not reset.
 
-  python benchmarks/trace_time.py --group_size=2 [--no-ema]
+  python -m benchmarks.trace_time --group_size=2 [--no-ema]
 """
 
 import argparse
@@ -24,7 +24,7 @@ def main():
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   # pylint: disable=g-import-not-at-top
-  import common
+  from benchmarks import common
   from efficientnet_tpu import distribute
   from efficientnet_tpu import train
   distribute.configure_cpu_devices(args.replicas)

@@ -16,9 +16,9 @@ process; each round is `--steps` steps followed by one device->host read; the
 median round gives images/s. `--mirrored` adds the same step under a
 1-replica MirroredStrategy (the Trainer's code path) for both models.
 
-    python benchmarks/train_step.py                       # CPU: 64px/bs64 and 224px/bs32, fp32
-    python benchmarks/train_step.py --configs=64:64 --rounds=7 --mirrored
-    python benchmarks/train_step.py --device=gpu          # XLA + bf16 default on GPU
+    python -m benchmarks.train_step                       # CPU: 64px/bs64 and 224px/bs32, fp32
+    python -m benchmarks.train_step --configs=64:64 --rounds=7 --mirrored
+    python -m benchmarks.train_step --device=gpu          # XLA + bf16 default on GPU
 
 Writes benchmarks/results/train_step_<device>.json.
 """
@@ -28,13 +28,11 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-order
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-order
@@ -273,7 +271,7 @@ def main():
       dict(benchmark='train_step', device=args.device,
            precision='bf16' if bf16 else 'fp32', xla=jit,
            optimizer=args.optimizer, rounds=args.rounds, warmup=args.warmup,
-           command=' '.join(['python'] + sys.argv), results=results,
+           command=common.command_line(), results=results,
            machine=info))
   print(f'\nwrote {path}')
 

@@ -1,13 +1,14 @@
 """EfficientNet building blocks and the group-synchronized batch norm.
 
 Every normalization layer of the network comes from `make_batch_norm`, so
-the whole model switches between local, grouped and global BN (or Keras'
-own BatchNormalization, for comparison) in one place.
+the whole model switches between local, grouped and global BN in one place
+(the group size). Benchmarks that compare other normalization layers pass
+their own factory to `model.build_model(batch_norm_fn=...)`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import keras
 import tensorflow as tf
@@ -16,8 +17,6 @@ from efficientnet_tpu import collectives
 from efficientnet_tpu.config import ModelConfig
 
 _PACKAGE = 'efficientnet_tpu'
-
-BN_IMPLS = ('group', 'group_step_sync', 'keras', 'keras_sync')
 
 
 def dtype_policy(config: ModelConfig) -> str:
@@ -66,8 +65,8 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
   average is linear, so the mean of the per-replica averages equals the
   average of the per-step means: the synchronized values are those of an
   all-reduce MEAN in every layer at every step, which cost one collective per
-  BN layer per step (`sync_every_step=True` keeps that behaviour, for the
-  benchmark in benchmarks/scaling.py).
+  BN layer per step (benchmarks/bn_variants.py keeps that variant, by
+  overriding `_moving_targets`, for benchmarks/scaling.py).
 
   Outside a replica context (plain `model.predict`, a single device), or with
   one replica, it is ordinary batch norm. Inference uses moving statistics.
@@ -86,7 +85,6 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
                gamma_initializer='ones',
                moving_mean_initializer='zeros',
                moving_variance_initializer='ones',
-               sync_every_step: bool = False,
                **kwargs):
     super().__init__(**kwargs)
     if group_size < 0:
@@ -107,7 +105,6 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
         moving_mean_initializer)
     self.moving_variance_initializer = keras.initializers.get(
         moving_variance_initializer)
-    self.sync_every_step = bool(sync_every_step)
     self.supports_masking = True
 
   def build(self, input_shape):
@@ -151,14 +148,8 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
     return mean, tf.maximum(mean_sq - tf.square(mean), 0.0)
 
   def _moving_targets(self, mean, var):
-    """What the moving averages move towards: this replica's statistics,
-    or (sync_every_step) their mean over all replicas."""
-    stats = tf.stop_gradient(tf.concat([mean, var], 0))
-    if self.sync_every_step and collectives.in_replica_context():
-      stats = tf.distribute.get_replica_context().all_reduce(
-          tf.distribute.ReduceOp.MEAN, stats)
-    channels = mean.shape[-1]
-    return stats[:channels], stats[channels:]
+    """What the moving averages move towards: this replica's statistics."""
+    return mean, var
 
   def _normalize(self, x, mean, var):
     x32 = tf.cast(x, tf.float32)
@@ -203,36 +194,27 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
             self.moving_mean_initializer),
         'moving_variance_initializer': keras.initializers.serialize(
             self.moving_variance_initializer),
-        'sync_every_step': self.sync_every_step,
     })
     return config
 
 
+# (config, bn_group_size, name) -> a normalization layer; see make_batch_norm.
+BatchNormFactory = Callable[[ModelConfig, int, Optional[str]],
+                            keras.layers.Layer]
+
+
 def make_batch_norm(config: ModelConfig, bn_group_size: int = 1,
-                    name: Optional[str] = None, impl: str = 'group'):
+                    name: Optional[str] = None) -> GroupSyncBatchNormalization:
   """The one factory for every normalization layer of the network.
 
   Args:
     config: momentum, epsilon and dtype policy come from here.
     bn_group_size: replicas per BN group (1 local, 0 all replicas).
     name: layer name.
-    impl: 'group' (ours, always used by training), or for comparisons
-      'group_step_sync' (ours, moving statistics all-reduced every step),
-      'keras' (keras BatchNormalization, local; moving statistics drift
-      apart across replicas) and 'keras_sync' (keras synchronized=True).
   """
-  kwargs = dict(momentum=config.bn_momentum, epsilon=config.bn_epsilon,
-                name=name, dtype=dtype_policy(config))
-  if impl in ('group', 'group_step_sync'):
-    return GroupSyncBatchNormalization(
-        group_size=bn_group_size, sync_every_step=impl == 'group_step_sync',
-        **kwargs)
-  if impl == 'keras':
-    return keras.layers.BatchNormalization(**kwargs)
-  if impl == 'keras_sync':
-    return keras.layers.BatchNormalization(synchronized=True, **kwargs)
-  raise ValueError(f'make_batch_norm: expected impl in {BN_IMPLS}, got '
-                   f'{impl!r}')
+  return GroupSyncBatchNormalization(
+      group_size=bn_group_size, momentum=config.bn_momentum,
+      epsilon=config.bn_epsilon, name=name, dtype=dtype_policy(config))
 
 
 def replica_uniform(shape, seed_generator: keras.random.SeedGenerator
@@ -365,19 +347,21 @@ class SqueezeExcite(keras.layers.Layer):
 def mbconv_block(x, *, config: ModelConfig, filters_in: int, filters_out: int,
                  kernel_size: int, strides: int, expand_ratio: int,
                  se_ratio: float, drop_rate: float, bn_group_size: int,
-                 name: str, bn_impl: str = 'group', id_skip: bool = True):
+                 name: str, id_skip: bool = True,
+                 batch_norm_fn: BatchNormFactory = make_batch_norm):
   """Mobile inverted bottleneck (MBConv) on a functional-API tensor.
 
   expand 1x1 (if expand_ratio > 1) -> depthwise kxk (stride) -> SE
   (ratio of the block's input filters) -> project 1x1 -> stochastic depth
-  + identity skip when shapes allow.
+  + identity skip when shapes allow. `batch_norm_fn` builds its
+  normalization layers (see `model.build_model`).
   """
   policy = dtype_policy(config)
   inputs = x
   filters = filters_in * expand_ratio
 
   def bn(suffix):
-    return make_batch_norm(config, bn_group_size, name + suffix, bn_impl)
+    return batch_norm_fn(config, bn_group_size, name + suffix)
 
   if expand_ratio != 1:
     x = keras.layers.Conv2D(

@@ -102,7 +102,8 @@ def block_plan(config: ModelConfig) -> List[dict]:
 
 def build_model(config: ModelConfig, bn_group_size: int = 1,
                 name: Optional[str] = None, *,
-                bn_impl: str = 'group') -> keras.Model:
+                batch_norm_fn: Optional[layers.BatchNormFactory] = None
+                ) -> keras.Model:
   """Builds EfficientNet for `config`.
 
   Call inside `strategy.scope()` for distributed training.
@@ -112,13 +113,16 @@ def build_model(config: ModelConfig, bn_group_size: int = 1,
     bn_group_size: replicas per batch-norm group (1 = local BN, 0 = all
       replicas); see `collectives.resolve_bn_group_size`.
     name: model name (default: config.name).
-    bn_impl: normalization implementation for comparisons; see
-      `layers.make_batch_norm`.
+    batch_norm_fn: builds every normalization layer, called as
+      `batch_norm_fn(config, bn_group_size, layer_name)`; None (training,
+      export) is `layers.make_batch_norm`. The hook for benchmarks that
+      compare other layers (benchmarks/bn_variants.py).
 
   Returns:
     A functional keras.Model: normalized images [B, S, S, 3] -> float32
     logits [B, num_classes].
   """
+  bn = batch_norm_fn or layers.make_batch_norm
   policy = layers.dtype_policy(config)
   width = config.width_coefficient
   divisor = config.depth_divisor
@@ -130,19 +134,19 @@ def build_model(config: ModelConfig, bn_group_size: int = 1,
       padding='same', use_bias=False,
       kernel_initializer=layers.conv_kernel_initializer(), dtype=policy,
       name='stem_conv')(inputs)
-  x = layers.make_batch_norm(config, bn_group_size, 'stem_bn', bn_impl)(x)
+  x = bn(config, bn_group_size, 'stem_bn')(x)
   x = keras.layers.Activation('swish', dtype=policy,
                               name='stem_activation')(x)
 
   for block in block_plan(config):
     x = layers.mbconv_block(x, config=config, bn_group_size=bn_group_size,
-                            bn_impl=bn_impl, **block)
+                            batch_norm_fn=bn, **block)
 
   x = keras.layers.Conv2D(
       round_filters(HEAD_FILTERS, width, divisor), 1, padding='same',
       use_bias=False, kernel_initializer=layers.conv_kernel_initializer(),
       dtype=policy, name='top_conv')(x)
-  x = layers.make_batch_norm(config, bn_group_size, 'top_bn', bn_impl)(x)
+  x = bn(config, bn_group_size, 'top_bn')(x)
   x = keras.layers.Activation('swish', dtype=policy, name='top_activation')(x)
   x = keras.layers.GlobalAveragePooling2D(dtype=policy, name='avg_pool')(x)
   if config.dropout_rate > 0:

@@ -5,12 +5,15 @@ each replica group's batches (single device, tf.GradientTape for gradients)
 and numpy formulas for the moving statistics and stochastic depth.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks import bn_variants
 from efficientnet_tpu import collectives
 from efficientnet_tpu import layers
+from efficientnet_tpu import model as model_lib
 from efficientnet_tpu.config import ModelConfig
 from tests.helpers import cpu_replicas, local_values, per_replica
 
@@ -177,8 +180,9 @@ def test_moving_stats_are_replica_local_until_synchronized(strategy):
   with strategy.scope():
     ours = layers.make_batch_norm(ModelConfig(bn_momentum=MOMENTUM), 1, 'bn2')
     ours.build((None,) + SHAPE[1:])
-    per_step = layers.make_batch_norm(ModelConfig(bn_momentum=MOMENTUM), 1,
-                                      'bn3', impl='group_step_sync')
+    # The benchmarks' variant: moving statistics all-reduced every step.
+    per_step = bn_variants.group_step_sync(ModelConfig(bn_momentum=MOMENTUM),
+                                           1, 'bn3')
     per_step.build((None,) + SHAPE[1:])
   assert isinstance(ours, layers.GroupSyncBatchNormalization)
 
@@ -262,16 +266,32 @@ def test_group_size_must_divide_replicas(strategy):
     step(per_replica(strategy, _data(np.random.default_rng(0))))
 
 
-def test_factory_settings_and_impls():
+def test_factory_settings_and_benchmark_variants():
   cfg = ModelConfig(bn_momentum=0.95, bn_epsilon=1e-4, use_bfloat16=True)
   bn = layers.make_batch_norm(cfg, 4, 'x')
   assert isinstance(bn, layers.GroupSyncBatchNormalization)
   assert (bn.group_size, bn.momentum, bn.epsilon) == (4, 0.95, 1e-4)
   assert bn.compute_dtype == 'bfloat16' and bn.variable_dtype == 'float32'
-  sync = layers.make_batch_norm(cfg, 4, 'y', impl='keras_sync')
+  sync = bn_variants.batch_norm_fn('keras_sync')(cfg, 4, 'y')
   assert sync.synchronized
-  with pytest.raises(ValueError, match='impl'):
-    layers.make_batch_norm(cfg, 1, 'z', impl='nope')
+  assert (sync.momentum, sync.epsilon) == (0.95, 1e-4)
+  assert sync.compute_dtype == 'bfloat16'
+  with pytest.raises(ValueError, match='batch_norm_fn'):
+    bn_variants.batch_norm_fn('nope')
+
+
+def test_build_model_takes_every_bn_layer_from_batch_norm_fn():
+  cfg = ModelConfig(width_coefficient=0.25, depth_coefficient=0.1,
+                    image_size=32, num_classes=10)
+
+  def bn_types(model):
+    return [type(l) for l in model.layers if l.name.endswith('bn')]
+
+  ours = bn_types(model_lib.build_model(cfg, bn_group_size=2))
+  theirs = bn_types(model_lib.build_model(
+      cfg, batch_norm_fn=bn_variants.batch_norm_fn('keras')))
+  assert ours and set(ours) == {layers.GroupSyncBatchNormalization}
+  assert theirs == [keras.layers.BatchNormalization] * len(ours)
 
 
 def test_stochastic_depth_statistics():
