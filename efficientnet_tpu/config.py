@@ -219,6 +219,8 @@ class OptimizerConfig:
     _check(self.weight_decay >= 0, 'weight_decay', 'a value >= 0',
            self.weight_decay)
     _check(self.lars_eeta > 0, 'lars_eeta', 'a value > 0', self.lars_eeta)
+    _check(self.lars_epsilon >= 0, 'lars_epsilon', 'a value >= 0',
+           self.lars_epsilon)
     _check(0 <= self.label_smoothing < 1, 'label_smoothing',
            'a value in [0, 1)', self.label_smoothing)
     _check(0 <= self.moving_average_decay < 1, 'moving_average_decay',

@@ -27,8 +27,7 @@ from typing import Iterable, Optional, Sequence
 import keras
 import tensorflow as tf
 
-from efficientnet_tpu.config import (ConfigError, DEFAULT_WEIGHT_DECAY_EXCLUDE,
-                                     OptimizerConfig)
+from efficientnet_tpu.config import DEFAULT_WEIGHT_DECAY_EXCLUDE, OptimizerConfig
 
 _PACKAGE = 'efficientnet_tpu'
 
@@ -45,22 +44,15 @@ def variable_path(variable) -> str:
   return variable.name.split(':')[0]
 
 
-def _compile_patterns(patterns: Iterable[str], flag: str):
+def _compile_patterns(patterns: Iterable[str], name: str):
   compiled = []
   for pattern in patterns:
     try:
       compiled.append(re.compile(pattern))
     except (re.error, TypeError) as e:
-      raise ConfigError(f'--{flag}: expected valid regular expressions, got '
-                        f'{pattern!r} ({e})') from None
+      raise ValueError(f'{name}: expected valid regular expressions, got '
+                       f'{pattern!r} ({e})') from None
   return compiled
-
-
-def is_excluded(variable, patterns: Sequence[str]) -> bool:
-  """True if the variable's path matches any regex (re.search) in patterns."""
-  path = variable_path(variable)
-  return any(p.search(path) for p in
-             _compile_patterns(patterns, 'weight_decay_exclude'))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -100,17 +92,18 @@ class LARS(keras.optimizers.Optimizer):
                **kwargs):
     super().__init__(learning_rate=learning_rate, weight_decay=None,
                      name=name, **kwargs)
+    # Plain argument names: this is a Keras optimizer; the config layer
+    # checks the flags (OptimizerConfig) before any optimizer exists.
     if not 0.0 <= momentum < 1.0:
-      raise ConfigError(f'--momentum: expected a value in [0, 1), got '
-                        f'{momentum!r}')
+      raise ValueError(f'momentum: expected a value in [0, 1), got '
+                       f'{momentum!r}')
     if not eeta > 0:
-      raise ConfigError(f'--lars_eeta: expected a value > 0, got {eeta!r}')
+      raise ValueError(f'eeta: expected a value > 0, got {eeta!r}')
     if not weight_decay >= 0:
-      raise ConfigError(f'--weight_decay: expected a value >= 0, got '
-                        f'{weight_decay!r}')
+      raise ValueError(f'weight_decay: expected a value >= 0, got '
+                       f'{weight_decay!r}')
     if not epsilon >= 0:
-      raise ConfigError(f'--lars_epsilon: expected a value >= 0, got '
-                        f'{epsilon!r}')
+      raise ValueError(f'epsilon: expected a value >= 0, got {epsilon!r}')
     self.momentum = float(momentum)
     self.nesterov = bool(nesterov)
     self.eeta = float(eeta)
@@ -118,7 +111,7 @@ class LARS(keras.optimizers.Optimizer):
     self.epsilon = float(epsilon)
     self.exclude_from_adaptation = tuple(exclude_from_adaptation or ())
     self._exclude_res = _compile_patterns(self.exclude_from_adaptation,
-                                          'weight_decay_exclude')
+                                          'exclude_from_adaptation')
 
   def build(self, var_list):
     """Creates momentum slots and records, per variable, whether to adapt."""
@@ -246,8 +239,8 @@ def build_optimizer(opt_cfg: OptimizerConfig,
                                 name='momentum')
   if name == 'sgd':
     return keras.optimizers.SGD(learning_rate, momentum=0.0, name='sgd')
-  raise ConfigError(f'--optimizer: expected one of lars, rmsprop, momentum, '
-                    f'sgd, got {name!r}')
+  raise ValueError(f'optimizer: expected one of lars, rmsprop, momentum, '
+                   f'sgd, got {name!r}')
 
 
 def optimizer_applies_weight_decay(opt_cfg: OptimizerConfig) -> bool:

@@ -188,29 +188,37 @@ def test_lars_mixed_bfloat16_keeps_float32_weights():
     np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-6)
 
 
-def _single_line_config_error(fn, flag):
-  with pytest.raises(ConfigError) as e:
+def _single_line_error(fn, error, start):
+  with pytest.raises(error) as e:
     fn()
   msg = str(e.value)
-  assert '\n' not in msg and msg.startswith(f'--{flag}:'), msg
+  assert '\n' not in msg and msg.startswith(start), msg
 
 
 def test_bad_regex_and_hyperparameters_fail_clearly():
-  _single_line_config_error(
-      lambda: optimizers.LARS(0.1, exclude_from_adaptation=['(unclosed']),
-      'weight_decay_exclude')
-  _single_line_config_error(lambda: optimizers.LARS(0.1, eeta=0.0),
-                            'lars_eeta')
-  _single_line_config_error(lambda: optimizers.LARS(0.1, momentum=1.0),
-                            'momentum')
+  """The Keras optimizer names its arguments (a plain ValueError, not a
+  ConfigError); the config layer names the flags."""
+  for kwargs, name in (
+      (dict(exclude_from_adaptation=['(unclosed']), 'exclude_from_adaptation'),
+      (dict(eeta=0.0), 'eeta'), (dict(momentum=1.0), 'momentum'),
+      (dict(epsilon=-1.0), 'epsilon'), (dict(weight_decay=-1.0),
+                                        'weight_decay')):
+    with pytest.raises(ValueError) as e:
+      optimizers.LARS(0.1, **kwargs)
+    assert not isinstance(e.value, ConfigError)
+    assert str(e.value).startswith(f'{name}: '), e.value
+  for kwargs, flag in ((dict(weight_decay_exclude=('(unclosed',)),
+                        'weight_decay_exclude'),
+                       (dict(lars_eeta=0.0), 'lars_eeta'),
+                       (dict(momentum=1.0), 'momentum'),
+                       (dict(lars_epsilon=-1.0), 'lars_epsilon'),
+                       (dict(optimizer='adam'), 'optimizer')):
+    _single_line_error(lambda: OptimizerConfig(**kwargs), ConfigError,  # pylint: disable=cell-var-from-loop
+                       f'--{flag}: ')
   cfg = OptimizerConfig(optimizer='momentum')
-  cfg.weight_decay_exclude = ('[bad',)
-  _single_line_config_error(lambda: optimizers.l2_loss(cfg, []),
-                            'weight_decay_exclude')
-  cfg = OptimizerConfig()
-  cfg.optimizer = 'adam'
-  _single_line_config_error(lambda: optimizers.build_optimizer(cfg, 0.1),
-                            'optimizer')
+  cfg.weight_decay_exclude = ('[bad',)  # Past the config's own check.
+  _single_line_error(lambda: optimizers.l2_loss(cfg, []), ValueError,
+                     'weight_decay_exclude: ')
 
 
 def test_lars_get_config_round_trip():
