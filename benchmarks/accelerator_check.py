@@ -99,13 +99,12 @@ def _config(model_dir, args, num_replicas, bf16, jit, quick):
 def check_variant(tf, strategy_fn, cfg, steps):
   """Trains, evaluates, checkpoints and resumes; returns a result row."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import evaluation  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import experiment  # pylint: disable=g-import-not-at-top
   row = {}
-  trainer = train_lib.Trainer(cfg, strategy_fn())
+  # Time the step, not image synthesis: one cached batch per replica.
+  trainer = experiment.build_trainer(
+      cfg, strategy_fn(), input_for_step=common.cached_train_input(cfg))
   row['xla'] = trainer.jit_compile
-  real_input = trainer.distribute_input
-  common.use_cached_input(trainer)  # Time the step, not image synthesis.
   start = time.perf_counter()
   first = trainer.train_loop(2)
   row['first_call_s'] = time.perf_counter() - start
@@ -116,16 +115,15 @@ def check_variant(tf, strategy_fn, cfg, steps):
   row['ms_per_step'] = 1e3 * elapsed / steps
   row['loss'] = metrics['loss']
   assert np.isfinite([first['loss'], metrics['loss']]).all(), 'loss not finite'
-  trainer.distribute_input = real_input  # The real, padded eval set.
-  ev = evaluation.Evaluator(trainer).evaluate()
+  ev = experiment.evaluator_for(trainer).evaluate()  # The real eval set.
   row['eval_images'] = ev['num_examples']
   assert ev['num_examples'] == cfg.data.num_eval_images, ev
   trainer.save_checkpoint()
-  # Weights and BN statistics (the dropout seed state is not checkpointed).
+  # Weights and BN statistics.
   floats = lambda t: [v for v in t.model.variables
                       if tf.as_dtype(v.dtype).is_floating]
   saved = [v.numpy() for v in floats(trainer)]
-  resumed = train_lib.Trainer(cfg, strategy_fn())
+  resumed = experiment.build_trainer(cfg, strategy_fn())
   assert resumed.restore() == trainer.global_step
   for got, want in zip(floats(resumed), saved):
     np.testing.assert_array_equal(got.numpy(), want)
@@ -136,7 +134,7 @@ def check_variant(tf, strategy_fn, cfg, steps):
 
 def keras_race(tf, args, quick):
   """Our B0 step vs keras.applications B0, one device, same LARS step."""
-  import train_step  # pylint: disable=g-import-not-at-top
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
   resolution = 32 if quick else 224
   batch = args.batch_per_replica
   images = tf.random.uniform((batch, resolution, resolution, 3))

@@ -220,30 +220,18 @@ def _defaults(cls, *names: str) -> dict:
   return values
 
 
-def use_cached_input(trainer) -> None:
-  """Makes the Trainer read ONE cached batch per replica, repeated.
+def cached_train_input(cfg):
+  """The configured training input cut to ONE cached batch per replica.
 
-  The Trainer's own input function (whatever element spec it emits) is
-  wrapped with `.take(1).cache().repeat()` per input pipeline, so the timed
+  Returns `start step -> input_fn` for `experiment.build_trainer`: each
+  input pipeline's first batch, `.take(1).cache().repeat()`, so the timed
   loop is the real replicated step and host loop, without synthetic image
   generation competing for the 2 cores.
   """
-  original = trainer.distribute_input
-  strategy = trainer.strategy
-
-  def distribute_input(is_training):
-    real = strategy.distribute_datasets_from_function
-
-    def cached(input_fn, options=None):
-      return real(lambda ctx: input_fn(ctx).take(1).cache().repeat(), options)
-
-    strategy.distribute_datasets_from_function = cached
-    try:
-      return original(is_training)
-    finally:
-      del strategy.distribute_datasets_from_function
-
-  trainer.distribute_input = distribute_input
+  from efficientnet_tpu import experiment  # pylint: disable=g-import-not-at-top
+  real = experiment.train_input(cfg)
+  return lambda step: (
+      lambda ctx: real(step)(ctx).take(1).cache().repeat())
 
 
 def exit_now(code: int = 0) -> None:

@@ -9,7 +9,7 @@ that overhead visible. Every timed round runs the same number of steps
 `train_loop(1)`, 10 of `train_loop(10)`, 1 of `train_loop(100)`, through
 the same Trainer (the step count is a tensor: no retracing), alternating.
 
-Each replica reads one cached synthetic batch (see `common.use_cached_input`).
+Each replica reads one cached synthetic batch (see `common.cached_train_input`).
 
     python -m benchmarks.host_loop                   # 1 and 8 replicas, ~4 min
     python -m benchmarks.host_loop --replicas=1 --rounds=7
@@ -104,7 +104,7 @@ def main():
     return
   from efficientnet_tpu import distribute  # pylint: disable=g-import-not-at-top
   distribute.configure_cpu_devices(max(args.replicas))
-  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import experiment  # pylint: disable=g-import-not-at-top
 
   info = common.machine_info()
   print(f'machine: {common.describe_machine(info)}')
@@ -119,8 +119,9 @@ def main():
         os.path.join(model_dir, f'r{r}'), num_replicas=r, batch=args.batch,
         width=args.width, depth=args.depth, image_size=args.image_size,
         num_classes=args.num_classes, bn_group_size=1)
-    trainer = train_lib.Trainer(cfg, distribute.build_strategy(cfg.distribute))
-    common.use_cached_input(trainer)
+    trainer = experiment.build_trainer(
+        cfg, distribute.build_strategy(cfg.distribute),
+        input_for_step=common.cached_train_input(cfg))
     start = time.perf_counter()
     trainer.train_loop(1)
     first_s = time.perf_counter() - start

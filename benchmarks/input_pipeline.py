@@ -6,7 +6,7 @@ Writes (or reuses) TFRecords of synthetic JPEGs shaped like ImageNet's
 ImageNet TFRecord directory (`--data_dir` holding train-*), then measures
 images/sec per core and process CPU time per image of
   (a) decode: read + parse + `tf.io.decode_jpeg` of the whole image,
-  (b) full:   the real training pipeline (`input_pipeline.build_input_fn`):
+  (b) full:   the real training pipeline (`data.pipeline.build_input_fn`):
               read, byte-count check, parse, payload check, fused random
               crop + decode, flip, resize, round to uint8, batch; once with
               bicubic (the default) and once with --resize_method=bilinear.
@@ -20,9 +20,9 @@ The ratio depends on the images: decode cost grows with the pixels of the
 source JPEG, the resize cost with the 224x224 output, so small sources
 give a lower ratio (docs/input_pipeline.md has both).
 
-  python benchmarks/input_pipeline.py [--images imagenet|small]
+  python -m benchmarks.input_pipeline [--images imagenet|small]
       [--data_dir DIR] [--threads 1] [--seconds 5] [--rounds 3]
-  python benchmarks/input_pipeline.py --resize_table --seconds 1.5
+  python -m benchmarks.input_pipeline --resize_table --seconds 1.5
       (resize of single crops from uint8 vs float32 input only)
 """
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import tempfile
 import time
 
@@ -39,8 +38,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from efficientnet_tpu import input_pipeline  # pylint: disable=g-import-not-at-top
+from efficientnet_tpu.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
 from efficientnet_tpu.config import DataConfig  # pylint: disable=g-import-not-at-top
 
 
@@ -170,7 +168,7 @@ def decode_only(data_dir: str, batch: int, threads: int) -> tf.data.Dataset:
 def stage(data_dir: str, batch: int, threads: int, image_size: int,
           resize_method: str = '') -> tf.data.Dataset:
   """Crop-decode (+ flip + resize to uint8) alone, for the breakdown."""
-  from efficientnet_tpu import preprocessing  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu.data import preprocessing  # pylint: disable=g-import-not-at-top
 
   def fn(record):
     data = tf.io.parse_single_example(record, {
@@ -283,7 +281,7 @@ def main(argv=None) -> None:
     cfg = DataConfig(source='tfrecord', data_dir=args.data_dir,
                      augment=args.augment, resize_method=method,
                      shuffle_buffer=256)
-    return input_pipeline.build_input_fn(
+    return data_pipeline.build_input_fn(
         cfg, size, True, batch, private_threadpool_size=threads)(None)
 
   configs = {

@@ -20,7 +20,7 @@ step and, between the BN modes at a fixed replica count, the price of the
 collectives. The first call (trace of the replicated loop + iterator set-up +
 first steps) is reported separately from the steady state.
 
-Each replica reads one cached synthetic batch (see `common.use_cached_input`),
+Each replica reads one cached synthetic batch (see `common.cached_train_input`),
 so image generation does not compete with the step for the cores.
 
     python -m benchmarks.scaling                    # ~10 min on 2 busy cores
@@ -124,7 +124,7 @@ def main():
   from efficientnet_tpu import distribute  # pylint: disable=g-import-not-at-top
   distribute.configure_cpu_devices(max(args.replicas))
   from efficientnet_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import experiment  # pylint: disable=g-import-not-at-top
 
   info = common.machine_info()
   print(f'machine: {common.describe_machine(info)}')
@@ -147,11 +147,12 @@ def main():
       # The Trainer builds its model through model_lib.build_model.
       with mock.patch.object(model_lib, 'build_model',
                              _step_sync_builder(model_lib)):
-        trainer = train_lib.Trainer(cfg, strategy)
+        trainer = experiment.build_trainer(
+            cfg, strategy, input_for_step=common.cached_train_input(cfg))
     else:
-      trainer = train_lib.Trainer(cfg, strategy)
+      trainer = experiment.build_trainer(
+          cfg, strategy, input_for_step=common.cached_train_input(cfg))
     build_s = time.perf_counter() - start
-    common.use_cached_input(trainer)
     start = time.perf_counter()
     trainer.train_loop(args.steps)
     first_s = time.perf_counter() - start

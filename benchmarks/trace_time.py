@@ -1,6 +1,6 @@
 """First-call (trace) time of the replicated train loop on CPU replicas.
 
-Builds the real `train.Trainer` for a tiny EfficientNet on N logical CPU
+Builds the real `train.Trainer` (`experiment.build_trainer`) for a tiny EfficientNet on N logical CPU
 replicas and times its first `train_loop(2)` call (tracing, iterator set-up
 and two steps), then the steady-state step time, for a BN group size and EMA
 setting. One configuration per process, as tracing state does not reset.
@@ -26,13 +26,14 @@ def main():
   # pylint: disable=g-import-not-at-top
   from benchmarks import common
   from efficientnet_tpu import distribute
-  from efficientnet_tpu import train
+  from efficientnet_tpu import experiment
   distribute.configure_cpu_devices(args.replicas)
   cfg = common.experiment_config(
       tempfile.mkdtemp(prefix='bench_trace_'), num_replicas=args.replicas,
       batch=64, width=0.25, depth=0.25, image_size=32, num_classes=10,
       bn_group_size=args.group_size, ema=args.ema, dropout=0.0)
-  trainer = train.Trainer(cfg, distribute.build_strategy(cfg.distribute))
+  trainer = experiment.build_trainer(
+      cfg, distribute.build_strategy(cfg.distribute))
   start = time.time()
   trainer.train_loop(2)
   first = time.time() - start

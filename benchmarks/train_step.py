@@ -38,9 +38,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-order
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-order
 import keras  # pylint: disable=g-import-not-at-top,wrong-import-order
 
+from efficientnet_tpu import losses  # pylint: disable=g-import-not-at-top
 from efficientnet_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
 from efficientnet_tpu import optimizers  # pylint: disable=g-import-not-at-top
-from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
 from efficientnet_tpu.config import ModelConfig, OptimizerConfig  # pylint: disable=g-import-not-at-top
 
 NUM_CLASSES = 1000
@@ -114,7 +114,7 @@ def build_optimizer(kind: str):
 def _loss_and_update(model, optimizer, images, labels):
   with tf.GradientTape() as tape:
     logits = model(images, training=True)
-    loss = tf.reduce_mean(train_lib.smoothed_cross_entropy(
+    loss = tf.reduce_mean(losses.smoothed_cross_entropy(
         labels, logits, NUM_CLASSES, LABEL_SMOOTHING))
   grads = tape.gradient(loss, model.trainable_variables)
   optimizer.apply_gradients(zip(grads, model.trainable_variables))

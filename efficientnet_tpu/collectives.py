@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from efficientnet_tpu import distribute
 from efficientnet_tpu.config import ConfigError, ModelConfig
 
 
@@ -37,13 +38,6 @@ def in_replica_context() -> bool:
   """True inside `strategy.run` (including the default strategy's context)."""
   return (not tf.distribute.in_cross_replica_context() and
           tf.distribute.get_replica_context() is not None)
-
-
-def is_tpu_replica_context() -> bool:
-  """True when the current strategy is a TPU strategy."""
-  strategy = tf.distribute.get_strategy()
-  return isinstance(strategy, (tf.distribute.TPUStrategy,
-                               tf.distribute.experimental.TPUStrategy))
 
 
 def _replica_context() -> tf.distribute.ReplicaContext:
@@ -136,7 +130,8 @@ def grouped_sum(x: tf.Tensor, group_size: int) -> tf.Tensor:
     return x
   if g == num_replicas:
     return all_reduce_sum(x)
-  if is_tpu_replica_context():
+  # In replica context get_strategy() is the strategy running this replica.
+  if distribute.is_tpu(tf.distribute.get_strategy()):
     return tf.compat.v1.tpu.cross_replica_sum(
         x, group_assignment(num_replicas, g))
   return _select_group(all_group_sums(x, g), g)

@@ -7,6 +7,7 @@ pipeline per host, sharded evaluation) runs and is tested on a laptop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import FrozenSet, Optional, Tuple
@@ -134,6 +135,32 @@ def writer_roles(tf_config: Optional[dict]) -> FrozenSet[str]:
   return frozenset((TRAIN_WRITER, EVAL_WRITER))
 
 
+@dataclasses.dataclass(frozen=True)
+class ClusterRole:
+  """This process's place in the cluster (see `writer_roles`)."""
+  task: Tuple[Optional[str], int] = (None, 0)
+  writer_roles: FrozenSet[str] = frozenset((TRAIN_WRITER, EVAL_WRITER))
+  # An evaluator task evaluates; the training tasks then do not.
+  has_evaluator_task: bool = False
+
+  @property
+  def is_train_writer(self) -> bool:
+    return TRAIN_WRITER in self.writer_roles
+
+  @property
+  def is_eval_writer(self) -> bool:
+    return EVAL_WRITER in self.writer_roles
+
+
+def cluster_role(cfg: DistributeConfig) -> ClusterRole:
+  """This process's role, from TF_CONFIG for multi-worker runs."""
+  tf_config = read_tf_config() if cfg.strategy == 'multi_worker' else None
+  return ClusterRole(
+      task=task_of(tf_config), writer_roles=writer_roles(tf_config),
+      has_evaluator_task=bool(tf_config and
+                              tf_config['cluster'].get('evaluator')))
+
+
 def _local_strategy() -> tf.distribute.Strategy:
   """All local GPUs, else the CPU: for a side-car evaluator task."""
   gpus = tf.config.list_logical_devices('GPU')
@@ -178,14 +205,25 @@ def _is_gpu_device(device: str) -> bool:
   return tf.DeviceSpec.from_string(device).device_type == 'GPU'
 
 
-def is_tpu_strategy(strategy: tf.distribute.Strategy) -> bool:
+def is_tpu(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
+  """Whether `strategy` is a TPU strategy (the one TPU test of the package).
+
+  True exactly when `strategy` is an instance of `tf.distribute.TPUStrategy`
+  or `tf.distribute.experimental.TPUStrategy`; the visible devices are not
+  consulted. Without an argument it checks the strategy in scope,
+  `tf.distribute.get_strategy()`: the one whose `run` is executing inside a
+  replica context (e.g. the collectives of a replica step), the default
+  (non-TPU) strategy outside any scope.
+  """
+  if strategy is None:
+    strategy = tf.distribute.get_strategy()
   return isinstance(strategy, (tf.distribute.TPUStrategy,
                                tf.distribute.experimental.TPUStrategy))
 
 
 def num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
   """Number of hosts, each of which runs one input pipeline."""
-  if is_tpu_strategy(strategy):
+  if is_tpu(strategy):
     return strategy.extended.num_hosts
   resolver = getattr(strategy, 'cluster_resolver', None)
   if resolver is not None and isinstance(
@@ -215,7 +253,7 @@ def resolve_jit_compile(strategy: tf.distribute.Strategy,
   Raises:
     ConfigError: the request cannot work on this strategy's devices.
   """
-  if is_tpu_strategy(strategy):
+  if is_tpu(strategy):
     if requested is False:
       raise ConfigError('--jit_compile: TPUs always compile the training '
                         'step with XLA; use --jit_compile=auto')

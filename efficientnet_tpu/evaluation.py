@@ -4,11 +4,15 @@ Every replica evaluates its share of padded, masked batches; the metrics are
 sums of correct and valid counts reduced across replicas (never averages of
 per-replica averages), so N eval images give metrics over exactly N images
 whatever the batch, replica and host counts.
+
+The evaluator needs no trainer: it is handed the model state (model, EMA,
+checkpoint), the eval input function and the run directory's roles, so it
+runs the same beside training (train_and_eval), alone (`--mode=eval`) or as
+a side-car evaluator task.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Dict, Optional
@@ -16,37 +20,50 @@ from typing import Dict, Optional
 from absl import logging
 import tensorflow as tf
 
-from efficientnet_tpu import data as data_lib
 from efficientnet_tpu import distribute
-from efficientnet_tpu import fileio
-from efficientnet_tpu import train as train_lib
-from efficientnet_tpu.config import ConfigError
-
-RESULTS_FILENAME = 'eval_results.jsonl'
-BEST_DIRNAME = 'best'
-BEST_FILENAME = 'best_eval.json'
+from efficientnet_tpu import losses
+from efficientnet_tpu import replicated
+from efficientnet_tpu import run_dir
+from efficientnet_tpu.config import ConfigError, ExperimentConfig
+from efficientnet_tpu.data import preprocessing
+from efficientnet_tpu.data.contract import InputFn
+from efficientnet_tpu.state import ModelState
 
 
 class Evaluator:
-  """Evaluates a `Trainer`'s model (EMA weights when enabled)."""
+  """Evaluates a `ModelState`'s model (EMA weights when enabled)."""
 
-  def __init__(self, trainer: train_lib.Trainer):
-    self.trainer = trainer
-    cfg = trainer.cfg
-    self.strategy = trainer.strategy
+  def __init__(self, cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
+               state: ModelState, input_fn: InputFn, num_steps: int,
+               role: distribute.ClusterRole = distribute.ClusterRole()):
+    """Takes what evaluation needs.
+
+    Args:
+      cfg: the experiment (classes, precision, XLA, model_dir).
+      strategy: the replicas `state` lives on.
+      state: model, EMA and checkpoint (restored by the caller).
+      input_fn: the eval input (padded, masked batches; `data` package).
+      num_steps: eval batches per replica (the whole eval set, or fewer).
+      role: whether this process writes eval results (EVAL_WRITER).
+    """
+    self.cfg = cfg
+    self.strategy = strategy
+    self.state = state
+    self.role = role
+    self.input_fn = input_fn
+    self.num_steps = num_steps
     # Eval summaries, eval_results.jsonl and best/ (see writer_roles).
-    self.is_writer = distribute.EVAL_WRITER in trainer.writer_roles
-    self.num_steps = data_lib.num_eval_steps(cfg.data.num_eval_images,
-                                             cfg.train.eval_batch_size)
-    if cfg.train.eval_steps:
-      self.num_steps = min(self.num_steps, cfg.train.eval_steps)
-    with self.strategy.scope():
+    self.is_writer = role.is_eval_writer
+    self.input_dtype = tf.bfloat16 if cfg.model.use_bfloat16 else tf.float32
+    self._on_tpu = distribute.is_tpu(strategy)
+    with strategy.scope():
       self._sums = {
-          name: train_lib.sum_variable(f'eval_{name}')
+          name: replicated.sum_variable(f'eval_{name}')
           for name in ('loss', 'top_1', 'top_5', 'count')
       }
+    jit = distribute.resolve_jit_compile(strategy, cfg.train.jit_compile)
     self._logits_fn = (tf.function(self._logits, jit_compile=True)
-                       if trainer.jit_compile else self._logits)
+                       if jit else self._logits)
     self._dataset = None
     self._eval_loop_fn = None
     self._writer = None
@@ -54,14 +71,14 @@ class Evaluator:
     self._best = None
 
   def _logits(self, images):
-    return tf.cast(self.trainer.model(self.trainer.normalize(images),
-                                      training=False), tf.float32)
+    images = preprocessing.normalize(images, self.input_dtype, self._on_tpu)
+    return tf.cast(self.state.model(images, training=False), tf.float32)
 
   def _replica_eval_step(self, batch):
-    num_classes = self.trainer.cfg.model.num_classes
+    num_classes = self.cfg.model.num_classes
     logits = self._logits_fn(batch['images'])
     labels, mask = batch['labels'], batch['mask']
-    loss = train_lib.smoothed_cross_entropy(labels, logits, num_classes, 0.0)
+    loss = losses.smoothed_cross_entropy(labels, logits, num_classes, 0.0)
     top_1 = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)
     top_5 = tf.cast(tf.math.in_top_k(labels, logits, min(5, num_classes)),
                     tf.float32)
@@ -73,15 +90,16 @@ class Evaluator:
   def evaluate(self) -> Dict[str, float]:
     """One full pass over the eval set; returns exact metrics."""
     if self._eval_loop_fn is None:
-      self._dataset = self.trainer.distribute_input(is_training=False)
-      self._eval_loop_fn = train_lib.replicated_loop(self.strategy,
-                                                     self._replica_eval_step)
+      self._dataset = replicated.distribute_input(self.strategy,
+                                                  self.input_fn)
+      self._eval_loop_fn = replicated.replicated_loop(
+          self.strategy, self._replica_eval_step)
     for v in self._sums.values():
       v.assign(0.0)
-    ema = self.trainer.ema
+    ema = self.state.ema
     start = time.time()
     # Eval normalizes with the moving statistics: the same on every replica.
-    self.trainer.sync_replica_local_state()
+    self.state.sync_replica_local_state()
     if ema is not None:
       ema.swap()
     try:
@@ -107,7 +125,7 @@ class Evaluator:
     if self._writer is None:
       if self.is_writer:
         self._writer = tf.summary.create_file_writer(
-            os.path.join(self.trainer.cfg.train.model_dir, 'eval'))
+            os.path.join(self.cfg.train.model_dir, 'eval'))
       else:
         self._writer = tf.summary.create_noop_writer()
     return self._writer
@@ -119,64 +137,55 @@ class Evaluator:
     metrics = self.evaluate()
     logging.info('eval at step %d: %s', step,
                  ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
-    self.trainer.write_summaries(metrics, step, writer=self.summary_writer)
+    replicated.write_scalars(self.summary_writer, metrics, step)
     if self.is_writer:
-      model_dir = self.trainer.cfg.train.model_dir
-      record = dict(metrics, step=step, checkpoint=checkpoint_path)
-      path = os.path.join(model_dir, RESULTS_FILENAME)
-      # Append by rewrite: gfile has no append mode on every filesystem.
-      old = ''
-      if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-          old = f.read()
-      fileio.write_atomically(
-          path, old + json.dumps(record, sort_keys=True) + '\n')
+      run_dir.append_eval_result(
+          self.cfg.train.model_dir,
+          dict(metrics, step=step, checkpoint=checkpoint_path))
     self._maybe_archive_best(step, metrics)
     return metrics
 
   def _maybe_archive_best(self, step: int, metrics: Dict[str, float]) -> None:
     """Keeps a copy of the checkpoint with the best top-1 in model_dir/best."""
-    model_dir = self.trainer.cfg.train.model_dir
-    best_dir = os.path.join(model_dir, BEST_DIRNAME)
-    best_file = os.path.join(best_dir, BEST_FILENAME)
+    model_dir = self.cfg.train.model_dir
     if self._best is None:
       # Read once: all workers then decide from identical metrics in memory.
-      self._best = -1.0
-      if tf.io.gfile.exists(best_file):
-        with tf.io.gfile.GFile(best_file) as f:
-          self._best = json.load(f)['top_1_accuracy']
+      self._best = run_dir.best_top_1(model_dir)
     if metrics['top_1_accuracy'] <= self._best:
       return
     self._best = metrics['top_1_accuracy']
     if self._best_manager is None:
-      directory = train_lib.worker_dir(self.trainer.task, best_dir,
-                                       self.is_writer)
+      directory = run_dir.worker_dir(
+          self.role.task, os.path.join(model_dir, run_dir.BEST_DIRNAME),
+          self.is_writer)
       self._best_manager = tf.train.CheckpointManager(
-          self.trainer.checkpoint, directory, max_to_keep=1,
+          self.state.checkpoint, directory, max_to_keep=1,
           checkpoint_name='best')
     path = self._best_manager.save(checkpoint_number=step)
     if self.is_writer:
-      fileio.write_atomically(
-          best_file, json.dumps(dict(metrics, step=step, checkpoint=path),
-                                indent=2))
+      run_dir.write_best(model_dir, dict(metrics, step=step, checkpoint=path))
     else:
       tf.io.gfile.rmtree(os.path.dirname(path))
 
 
-def continuous_eval(trainer: train_lib.Trainer, evaluator: Evaluator,
-                    timeout: int) -> Dict[str, float]:
+def continuous_eval(state: ModelState, evaluator: Evaluator, model_dir: str,
+                    total_steps: int, timeout: int) -> Dict[str, float]:
   """Evaluates each new checkpoint in model_dir until training has ended.
 
   Args:
-    trainer: provides the model and checkpoint (nothing is trained).
-    evaluator: the evaluator to run.
+    state: restored from each checkpoint (nothing is trained).
+    evaluator: the evaluator to run on it.
+    model_dir: where the checkpoints appear.
+    total_steps: the training's last step: its checkpoint ends the wait.
     timeout: seconds to wait for a new checkpoint before giving up; 0 means
       evaluate what is there now and return.
 
   Returns:
-    The metrics of the last checkpoint evaluated ({} if none was found).
+    The metrics of the last checkpoint evaluated.
+
+  Raises:
+    ConfigError: no checkpoint was evaluated.
   """
-  model_dir = trainer.cfg.train.model_dir
   metrics: Dict[str, float] = {}
   if timeout <= 0:
     paths = [tf.train.latest_checkpoint(model_dir)]
@@ -184,9 +193,9 @@ def continuous_eval(trainer: train_lib.Trainer, evaluator: Evaluator,
   else:
     paths = tf.train.checkpoints_iterator(model_dir, timeout=timeout)
   for path in paths:
-    step = trainer.restore(path)
+    step = state.restore(path)
     metrics = evaluator.evaluate_and_record(step, checkpoint_path=path)
-    if step >= trainer.total_steps:
+    if step >= total_steps:
       break
   if not metrics:
     # Nothing was evaluated: no result, no export (a typo in --model_dir

@@ -25,8 +25,8 @@ from absl import logging
 import tensorflow as tf
 
 from efficientnet_tpu import model as model_lib
-from efficientnet_tpu.config import ConfigError
-from efficientnet_tpu import preprocessing
+from efficientnet_tpu.config import ConfigError, ModelConfig
+from efficientnet_tpu.data import preprocessing
 
 
 class ServingModule(tf.Module):
@@ -87,21 +87,33 @@ class ServingModule(tf.Module):
     }
 
 
-def export_saved_model(trainer, export_dir: str) -> str:
-  """Exports `trainer`'s model (EMA weights if enabled) to `export_dir`."""
-  cfg = trainer.cfg
+def export_saved_model(model, ema, model_cfg: ModelConfig,
+                       resize_method: str, export_dir: str) -> str:
+  """Exports `model` (its EMA averages if `ema`) to `export_dir`.
+
+  Args:
+    model: the trained Keras model (any strategy; its weights are read).
+    ema: its `ExponentialMovingAverage`, or None to export the weights.
+    model_cfg: the architecture, to rebuild the model for serving.
+    resize_method: the eval resize of the serving signature.
+    export_dir: a new or empty directory.
+
+  Returns:
+    `export_dir`.
+  """
   # Serving runs in float32 on any device; weights are float32 either way.
-  model_cfg = dataclasses.replace(cfg.model, use_bfloat16=False,
-                                  bn_group_size=None, bn_group_batch_size=None)
-  model = model_lib.build_model(model_cfg, bn_group_size=1)
+  serving_cfg = dataclasses.replace(model_cfg, use_bfloat16=False,
+                                    bn_group_size=None,
+                                    bn_group_batch_size=None)
+  serving_model = model_lib.build_model(serving_cfg, bn_group_size=1)
   # Read the averages directly (no swap: only the writer exports, and the
   # state is synchronized across replicas at every checkpoint and eval).
   def value(v):
-    average = trainer.ema.shadow_of(v) if trainer.ema is not None else None
+    average = ema.shadow_of(v) if ema is not None else None
     return (v if average is None else average).numpy()
 
-  model.set_weights([value(v) for v in trainer.model.weights])
-  module = ServingModule(model, cfg.model.image_size, cfg.data.resize_method)
+  serving_model.set_weights([value(v) for v in model.weights])
+  module = ServingModule(serving_model, model_cfg.image_size, resize_method)
   tmp_dir = export_dir.rstrip('/') + '.tmp'
   if tf.io.gfile.exists(tmp_dir):
     tf.io.gfile.rmtree(tmp_dir)

@@ -265,7 +265,8 @@ def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
 def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
   """Checks that need the filesystem, before any strategy or model exists."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import data as data_lib  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import run_dir  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import schedules  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
 
@@ -279,42 +280,10 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
                                          cfg.train.train_batch_size,
                                          cfg.steps_per_epoch,
                                          cfg.total_train_steps)
-  # Every mode writes there (checkpoints, summaries, eval results): a
-  # read-only model_dir fails now, not after an hour of training or eval.
-  import uuid  # pylint: disable=g-import-not-at-top
-  model_dir = cfg.train.model_dir
-  # Unique: every worker of a multi-host run probes the same model_dir.
-  probe = os.path.join(model_dir, f'.write_probe-{uuid.uuid4().hex}')
-  try:
-    tf.io.gfile.makedirs(model_dir)
-    with tf.io.gfile.GFile(probe, 'w') as f:
-      f.write('probe')
-    tf.io.gfile.remove(probe)
-  except (tf.errors.OpError, OSError) as e:
-    reason = (getattr(e, 'message', None) or str(e)).strip()
-    reason = reason.splitlines()[0] if reason else type(e).__name__
-    raise config_lib.ConfigError(
-        f'--model_dir: {model_dir} is not writable ({reason}); every mode '
-        'writes checkpoints, summaries or eval results there: fix its '
-        'permissions or use another --model_dir') from None
-  data_lib.check_data_files(cfg.data, cfg.train.mode, cfg.train.model_dir)
-  previous = train_lib.read_config(cfg.train.model_dir)
-  if previous is not None:
-    old_model = previous.get('model', {})
-    new_model = json.loads(cfg.to_json())['model']
-    # Architecture fields, in declaration order (name first); precision and
-    # BN grouping may change on resume, as they do not change the weights.
-    changed = [k for k in new_model
-               if k in old_model and k not in ('use_bfloat16', 'bn_group_size',
-                                               'bn_group_batch_size')
-               and old_model[k] != new_model[k]]
-    if changed:
-      k = changed[0]
-      raise config_lib.ConfigError(
-          f'--model_dir: {cfg.train.model_dir} holds a run with model '
-          f'{k}={old_model.get(k)!r}, this run asks for {new_model[k]!r}; '
-          'use a new --model_dir (existing runs are resumed, never '
-          'overwritten)')
+  run_dir.check_writable(cfg.train.model_dir)
+  data_pipeline.check_data_files(cfg.data, cfg.train.mode,
+                                 cfg.train.model_dir)
+  run_dir.check_resumable(cfg)
   export_dir = cfg.train.export_dir
   if export_dir and tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(
       export_dir):
@@ -361,68 +330,6 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
   print(f'  plot: {path}')
 
 
-# A side-car evaluator task waits this long for each new checkpoint when
-# --eval_timeout is not set.
-SIDECAR_EVAL_TIMEOUT_S = 3600
-
-
-def run_experiment(cfg: config_lib.ExperimentConfig) -> dict:
-  """Builds the strategy and runs cfg.train.mode; returns final metrics.
-
-  Training modes hold the model_dir lock (`run_lock`) throughout.
-  """
-  import contextlib  # pylint: disable=g-import-not-at-top
-  import keras  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import distribute  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import evaluation  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import export  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import run_lock  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
-
-  # One training run per model_dir, taken before the strategy exists so a
-  # refused run costs nothing. Only the process writing the training's
-  # checkpoints locks: --mode=eval beside a training run (a side-car
-  # evaluator) is supported, and the other workers write no checkpoints.
-  tf_config = (distribute.read_tf_config()
-               if cfg.distribute.strategy == 'multi_worker' else None)
-  if (cfg.train.mode in ('train', 'train_and_eval') and
-      distribute.TRAIN_WRITER in distribute.writer_roles(tf_config)):
-    lock = run_lock.ModelDirLock(cfg.train.model_dir)
-  else:
-    lock = contextlib.nullcontext()
-  with lock:
-    if cfg.data.deterministic:
-      # Before any op runs: reductions, scatters and tf.data ordering then
-      # give bitwise the same results on every run (slower; see --help).
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.config.experimental.enable_op_determinism()
-    strategy = distribute.build_strategy(cfg.distribute)
-    # Weight initialization (Python, numpy and TF seeds): the same --seed
-    # gives the same initial model, on every worker.
-    keras.utils.set_random_seed(cfg.train.seed)
-    trainer = train_lib.Trainer(cfg, strategy)
-    mode, eval_timeout = cfg.train.mode, cfg.train.eval_timeout
-    if trainer.task[0] == 'evaluator':
-      # TF_CONFIG's side-car evaluator: evaluates each new checkpoint.
-      mode, eval_timeout = 'eval', eval_timeout or SIDECAR_EVAL_TIMEOUT_S
-      logging.info('Evaluator task: evaluating new checkpoints in %s (waiting '
-                   'up to %d s for each).', cfg.train.model_dir, eval_timeout)
-    elif mode == 'train_and_eval' and trainer.has_evaluator_task:
-      mode = 'train'
-      logging.info('TF_CONFIG has an evaluator task: it evaluates; this '
-                   'training task does not.')
-    if mode == 'train':
-      metrics = trainer.train()
-    elif mode == 'train_and_eval':
-      metrics = trainer.train(evaluator=evaluation.Evaluator(trainer))
-    else:
-      metrics = evaluation.continuous_eval(
-          trainer, evaluation.Evaluator(trainer), eval_timeout)
-    if cfg.train.export_dir and trainer.is_writer:
-      export.export_saved_model(trainer, cfg.train.export_dir)
-    return metrics
-
-
 def input_error_line(e: BaseException):
   """One line for an error raised by the input pipeline's checks, or None.
 
@@ -454,7 +361,8 @@ def main(argv):
     if cfg.train.dry_run:
       dry_run(cfg)
       return 0
-    metrics = run_experiment(cfg)
+    from efficientnet_tpu import experiment  # pylint: disable=g-import-not-at-top
+    metrics = experiment.run_experiment(cfg)
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -1,12 +1,15 @@
-"""Shared test helpers: CPU-replica strategies and tiny experiment configs."""
+"""Shared test helpers: CPU-replica strategies and small experiment configs
+(`small_config`, from efficientnet_tpu.testing, which the benchmarks use
+too)."""
 
 import socket
 
 import numpy as np
 import tensorflow as tf
 
-from efficientnet_tpu import config as config_lib
 from efficientnet_tpu import distribute
+# Re-exported: the tests build their configs with it.
+from efficientnet_tpu.testing import small_config  # pylint: disable=unused-import
 
 
 def cpu_replicas(n):
@@ -25,32 +28,6 @@ def per_replica(strategy, arrays):
 def local_values(strategy, value):
   """The per-replica components of a distributed value, as numpy arrays."""
   return [np.asarray(v) for v in strategy.experimental_local_results(value)]
-
-
-def tiny_config(model_dir, num_replicas=1, **overrides):
-  """A scaled-down EfficientNet-B0 on synthetic data; cheap to trace."""
-  sections = {k: dict(overrides.pop(k, {})) for k in
-              ('model', 'data', 'optimizer', 'train')}
-  assert not overrides, overrides
-  model = dict(width_coefficient=0.1, depth_coefficient=0.1, image_size=16,
-               num_classes=5, dropout_rate=0.0, stochastic_depth_rate=0.0,
-               bn_momentum=0.9)
-  data = dict(num_train_images=512, num_eval_images=75)
-  optimizer = dict(optimizer='momentum', base_learning_rate=0.1,
-                   lr_scaling='none', lr_schedule='constant',
-                   lr_warmup_epochs=0.0, moving_average_decay=0.0,
-                   label_smoothing=0.0)
-  train = dict(model_dir=str(model_dir), train_batch_size=32,
-               eval_batch_size=16, train_steps=4, iterations_per_loop=2)
-  for base, section in ((model, 'model'), (data, 'data'),
-                        (optimizer, 'optimizer'), (train, 'train')):
-    base.update(sections[section])
-  return config_lib.ExperimentConfig(
-      model=config_lib.ModelConfig(**model),
-      data=config_lib.DataConfig(**data),
-      optimizer=config_lib.OptimizerConfig(**optimizer),
-      distribute=config_lib.DistributeConfig(num_cpu_replicas=num_replicas),
-      train=config_lib.TrainConfig(**train))
 
 
 def free_ports(n):

@@ -16,11 +16,12 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_tpu import distribute
-from efficientnet_tpu import evaluation
-from efficientnet_tpu import train as train_lib
+from efficientnet_tpu import experiment
+from efficientnet_tpu import run_dir
+from efficientnet_tpu import run_lock
 from efficientnet_tpu.config import ConfigError
 from tests.gpu_path import forced_gpu_path
-from tests.helpers import cpu_replicas, free_ports, tiny_config
+from tests.helpers import cpu_replicas, free_ports, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,14 +31,14 @@ def _weights(trainer):
 
 
 def _train_and_eval(cfg, strategy, initial=None):
-  trainer = train_lib.Trainer(cfg, strategy)
+  trainer = experiment.build_trainer(cfg, strategy)
   if initial is not None:
     for v, w in zip(trainer.model.variables, initial):
       v.assign(w)
       if trainer.ema is not None:  # The averages start from the weights.
         trainer.ema.shadow_of(v).assign(w)
   start = _weights(trainer)
-  metrics = trainer.train(evaluator=evaluation.Evaluator(trainer))
+  metrics = trainer.train(evaluator=experiment.evaluator_for(trainer))
   return trainer, start, metrics
 
 
@@ -57,11 +58,11 @@ def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
   overrides = dict(model=dict(use_bfloat16=bf16),
                    optimizer=dict(moving_average_decay=0.9),
                    train=dict(eval_batch_size=16))
-  ref_cfg = tiny_config(tmp_path / 'ref', num_replicas=n, **overrides)
+  ref_cfg = small_config(tmp_path / 'ref', num_replicas=n, **overrides)
   ref, initial, ref_metrics = _train_and_eval(ref_cfg, cpu_replicas(n))
 
   overrides['train']['jit_compile'] = jit
-  cfg = tiny_config(tmp_path / 'gpu', num_replicas=n, **overrides)
+  cfg = small_config(tmp_path / 'gpu', num_replicas=n, **overrides)
   with forced_gpu_path():
     strategy = _gpu_mirrored(n)
     trainer, _, metrics = _train_and_eval(cfg, strategy, initial)
@@ -86,7 +87,7 @@ def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
     saved = _weights(trainer)
     # Checkpoint and resume on the same path.
     cfg.train.train_steps = 6
-    resumed = train_lib.Trainer(cfg, _gpu_mirrored(n))
+    resumed = experiment.build_trainer(cfg, _gpu_mirrored(n))
     assert resumed.restore() == 4
     for got, want in zip(_weights(resumed), saved):
       np.testing.assert_array_equal(got, want)
@@ -98,9 +99,9 @@ def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
 def test_whole_step_under_xla_is_what_fails_on_the_gpu_path(tmp_path):
   """Why XLA covers only the forward/backward pass: the previous policy
   (the whole replica step in a jit function) fails on the all-GPU path."""
-  cfg = tiny_config(tmp_path, num_replicas=1)
+  cfg = small_config(tmp_path, num_replicas=1)
   with forced_gpu_path():
-    trainer = train_lib.Trainer(cfg, _gpu_mirrored(1))
+    trainer = experiment.build_trainer(cfg, _gpu_mirrored(1))
     step = tf.function(trainer._replica_train_step, jit_compile=True)  # pylint: disable=protected-access
 
     @tf.function
@@ -122,12 +123,23 @@ def test_jit_compile_policy_per_strategy():
                      'use --jit_compile=auto'):
     distribute.resolve_jit_compile(cpu2, True)
   assert distribute.resolve_jit_compile(cpu_replicas(1), True)
-  with mock.patch.object(distribute, 'is_tpu_strategy', lambda s: True):
+  with mock.patch.object(distribute, 'is_tpu', lambda s=None: True):
     # TPUStrategy compiles the whole loop: nothing is compiled twice.
     assert not distribute.resolve_jit_compile(cpu2, None)
     assert not distribute.resolve_jit_compile(cpu2, True)
     with pytest.raises(ConfigError, match='^--jit_compile: TPUs always'):
       distribute.resolve_jit_compile(cpu2, False)
+
+
+def test_is_tpu_checks_the_strategy_not_the_devices():
+  assert not distribute.is_tpu()  # The default strategy.
+  strategy = cpu_replicas(2)
+  assert not distribute.is_tpu(strategy)
+  with strategy.scope():
+    assert not distribute.is_tpu()
+  # The strategy type decides (a TPUStrategy cannot be built on CPU).
+  tpu = object.__new__(tf.distribute.TPUStrategy)
+  assert distribute.is_tpu(tpu)
 
 
 def test_cli_refuses_xla_on_cpu_replicas_with_one_line(tmp_path):
@@ -227,9 +239,11 @@ def test_chief_and_worker_on_localhost_only_the_chief_writes(tmp_path):
   assert outs[0]['eval/num_examples'] == 37
   names = sorted(os.listdir(model_dir))
   assert 'ckpt-4.index' in names and 'config.json' in names
-  assert not [n for n in names if n.startswith('.')], names  # No scratch.
+  # No scratch dirs; the training lock file stays (empty once released).
+  assert not [n for n in names if n.startswith('.')
+              and n != run_lock.LOCK_FILENAME], names
   # One eval line per evaluation (steps 4: the end), written once.
-  lines = (model_dir / evaluation.RESULTS_FILENAME).read_text().splitlines()
+  lines = (model_dir / run_dir.RESULTS_FILENAME).read_text().splitlines()
   assert [json.loads(l)['step'] for l in lines] == [4]
   assert (tmp_path / 'export' / 'saved_model.pb').exists()
 
@@ -237,8 +251,7 @@ def test_chief_and_worker_on_localhost_only_the_chief_writes(tmp_path):
 @pytest.mark.slow
 def test_accelerator_check_quick_mode_runs_every_check(tmp_path):
   out = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'benchmarks',
-                                    'accelerator_check.py'), '--quick',
+      [sys.executable, '-m', 'benchmarks.accelerator_check', '--quick',
        f'--results_dir={tmp_path}'],
       env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2'),
       capture_output=True, text=True, timeout=900)
@@ -268,7 +281,7 @@ def test_evaluator_task_evaluates_checkpoints_and_writes_only_eval(tmp_path):
       [sys.executable, '-m', 'efficientnet_tpu.main', *common,
        '--mode=train'], env=env, capture_output=True, text=True, timeout=300)
   assert train.returncode == 0, train.stderr[-2000:]
-  assert not (model_dir / evaluation.RESULTS_FILENAME).exists()
+  assert not (model_dir / run_dir.RESULTS_FILENAME).exists()
   before = {p.name: p.stat().st_mtime for p in model_dir.iterdir()}
   (worker,) = [f'127.0.0.1:{p}' for p in free_ports(1)]
   env['TF_CONFIG'] = json.dumps({
@@ -280,11 +293,12 @@ def test_evaluator_task_evaluates_checkpoints_and_writes_only_eval(tmp_path):
       text=True, timeout=300)
   assert ev.returncode == 0, ev.stderr[-2000:]
   assert 'Evaluator task' in ev.stderr
-  lines = (model_dir / evaluation.RESULTS_FILENAME).read_text().splitlines()
+  lines = (model_dir / run_dir.RESULTS_FILENAME).read_text().splitlines()
   assert [json.loads(l)['num_examples'] for l in lines] == [20]
   assert json.loads(lines[0])['step'] == 4
   # Training files untouched: no new checkpoint, config or train summary.
   for name, mtime in before.items():
     assert (model_dir / name).stat().st_mtime == mtime, name
   assert not (model_dir / 'ckpt-6.index').exists()
-  assert not [p for p in os.listdir(model_dir) if p.startswith('.')]
+  assert not [p for p in os.listdir(model_dir)
+              if p.startswith('.') and p != run_lock.LOCK_FILENAME]

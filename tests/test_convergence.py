@@ -11,10 +11,9 @@ crop policy caps it well below what digits allow without it.
 
 import pytest
 
-from efficientnet_tpu import evaluation
-from efficientnet_tpu import train as train_lib
+from efficientnet_tpu import experiment
 from tests.digits import write_digits_tfrecords
-from tests.helpers import strategy_for, tiny_config
+from tests.helpers import small_config, strategy_for
 
 TOP_1_THRESHOLD = 0.40
 TOP_5_THRESHOLD = 0.80
@@ -24,7 +23,7 @@ TOP_5_THRESHOLD = 0.80
 def test_lars_large_batch_learns_digits(tmp_path):
   data_dir, num_train, num_eval = write_digits_tfrecords(str(tmp_path),
                                                          size=32)
-  cfg = tiny_config(
+  cfg = small_config(
       tmp_path / 'run',
       model=dict(width_coefficient=0.25, image_size=32, num_classes=10),
       data=dict(source='tfrecord', data_dir=data_dir,
@@ -34,8 +33,8 @@ def test_lars_large_batch_learns_digits(tmp_path):
                      weight_decay=1e-4, label_smoothing=0.1),
       train=dict(train_batch_size=256, eval_batch_size=128, train_steps=150,
                  iterations_per_loop=50))
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
-  metrics = trainer.train(evaluator=evaluation.Evaluator(trainer))
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
+  metrics = trainer.train(evaluator=experiment.evaluator_for(trainer))
   assert metrics['eval/num_examples'] == num_eval
   assert metrics['eval/top_1_accuracy'] > TOP_1_THRESHOLD, metrics
   assert metrics['eval/top_5_accuracy'] > TOP_5_THRESHOLD, metrics

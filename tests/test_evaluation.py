@@ -5,18 +5,19 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from efficientnet_tpu import data as data_lib
 from efficientnet_tpu import evaluation
-from efficientnet_tpu import train as train_lib
-from tests.helpers import strategy_for, tiny_config
+from efficientnet_tpu import experiment
+from efficientnet_tpu import run_dir
+from efficientnet_tpu.data import pipeline as data_pipeline
+from tests.helpers import small_config, strategy_for
 
 
 def _single_device_metrics(trainer):
   """Top-1/top-5 of the model over every eval image, one device, numpy."""
   cfg = trainer.cfg
   n = cfg.data.num_eval_images
-  input_fn = data_lib.make_input_fn(cfg.data, cfg.model.num_classes,
-                                    cfg.model.image_size, False, n)
+  input_fn = data_pipeline.make_input_fn(cfg.data, cfg.model.num_classes,
+                                         cfg.model.image_size, False, n)
   batch = next(iter(input_fn(tf.distribute.InputContext())))
   assert batch['mask'].numpy().sum() == n
   logits = trainer.model(trainer.normalize(batch['images']),
@@ -31,17 +32,17 @@ def _single_device_metrics(trainer):
 
 def test_eight_replica_eval_is_exact_for_uneven_sizes(tmp_path):
   # 75 images, global batch 16 over 8 replicas: 5 steps, 5 padded slots.
-  cfg = tiny_config(tmp_path, num_replicas=8,
-                    data=dict(num_eval_images=75),
-                    train=dict(eval_batch_size=16),
-                    model=dict(num_classes=10))
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  cfg = small_config(tmp_path, num_replicas=8,
+                     data=dict(num_eval_images=75),
+                     train=dict(eval_batch_size=16),
+                     model=dict(num_classes=10))
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   # Move BN statistics off their initial values so predictions vary.
   for layer in trainer.model.layers:
     if hasattr(layer, 'moving_mean'):
       layer.moving_mean.assign(
           np.random.default_rng(0).normal(size=layer.moving_mean.shape))
-  evaluator = evaluation.Evaluator(trainer)
+  evaluator = experiment.evaluator_for(trainer)
   got = evaluator.evaluate()
   want = _single_device_metrics(trainer)
   assert got['num_examples'] == 75
@@ -51,10 +52,10 @@ def test_eight_replica_eval_is_exact_for_uneven_sizes(tmp_path):
 
 
 def test_eval_uses_ema_weights_and_leaves_training_weights(tmp_path):
-  cfg = tiny_config(tmp_path, num_replicas=2,
-                    optimizer=dict(moving_average_decay=0.5))
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
-  evaluator = evaluation.Evaluator(trainer)
+  cfg = small_config(tmp_path, num_replicas=2,
+                     optimizer=dict(moving_average_decay=0.5))
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
+  evaluator = experiment.evaluator_for(trainer)
   rng = np.random.default_rng(1)
   for v in trainer.model.trainable_variables:
     v.assign(v + rng.normal(scale=0.5, size=v.shape).astype(np.float32))
@@ -70,14 +71,14 @@ def test_eval_uses_ema_weights_and_leaves_training_weights(tmp_path):
 
 
 def test_records_results_and_keeps_best_checkpoint(tmp_path):
-  cfg = tiny_config(tmp_path, num_replicas=1)
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
-  evaluator = evaluation.Evaluator(trainer)
+  cfg = small_config(tmp_path, num_replicas=1)
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
+  evaluator = experiment.evaluator_for(trainer)
   evaluator.evaluate_and_record(step=3)
   evaluator.evaluate_and_record(step=4)
-  lines = (tmp_path / evaluation.RESULTS_FILENAME).read_text().splitlines()
+  lines = (tmp_path / run_dir.RESULTS_FILENAME).read_text().splitlines()
   assert [json.loads(l)['step'] for l in lines] == [3, 4]
-  best = json.loads((tmp_path / 'best' / evaluation.BEST_FILENAME)
+  best = json.loads((tmp_path / 'best' / run_dir.BEST_FILENAME)
                     .read_text())
   # Same weights both times: the first stays best (ties do not replace).
   assert best['step'] == 3
@@ -86,19 +87,21 @@ def test_records_results_and_keeps_best_checkpoint(tmp_path):
 
 
 def test_continuous_eval_follows_checkpoints_until_training_ends(tmp_path):
-  cfg = tiny_config(tmp_path, num_replicas=1)
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  cfg = small_config(tmp_path, num_replicas=1)
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   trainer.train()  # Checkpoints at steps 2 and 4 (= total_steps).
   # A separate evaluator process would build its own trainer: do the same.
-  eval_trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  eval_trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   metrics = evaluation.continuous_eval(
-      eval_trainer, evaluation.Evaluator(eval_trainer), timeout=5)
+      eval_trainer.state, experiment.evaluator_for(eval_trainer),
+      cfg.train.model_dir, eval_trainer.total_steps, timeout=5)
   assert eval_trainer.global_step == 4
   assert metrics['num_examples'] == cfg.data.num_eval_images
   steps = [json.loads(l)['step'] for l in
-           (tmp_path / evaluation.RESULTS_FILENAME).read_text().splitlines()]
+           (tmp_path / run_dir.RESULTS_FILENAME).read_text().splitlines()]
   assert steps[-1] == 4
   # timeout 0: evaluate the latest checkpoint once and return.
   again = evaluation.continuous_eval(
-      eval_trainer, evaluation.Evaluator(eval_trainer), timeout=0)
+      eval_trainer.state, experiment.evaluator_for(eval_trainer),
+      cfg.train.model_dir, eval_trainer.total_steps, timeout=0)
   assert again['top_1_accuracy'] == metrics['top_1_accuracy']

@@ -7,11 +7,10 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from efficientnet_tpu import export
-from efficientnet_tpu import preprocessing
-from efficientnet_tpu import train as train_lib
+from efficientnet_tpu import experiment
 from efficientnet_tpu.config import ConfigError
-from tests.helpers import strategy_for, tiny_config
+from efficientnet_tpu.data import preprocessing
+from tests.helpers import small_config, strategy_for
 
 
 def _jpegs(n, seed=0):
@@ -85,11 +84,11 @@ def _reference_image(data, image_size):
 def exported(tmp_path_factory):
   """(trainer, serving signature) of one tiny trained model, shared."""
   tmp_path = tmp_path_factory.mktemp('export')
-  cfg = tiny_config(tmp_path / 'run')
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  cfg = small_config(tmp_path / 'run')
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   trainer.train_loop(2)  # Moving BN statistics move off their init.
   export_dir = str(tmp_path / 'export')
-  export.export_saved_model(trainer, export_dir)
+  experiment.export_model(trainer.cfg, trainer.state, export_dir)
   return trainer, tf.saved_model.load(export_dir).signatures[
       'serving_default']
 
@@ -145,7 +144,7 @@ def test_export_serves_mixed_formats_and_flags_bad_rows(exported):
 
 def test_export_all_invalid_and_empty_batches(exported):
   _, served = exported
-  num_classes = 5  # tiny_config
+  num_classes = 5  # small_config
   for batch in ([b'', b'garbage'], []):
     out = served(image_bytes=tf.constant(batch, tf.string))
     n = len(batch)
@@ -161,12 +160,12 @@ def test_export_all_invalid_and_empty_batches(exported):
 
 
 def test_export_serves_jpeg_bytes_with_ema_weights(tmp_path):
-  cfg = tiny_config(tmp_path / 'run', num_replicas=2,
-                    optimizer=dict(moving_average_decay=0.5))
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  cfg = small_config(tmp_path / 'run', num_replicas=2,
+                     optimizer=dict(moving_average_decay=0.5))
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   trainer.train_loop(2)  # Averages now differ from the weights.
   export_dir = str(tmp_path / 'export')
-  export.export_saved_model(trainer, export_dir)
+  experiment.export_model(trainer.cfg, trainer.state, export_dir)
   assert not tf.io.gfile.exists(export_dir + '.tmp')
 
   served = tf.saved_model.load(export_dir).signatures['serving_default']
@@ -192,11 +191,11 @@ def test_export_serves_jpeg_bytes_with_ema_weights(tmp_path):
 
 
 def test_export_never_overwrites(tmp_path):
-  cfg = tiny_config(tmp_path / 'run')
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  cfg = small_config(tmp_path / 'run')
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   target = tmp_path / 'export'
   target.mkdir()
   (target / 'mine.txt').write_text('keep')
   with pytest.raises(ConfigError, match='--export_dir'):
-    export.export_saved_model(trainer, str(target))
+    experiment.export_model(trainer.cfg, trainer.state, str(target))
   assert (target / 'mine.txt').read_text() == 'keep'

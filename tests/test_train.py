@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from efficientnet_tpu import train as train_lib
-from tests.helpers import strategy_for, tiny_config
+from efficientnet_tpu import experiment
+from efficientnet_tpu import losses
+from efficientnet_tpu import run_dir
+from tests.helpers import small_config, strategy_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +22,7 @@ def test_smoothed_cross_entropy_matches_numpy():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(6, 4)).astype(np.float32)
   labels = rng.integers(0, 4, size=6)
-  got = train_lib.smoothed_cross_entropy(tf.constant(labels, tf.int32),
+  got = losses.smoothed_cross_entropy(tf.constant(labels, tf.int32),
                                          tf.constant(logits), 4, 0.1).numpy()
   targets = np.full((6, 4), 0.1 / 4)
   targets[np.arange(6), labels] += 0.9
@@ -29,9 +31,9 @@ def test_smoothed_cross_entropy_matches_numpy():
 
 
 def test_loss_falls_on_a_learnable_task(tmp_path):
-  cfg = tiny_config(tmp_path, train=dict(train_steps=60,
-                                         iterations_per_loop=20))
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  cfg = small_config(tmp_path, train=dict(train_steps=60,
+                                          iterations_per_loop=20))
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   losses = [trainer.train_loop(20)['loss'] for _ in range(3)]
   assert losses[-1] < 0.6 * losses[0], losses
 
@@ -42,22 +44,22 @@ def _weights(trainer):
 
 @pytest.mark.parametrize('num_replicas', [1, 4])
 def test_trains_checkpoints_and_resumes(tmp_path, num_replicas):
-  cfg = tiny_config(tmp_path, num_replicas=num_replicas,
-                    optimizer=dict(moving_average_decay=0.9))
-  trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+  cfg = small_config(tmp_path, num_replicas=num_replicas,
+                     optimizer=dict(moving_average_decay=0.9))
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   metrics = trainer.train()
   assert trainer.global_step == 4
   assert np.isfinite(metrics['loss'])
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-4')
   assert (tmp_path / 'ckpt-2.index').exists()
-  assert (tmp_path / train_lib.CONFIG_FILENAME).exists()
+  assert (tmp_path / run_dir.CONFIG_FILENAME).exists()
   assert list((tmp_path / 'train').glob('events.out.tfevents.*'))
   saved = _weights(trainer)
   saved_ema = [a.numpy().copy() for a in trainer.ema.averages]
 
   # A new process-equivalent trainer with a longer schedule resumes at 4.
   cfg.train.train_steps = 6
-  resumed = train_lib.Trainer(cfg, strategy_for(cfg))
+  resumed = experiment.build_trainer(cfg, strategy_for(cfg))
   assert resumed.restore() == 4
   for got, want in zip(_weights(resumed), saved):
     np.testing.assert_array_equal(got, want)
@@ -75,8 +77,8 @@ def test_four_replicas_match_one_replica_on_the_global_batch(tmp_path):
                 train=dict(train_steps=2, iterations_per_loop=2))
   results = []
   for n in (1, 4):
-    cfg = tiny_config(tmp_path / str(n), num_replicas=n, **common)
-    trainer = train_lib.Trainer(cfg, strategy_for(cfg))
+    cfg = small_config(tmp_path / str(n), num_replicas=n, **common)
+    trainer = experiment.build_trainer(cfg, strategy_for(cfg))
     if results:  # Same initial weights as the one-replica run.
       for v, w in zip(trainer.model.variables, results[0][0]):
         v.assign(w)

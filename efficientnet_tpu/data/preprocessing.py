@@ -325,13 +325,8 @@ def preprocess_for_serving(image_bytes: tf.Tensor, image_size: int,
   return _static_shape(resize(image, image_size, resize_method), image_size)
 
 
-def _on_tpu() -> bool:
-  strategy = tf.distribute.get_strategy()
-  return (isinstance(strategy, tf.distribute.TPUStrategy) or
-          bool(tf.config.list_logical_devices('TPU')))
-
-
-def normalize(images: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:
+def normalize(images: tf.Tensor, dtype: tf.DType = tf.float32,
+              on_tpu: bool = False) -> tf.Tensor:
   """(images - mean) / std over the last (RGB) axis, cast to `dtype`.
 
   Takes uint8 (or float) 0..255 images, one [S, S, 3] or a batch
@@ -339,16 +334,17 @@ def normalize(images: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:
   receiving a batch. On CPU and GPU, when the width is static, the images
   are viewed as rows of W * 3 values and normalized against W * 3-long
   tiled constants: TF's elementwise kernels broadcast a size-3 innermost
-  axis ~4x slower than a row. Under TPU (XLA fuses the plain broadcast into
-  one pass, and a reshape of the minor dims would force relayout copies)
-  the plain broadcast is used.
+  axis ~4x slower than a row. With `on_tpu` (XLA fuses the plain broadcast
+  into one pass, and a reshape of the minor dims would force relayout
+  copies) the plain broadcast is used; the caller knows its strategy
+  (`distribute.is_tpu`).
   """
   images = tf.cast(images, tf.float32)
   mean = np.asarray(MEAN_RGB, np.float32)
   inv_std = 1.0 / np.asarray(STDDEV_RGB, np.float32)
   shape = images.shape
   if (shape.rank is None or shape.rank < 2 or shape[-1] != 3 or
-      shape[-2] is None or _on_tpu()):
+      shape[-2] is None or on_tpu):
     return tf.cast((images - mean) * inv_std, dtype)
   row = shape[-2] * 3
   flat = tf.reshape(images, [-1, row])

@@ -1,0 +1,140 @@
+"""Wires one run: strategy, model state, input, trainer, evaluator, export.
+
+  main (flags -> ExperimentConfig) -> run_experiment:
+    distribute.build_strategy -> state.build_model_state
+    -> data.pipeline input functions -> train.Trainer / evaluation.Evaluator
+    -> export.export_saved_model
+
+The trainer and the evaluator build nothing themselves; `build_trainer`,
+`build_evaluator` and `export_model` give them what a run from the command
+line gets, and tests and benchmarks call them with their own input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Optional
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from efficientnet_tpu import distribute
+from efficientnet_tpu import evaluation
+from efficientnet_tpu import export
+from efficientnet_tpu import run_dir
+from efficientnet_tpu import train
+from efficientnet_tpu.config import ExperimentConfig
+from efficientnet_tpu.data import contract
+from efficientnet_tpu.data import pipeline
+from efficientnet_tpu.state import ModelState, build_model_state
+
+# A side-car evaluator task waits this long for each new checkpoint when
+# --eval_timeout is not set.
+SIDECAR_EVAL_TIMEOUT_S = 3600
+
+
+def train_input(cfg: ExperimentConfig) -> Callable[[int], contract.InputFn]:
+  """start step -> the configured training input, continuing there."""
+  return lambda start_step: pipeline.make_input_fn(
+      cfg.data, cfg.model.num_classes, cfg.model.image_size, True,
+      cfg.train.train_batch_size, start_step=start_step,
+      count_cache_dir=cfg.train.model_dir)
+
+
+def build_trainer(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
+                  state: Optional[ModelState] = None,
+                  input_for_step: Optional[Callable[[int], contract.InputFn]]
+                  = None,
+                  role: Optional[distribute.ClusterRole] = None
+                  ) -> train.Trainer:
+  """A Trainer on a new model state and the configured input (or yours)."""
+  plan = train.check_num_replicas(cfg, strategy)
+  if state is None:
+    state = build_model_state(cfg, strategy, plan['bn_group_size'])
+  return train.Trainer(cfg, strategy, state,
+                       input_for_step or train_input(cfg),
+                       role or distribute.cluster_role(cfg.distribute))
+
+
+def build_evaluator(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
+                    state: ModelState,
+                    input_fn: Optional[contract.InputFn] = None,
+                    role: Optional[distribute.ClusterRole] = None
+                    ) -> evaluation.Evaluator:
+  """An Evaluator of `state` on the configured eval set (or `input_fn`)."""
+  num_steps = contract.num_eval_steps(cfg.data.num_eval_images,
+                                      cfg.train.eval_batch_size)
+  if cfg.train.eval_steps:
+    num_steps = min(num_steps, cfg.train.eval_steps)
+  if input_fn is None:
+    input_fn = pipeline.make_input_fn(
+        cfg.data, cfg.model.num_classes, cfg.model.image_size, False,
+        cfg.train.eval_batch_size)
+  return evaluation.Evaluator(cfg, strategy, state, input_fn, num_steps,
+                              role or distribute.cluster_role(cfg.distribute))
+
+
+def evaluator_for(trainer: train.Trainer,
+                  input_fn: Optional[contract.InputFn] = None
+                  ) -> evaluation.Evaluator:
+  """An Evaluator of `trainer`'s model state, with its role."""
+  return build_evaluator(trainer.cfg, trainer.strategy, trainer.state,
+                         input_fn, trainer.role)
+
+
+def export_model(cfg: ExperimentConfig, state: ModelState,
+                 export_dir: str) -> str:
+  """Exports `state`'s model (EMA weights when on) as a SavedModel."""
+  return export.export_saved_model(state.model, state.ema, cfg.model,
+                                   cfg.data.resize_method, export_dir)
+
+
+def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
+  """Builds the strategy and runs cfg.train.mode; returns final metrics.
+
+  Training modes hold the model_dir lock (`run_lock`) throughout.
+  """
+  # One training run per model_dir, taken before the strategy exists so a
+  # refused run costs nothing. Only the process writing the training's
+  # checkpoints locks: --mode=eval beside a training run (a side-car
+  # evaluator) is supported, and the other workers write no checkpoints.
+  role = distribute.cluster_role(cfg.distribute)
+  if cfg.train.mode in ('train', 'train_and_eval') and role.is_train_writer:
+    lock = run_dir.training_lock(cfg.train.model_dir)
+  else:
+    lock = contextlib.nullcontext()
+  with lock:
+    if cfg.data.deterministic:
+      # Before any op runs: reductions, scatters and tf.data ordering then
+      # give bitwise the same results on every run (slower; see --help).
+      tf.config.experimental.enable_op_determinism()
+    strategy = distribute.build_strategy(cfg.distribute)
+    # Weight initialization (Python, numpy and TF seeds): the same --seed
+    # gives the same initial model, on every worker.
+    keras.utils.set_random_seed(cfg.train.seed)
+    plan = train.check_num_replicas(cfg, strategy)
+    state = build_model_state(cfg, strategy, plan['bn_group_size'])
+    mode, eval_timeout = cfg.train.mode, cfg.train.eval_timeout
+    if role.task[0] == 'evaluator':
+      # TF_CONFIG's side-car evaluator: evaluates each new checkpoint.
+      mode, eval_timeout = 'eval', eval_timeout or SIDECAR_EVAL_TIMEOUT_S
+      logging.info('Evaluator task: evaluating new checkpoints in %s '
+                   '(waiting up to %d s for each).', cfg.train.model_dir,
+                   eval_timeout)
+    elif mode == 'train_and_eval' and role.has_evaluator_task:
+      mode = 'train'
+      logging.info('TF_CONFIG has an evaluator task: it evaluates; this '
+                   'training task does not.')
+    if mode == 'eval':
+      metrics = evaluation.continuous_eval(
+          state, build_evaluator(cfg, strategy, state, role=role),
+          cfg.train.model_dir, cfg.total_train_steps, eval_timeout)
+    else:
+      trainer = build_trainer(cfg, strategy, state, role=role)
+      evaluator = (build_evaluator(cfg, strategy, state, role=role)
+                   if mode == 'train_and_eval' else None)
+      metrics = trainer.train(evaluator=evaluator)
+    if cfg.train.export_dir and role.is_train_writer:
+      export_model(cfg, state, cfg.train.export_dir)
+    return metrics

@@ -1,0 +1,167 @@
+"""The run directory (`--model_dir`): what lives there and its rules.
+
+  config.json            the first run's resolved config (never replaced;
+                         a resumed run with other settings writes
+                         config-stepN.json beside it)
+  ckpt-N.*, checkpoint   training checkpoints (tf.train.CheckpointManager)
+  train/, eval/          TensorBoard event files
+  eval_results.jsonl     one line per evaluation
+  best/, best_eval.json  the checkpoint with the best eval top-1
+  record_counts.json     cached TFRecord counts (data.tfrecord)
+  .lock                  the training run's lock (run_lock)
+
+Every rewritten file is written atomically (`fileio.write_atomically`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+import uuid
+
+import tensorflow as tf
+
+from efficientnet_tpu import fileio
+from efficientnet_tpu import run_lock
+from efficientnet_tpu.config import ConfigError, ExperimentConfig
+
+CONFIG_FILENAME = 'config.json'
+RESULTS_FILENAME = 'eval_results.jsonl'
+BEST_DIRNAME = 'best'
+BEST_FILENAME = 'best_eval.json'
+
+# Model fields that may change on resume: they do not change the weights.
+_RESUMABLE_MODEL_FIELDS = ('use_bfloat16', 'bn_group_size',
+                           'bn_group_batch_size')
+
+
+def check_writable(model_dir: str) -> None:
+  """Creates model_dir and writes a probe file there.
+
+  Every mode writes to model_dir (checkpoints, summaries, eval results), so
+  a read-only one fails now, not after an hour of training or evaluation.
+
+  Raises:
+    ConfigError: model_dir cannot be created or written.
+  """
+  # Unique: every worker of a multi-host run probes the same model_dir.
+  probe = os.path.join(model_dir, f'.write_probe-{uuid.uuid4().hex}')
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(probe, 'w') as f:
+      f.write('probe')
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    reason = (getattr(e, 'message', None) or str(e)).strip()
+    reason = reason.splitlines()[0] if reason else type(e).__name__
+    raise ConfigError(
+        f'--model_dir: {model_dir} is not writable ({reason}); every mode '
+        'writes checkpoints, summaries or eval results there: fix its '
+        'permissions or use another --model_dir') from None
+
+
+def read_config(model_dir: str) -> Optional[dict]:
+  """model_dir/config.json as a dict; None if absent.
+
+  Raises:
+    ConfigError: the file is not valid JSON (e.g. truncated).
+  """
+  path = os.path.join(model_dir, CONFIG_FILENAME)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise ConfigError(f'--model_dir: {path} is not valid JSON ({e}); '
+                      'restore the file or use a new --model_dir') from None
+
+
+def check_resumable(cfg: ExperimentConfig) -> None:
+  """Refuses a run whose architecture differs from the one in model_dir.
+
+  Raises:
+    ConfigError: naming the first architecture field that differs.
+  """
+  previous = read_config(cfg.train.model_dir)
+  if previous is None:
+    return
+  old_model = previous.get('model', {})
+  new_model = json.loads(cfg.to_json())['model']
+  # In declaration order (name first).
+  changed = [k for k in new_model
+             if k in old_model and k not in _RESUMABLE_MODEL_FIELDS
+             and old_model[k] != new_model[k]]
+  if changed:
+    k = changed[0]
+    raise ConfigError(
+        f'--model_dir: {cfg.train.model_dir} holds a run with model '
+        f'{k}={old_model.get(k)!r}, this run asks for {new_model[k]!r}; '
+        'use a new --model_dir (existing runs are resumed, never '
+        'overwritten)')
+
+
+def write_config(cfg: ExperimentConfig, step: int) -> str:
+  """Writes the resolved config, never replacing a different one.
+
+  The first run's config stays in config.json; a resumed run with other
+  settings is recorded as config-step{step}.json. Returns the path.
+  """
+  model_dir = cfg.train.model_dir
+  tf.io.gfile.makedirs(model_dir)
+  path = os.path.join(model_dir, CONFIG_FILENAME)
+  text = cfg.to_json()
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      if f.read() == text:
+        return path
+    path = os.path.join(model_dir, f'config-step{step}.json')
+  fileio.write_atomically(path, text)
+  return path
+
+
+def worker_dir(task, model_dir: str, is_writer: bool) -> str:
+  """The writer writes to model_dir; other workers to a private scratch dir.
+
+  MultiWorkerMirroredStrategy needs every worker to take part in a save, but
+  only the writer's copy may land in model_dir.
+  """
+  if is_writer:
+    return model_dir
+  task_type, task_id = task
+  return os.path.join(model_dir, f'.{task_type or "worker"}_{task_id}_tmp')
+
+
+def append_eval_result(model_dir: str, record: dict) -> None:
+  """Adds one line to eval_results.jsonl (rewritten atomically: gfile has
+  no append mode on every filesystem)."""
+  path = os.path.join(model_dir, RESULTS_FILENAME)
+  old = ''
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      old = f.read()
+  fileio.write_atomically(path, old + json.dumps(record, sort_keys=True)
+                          + '\n')
+
+
+def best_top_1(model_dir: str) -> float:
+  """The top-1 of the archived best checkpoint; -1 if there is none."""
+  path = os.path.join(model_dir, BEST_DIRNAME, BEST_FILENAME)
+  if not tf.io.gfile.exists(path):
+    return -1.0
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)['top_1_accuracy']
+
+
+def write_best(model_dir: str, record: dict) -> None:
+  """Describes the archived best checkpoint in best/best_eval.json."""
+  fileio.write_atomically(
+      os.path.join(model_dir, BEST_DIRNAME, BEST_FILENAME),
+      json.dumps(record, indent=2))
+
+
+def training_lock(model_dir: str) -> run_lock.ModelDirLock:
+  """The lock a training run holds on model_dir (see `run_lock`)."""
+  return run_lock.ModelDirLock(model_dir)

@@ -1,0 +1,104 @@
+"""The model state that training, evaluation and export share.
+
+`ModelState` holds the model, its optimizer, learning-rate schedule and EMA,
+the checkpoint over all of them, and the all-reduce that synchronizes the
+replica-local batch-norm statistics. `build_model_state` builds it once per
+run under the strategy's scope; the trainer updates it, the evaluator reads
+it, the exporter copies its weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from efficientnet_tpu import collectives
+from efficientnet_tpu import ema as ema_lib
+from efficientnet_tpu import model as model_lib
+from efficientnet_tpu import optimizers
+from efficientnet_tpu import schedules
+from efficientnet_tpu.config import ExperimentConfig
+
+
+def model_rng_state(model) -> list:
+  """The state variables of the model's Keras seed generators (dropout,
+  stochastic depth), which its own checkpoint does not track."""
+  return [v for v in model.variables
+          if v.path.endswith('seed_generator_state')]
+
+
+def replica_local_variables(model, ema=None) -> list:
+  """Float state that replicas update locally between synchronizations:
+  the batch-norm moving statistics and their EMA shadows."""
+  local = [v for v in model.non_trainable_variables
+           if tf.as_dtype(v.dtype).is_floating]
+  if ema is not None:
+    shadows = [ema.shadow_of(v) for v in local]
+    local += [s for s in shadows if s is not None]
+  return local
+
+
+@dataclasses.dataclass
+class ModelState:
+  """Model, optimizer, schedule, EMA and their checkpoint."""
+  model: keras.Model
+  optimizer: keras.optimizers.Optimizer
+  learning_rate: schedules.WarmupSchedule
+  ema: Optional[ema_lib.ExponentialMovingAverage]
+  checkpoint: tf.train.Checkpoint
+  sync_replica_local_state: Callable[[], None]
+
+  @property
+  def step(self) -> int:
+    """Optimizer steps taken (restored with the checkpoint)."""
+    return int(self.optimizer.iterations.numpy())
+
+  def restore(self, path: Optional[str]) -> int:
+    """Restores checkpoint `path` (nothing if None); returns the step."""
+    if path:
+      self.checkpoint.restore(path).expect_partial()
+      logging.info('Restored %s at step %d', path, self.step)
+    return self.step
+
+
+def build_model_state(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
+                      bn_group_size: int) -> ModelState:
+  """Builds the state under `strategy`'s scope, ready for the first step.
+
+  Args:
+    cfg: the experiment (model, optimizer and schedule settings).
+    strategy: the replicas the variables live on.
+    bn_group_size: replicas per batch-norm group (see `train.replica_plan`).
+  """
+  with strategy.scope():
+    model = model_lib.build_model(cfg.model, bn_group_size=bn_group_size)
+    learning_rate = schedules.build_learning_rate_schedule(
+        cfg.optimizer, cfg.train.train_batch_size, cfg.steps_per_epoch,
+        cfg.total_train_steps)
+    optimizer = optimizers.build_optimizer(cfg.optimizer, learning_rate)
+    # Built before tracing: a Keras 3 optimizer must not create its slot
+    # variables inside the replicated tf.function.
+    optimizer.build(model.trainable_variables)
+    ema = None
+    if cfg.optimizer.moving_average_decay > 0:
+      ema = ema_lib.ExponentialMovingAverage(
+          model.variables, cfg.optimizer.moving_average_decay)
+  sync = collectives.replica_mean_assigner(
+      strategy, replica_local_variables(model, ema))
+  items = dict(model=model, optimizer=optimizer)
+  if ema is not None:
+    items['ema'] = ema
+  # Dropout / stochastic-depth RNG state: Keras 3 seed generators are not
+  # tracked by the model's checkpoint, and a resumed run must draw the
+  # masks an uninterrupted one would.
+  rng_state = model_rng_state(model)
+  if rng_state:
+    items['rng'] = rng_state
+  return ModelState(model=model, optimizer=optimizer,
+                    learning_rate=learning_rate, ema=ema,
+                    checkpoint=tf.train.Checkpoint(**items),
+                    sync_replica_local_state=sync)
