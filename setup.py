@@ -19,18 +19,32 @@ def _requirements(name):
             if l.strip() and not l.startswith(('#', '-r'))]
 
 
+# TensorFlow is an extra: which build a machine needs depends on its hardware,
+# and pip extras only add packages. `cpu`: tensorflow-cpu on x86-64 (the full
+# wheel elsewhere); `gpu`: tensorflow with the CUDA libraries from pip. TPU VM
+# runtimes ship their own TensorFlow, so they install no extra.
+_TF_CPU = ['tensorflow-cpu>=2.18; platform_machine == "x86_64"',
+           'tensorflow>=2.18; platform_machine != "x86_64"']
+
 setuptools.setup(
     name='efficientnet_tpu',
     version=_version(),
     description='Large-batch EfficientNet training (LARS, group BN, sharded '
                 'eval) on Cloud TPU pods, GPUs and CPUs with TF2 / Keras 3.',
-    packages=setuptools.find_packages(exclude=('tests', 'benchmarks')),
-    python_requires='>=3.9',
+    license='Apache-2.0',
+    packages=setuptools.find_packages(exclude=('tests', 'tests.*',
+                                               'benchmarks', 'benchmarks.*')),
+    # The presets (absl flagfiles) load by name: --preset=NAME.
+    package_data={'efficientnet_tpu.presets': ['*.cfg']},
+    # Keras 3.15 requires Python 3.11 (TensorFlow 2.21: 3.10).
+    python_requires='>=3.11',
     install_requires=_requirements('requirements.txt'),
     extras_require={
+        'cpu': _TF_CPU,
+        'gpu': ['tensorflow[and-cuda]>=2.18'],
         # tfds makes the (offline) tfds source test run instead of skip.
-        'test': ['pytest>=7.0', 'scikit-learn>=1.2',
-                 'tensorflow-datasets>=4.9', 'importlib_resources'],
+        'test': _TF_CPU + ['pytest>=7.0', 'scikit-learn>=1.2',
+                           'tensorflow-datasets>=4.9', 'importlib_resources'],
         # tfds needs importlib_resources to prepare datasets defined in code.
         'tfds': ['tensorflow-datasets>=4.9', 'importlib_resources'],
         # Only for legacy TPU Nodes; TPU VMs (--tpu=local) need nothing.

@@ -49,8 +49,8 @@ from efficientnet_tpu.config import DataConfig  # pylint: disable=g-import-not-a
 IMAGENET_SHAPES = ((375, 500, 0.40), (333, 500, 0.20), (500, 375, 0.15),
                    (300, 400, 0.10), (500, 500, 0.05), (500, 333, 0.05),
                    (225, 300, 0.05))
-# The 256x320 set earlier versions of this benchmark (and reference.md)
-# used: small images, where the fixed per-image resize weighs most.
+# The 256x320 set earlier versions of this benchmark used: small images,
+# where the fixed per-image resize weighs most.
 SMALL_SHAPES = ((256, 320, 1.0),)
 IMAGE_SETS = {'imagenet': (IMAGENET_SHAPES, 24.0),
               'small': (SMALL_SHAPES, 8.0)}

@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 
 from efficientnet_tpu import config as config_lib
+from efficientnet_tpu import presets as presets_lib
 
 FLAGS = flags.FLAGS
 
@@ -165,6 +166,9 @@ flags.DEFINE_enum('jit_compile', 'auto', ['auto', 'true', 'false'],
 flags.DEFINE_bool('dry_run', False, 'Print the resolved config, the '
                   'replica plan (with --num_replicas off CPU) and LR '
                   'schedule, plot it to model_dir/lr_schedule.png, and exit.')
+flags.DEFINE_string('preset', None, 'A preset shipped with the package, by '
+                    'name (command line only): its flags apply before all '
+                    'others, so explicit flags win. list: print the presets.')
 
 
 def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
@@ -382,7 +386,16 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  app.run(lambda argv: sys.exit(main(argv)))
+  # The preset becomes a flagfile ahead of every other flag (see presets).
+  try:
+    argv = presets_lib.expand_argv(sys.argv)
+  except config_lib.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if argv is None:
+    print(presets_lib.listing())
+    sys.exit(0)
+  app.run(lambda argv: sys.exit(main(argv)), argv=argv)
 
 
 if __name__ == '__main__':

@@ -137,13 +137,14 @@ default_runtime() {
   fi
 }
 
-# preset_name PRESET: checks that launch/presets/NAME.cfg exists and prints
-# NAME. PRESET may be a name, NAME.cfg or a path to the file.
+# preset_name PRESET: checks that the package ships preset NAME
+# (efficientnet_tpu/presets/NAME.cfg, loaded by the trainer's --preset=NAME)
+# and prints NAME. PRESET may be a name, NAME.cfg or a path to the file.
 preset_name() {
   local name
   name="$(basename "$1" .cfg)"
-  if [[ ! -f "$LAUNCH_DIR/presets/$name.cfg" ]]; then
-    die "--preset: expected the name of a file in launch/presets/ (e.g. efficientnet-b2-lars-4096), got '$1'"
+  if [[ ! -f "$REPO_ROOT/efficientnet_tpu/presets/$name.cfg" ]]; then
+    die "--preset: expected the name of a preset in efficientnet_tpu/presets/ (e.g. efficientnet-b2-lars-4096; efficientnet-tpu-train --preset=list), got '$1'"
   fi
   printf '%s' "$name"
 }

@@ -9,7 +9,7 @@ usage() {
 Usage: launch/local_smoke.sh [--dry_run] [--model_dir=DIR] [FLAGS...]
 
 Trains a tiny EfficientNet on synthetic data on 4 logical CPU replicas with
-launch/presets/cpu_smoke.cfg, evaluates it, and prints the final metrics.
+the package's cpu_smoke preset, evaluates it, and prints the final metrics.
 Re-running with the same --model_dir resumes from its last checkpoint.
 
   --dry_run        print the command instead of running it
@@ -19,7 +19,6 @@ Re-running with the same --model_dir resumes from its last checkpoint.
 USAGE
 }
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 model_dir="${TMPDIR:-/tmp}/efficientnet_tpu_smoke"
 dry_run=0
 extra=()
@@ -33,7 +32,7 @@ for arg in "$@"; do
 done
 
 cmd=(python3 -m efficientnet_tpu.main
-     "--flagfile=${here}/presets/cpu_smoke.cfg"
+     --preset=cpu_smoke
      "--model_dir=${model_dir}" "${extra[@]+"${extra[@]}"}")
 if (( dry_run )); then
   printf '%q ' "${cmd[@]}"; echo

@@ -22,9 +22,9 @@ Usage: launch/submit_job.sh --region=REGION --image_uri=IMAGE --preset=PRESET
            (--bucket=BUCKET | --data_dir=DIR --model_dir=DIR) [options]
            [-- TRAIN_FLAGS...]
 
-Runs "python3 -m efficientnet_tpu.main --flagfile=... TRAIN_FLAGS" in
-IMAGE, a container with this repository at --container_dir and the package
-installed (docs/quickstart.md has a Dockerfile). The strategy flag follows
+Runs "python3 -m efficientnet_tpu.main --preset=PRESET ... TRAIN_FLAGS" in
+IMAGE, a container with the package installed (the presets ship inside it;
+docs/quickstart.md has a Dockerfile). The strategy flag follows
 the hardware: TPU --tpu=local, GPUs --strategy=gpu, more than one replica
 --strategy=multi_worker (TF_CONFIG from Vertex AI), CPU --strategy=cpu.
 
@@ -46,13 +46,13 @@ the hardware: TPU --tpu=local, GPUs --strategy=gpu, more than one replica
   --tpu_topology=TOPOLOGY   tpu-topology, e.g. 2x2 (TPU machine types that
                             take one)
   --replica_count=N         machines (default 1; N > 1: multi-worker GPU/CPU)
-  --preset=PRESET           launch/presets/PRESET.cfg (\$PRESET)
+  --preset=PRESET           a preset shipped with the package (\$PRESET; list:
+                            efficientnet-tpu-train --preset=list)
   --bucket=BUCKET           gs://BUCKET/imagenet and gs://BUCKET/runs/PRESET
                             as default data and model dirs (\$BUCKET)
   --data_dir=DIR            ImageNet TFRecords, gs:// (\$DATA_DIR)
   --model_dir=DIR           checkpoints and summaries, gs:// (\$MODEL_DIR);
                             resubmitting with the same one resumes
-  --container_dir=DIR       the repository inside IMAGE (default /app)
   --dry_run                 print the gcloud command instead of running it
   -h, --help                this help
   -- TRAIN_FLAGS            more efficientnet-tpu-train flags
@@ -73,7 +73,6 @@ preset="${PRESET:-}"
 bucket="${BUCKET:-}"
 data_dir="${DATA_DIR:-}"
 model_dir="${MODEL_DIR:-}"
-container_dir='/app'
 extra=()
 while (( $# )); do
   arg="$1"
@@ -95,7 +94,6 @@ while (( $# )); do
     --bucket=*) bucket="${arg#*=}" ;;
     --data_dir=*) data_dir="${arg#*=}" ;;
     --model_dir=*) model_dir="${arg#*=}" ;;
-    --container_dir=*) container_dir="${arg#*=}" ;;
     --) extra=("$@"); break ;;
     *) unknown_flag "$arg" ;;
   esac
@@ -154,7 +152,7 @@ if (( replica_count > 1 )); then
   pools+=(--worker-pool-spec="$spec,replica-count=$((replica_count - 1)),container-image-uri=$image_uri")
 fi
 
-train_args=("--flagfile=${container_dir%/}/launch/presets/$preset.cfg"
+train_args=("--preset=$preset"
             "${strategy_flags[@]}" "--data_dir=$data_dir"
             "--model_dir=$model_dir" "${extra[@]+"${extra[@]}"}")
 # --args is a comma-separated list; an argument with a comma (e.g.

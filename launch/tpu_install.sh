@@ -2,9 +2,10 @@
 # Installs efficientnet_tpu on every worker of a TPU VM or pod slice.
 #
 # The TensorFlow TPU runtime (tpu-vm-tf-*) comes with a TPU-enabled
-# TensorFlow and Keras 3. A plain `pip install .` would add tensorflow-cpu
-# from requirements.txt next to it and break TPU access, so the package is
-# installed with --no-deps, followed by the light dependencies only.
+# TensorFlow and Keras 3. The package asks for no TensorFlow without an
+# extra, but pip could still upgrade the runtime's Keras or TensorBoard, so
+# the package is installed with --no-deps, followed by the light
+# dependencies of requirements.txt (less keras and tensorboard) only.
 #
 # gcloud reference:
 #   https://cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/scp

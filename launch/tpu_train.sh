@@ -27,8 +27,10 @@ Usage: launch/tpu_train.sh --name=NAME --zone=ZONE --preset=PRESET
            [-- TRAIN_FLAGS...]
 
 Runs on worker 0, in the background (nohup, survives the ssh session):
-  python3 -m efficientnet_tpu.main --flagfile=launch/presets/PRESET.cfg \\
+  python3 -m efficientnet_tpu.main --preset=PRESET \\
       --tpu=local|NAME --data_dir=... --model_dir=... TRAIN_FLAGS
+(--tpu=local on a single-host TPU VM; --tpu=NAME --tpu_zone=ZONE on a pod
+slice, where this one process on worker 0 drives every host.)
 with output appended to ~/$REMOTE_LOG (see launch/tpu_logs.sh).
 If that process is still running, nothing new is started. Otherwise a new
 run resumes from the last checkpoint in --model_dir: rerun this script
@@ -41,7 +43,8 @@ after a preemption or a crash.
                            default v3-8): more than 8 cores/chips = pod slice
   --runtime_version=VER    as given to tpu_create.sh (\$RUNTIME_VERSION); a
                            single-host PJRT runtime gets the PJRT variables
-  --preset=PRESET          launch/presets/PRESET.cfg (\$PRESET)
+  --preset=PRESET          a preset shipped with the package (\$PRESET; list:
+                           efficientnet-tpu-train --preset=list)
   --bucket=BUCKET          gs://BUCKET/imagenet and gs://BUCKET/runs/PRESET
                            as default data and model dirs (\$BUCKET)
   --data_dir=DIR           ImageNet TFRecords (\$DATA_DIR)
@@ -115,7 +118,7 @@ else
 fi
 
 train=(env "${env_vars[@]+"${env_vars[@]}"}" python3 -m efficientnet_tpu.main
-       "--flagfile=launch/presets/$preset.cfg" "${tpu_flags[@]}"
+       "--preset=$preset" "${tpu_flags[@]}"
        "--data_dir=$data_dir" "--model_dir=$model_dir"
        "${extra[@]+"${extra[@]}"}")
 dir="\"\$HOME/$REMOTE_DIR\""

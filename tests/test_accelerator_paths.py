@@ -145,7 +145,7 @@ def test_is_tpu_checks_the_strategy_not_the_devices():
 def test_cli_refuses_xla_on_cpu_replicas_with_one_line(tmp_path):
   out = subprocess.run(
       [sys.executable, '-m', 'efficientnet_tpu.main',
-       f'--flagfile={REPO}/launch/presets/cpu_smoke.cfg',
+       '--preset=cpu_smoke',
        f'--model_dir={tmp_path}', '--jit_compile=true'],
       env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2'),
       capture_output=True, text=True, timeout=300)
@@ -270,7 +270,7 @@ def test_evaluator_task_evaluates_checkpoints_and_writes_only_eval(tmp_path):
   """A side-car evaluator (TF_CONFIG task type 'evaluator') evaluates the
   training cluster's checkpoints and writes eval results, nothing else."""
   model_dir = tmp_path / 'run'
-  common = [f'--flagfile={REPO}/launch/presets/cpu_smoke.cfg',
+  common = ['--preset=cpu_smoke',
             f'--model_dir={model_dir}', '--num_cpu_replicas=1',
             '--bn_group_size=1', '--train_steps=4', '--iterations_per_loop=2',
             '--width_coefficient=0.1', '--depth_coefficient=0.1',

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_tpu import main as main_lib
+from efficientnet_tpu import presets
 from efficientnet_tpu.config import ConfigError, DataConfig
 from efficientnet_tpu.data import pipeline as data_pipeline
 from efficientnet_tpu.data import tfds as tfds_source
@@ -16,8 +17,7 @@ from efficientnet_tpu.data import tfrecord
 from tests.test_input_pipeline import write_split
 
 FLAGS = flags.FLAGS
-SMOKE = os.path.join(os.path.dirname(__file__), '..', 'launch', 'presets',
-                     'cpu_smoke.cfg')
+SMOKE = presets.path('cpu_smoke')
 
 
 def _write_raw(path, payload_sizes):

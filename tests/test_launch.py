@@ -199,7 +199,7 @@ def test_help_exits_zero_and_calls_nothing(sandbox, script):
     ('tpu_train.sh', TPU + [f'--preset={PRESET}', '--model_dir=gs://m'],
      '--data_dir is required (or set $DATA_DIR)'),
     ('tpu_train.sh', TPU + ['--preset=no-such-preset', '--bucket=b'],
-     "--preset: expected the name of a file in launch/presets/"),
+     "--preset: expected the name of a preset in efficientnet_tpu/presets/"),
     ('tpu_logs.sh', ['--zone=z'], '--name is required (or set $TPU_NAME)'),
     ('tpu_logs.sh', TPU + ['--worker=x'], "--worker: expected a worker"),
     ('tpu_delete.sh', ['--name=t1'], '--zone is required (or set $ZONE)'),
@@ -250,7 +250,7 @@ def test_local_smoke_dry_run_prints_the_command(sandbox, tmp_path):
   assert result.returncode == 0, result.stderr
   argv = shlex.split(result.stdout)
   assert argv[:3] == ['python3', '-m', 'efficientnet_tpu.main']
-  assert f'--flagfile={LAUNCH}/presets/cpu_smoke.cfg' in argv
+  assert '--preset=cpu_smoke' in argv
   assert f'--model_dir={tmp_path}/smoke' in argv
   assert argv[-1] == '--num_cpu_replicas=8'
   assert not (tmp_path / 'smoke').exists()
@@ -324,7 +324,7 @@ def test_install_copies_the_source_and_installs_without_deps(
   with tarfile.open(tarball) as tar:
     names = tar.getnames()
   assert 'setup.py' in names and 'efficientnet_tpu/main.py' in names
-  assert f'launch/presets/{PRESET}.cfg' in names
+  assert f'efficientnet_tpu/presets/{PRESET}.cfg' in names
   assert not any(n.startswith(('tests', '.git')) or '__pycache__' in n
                  for n in names)
 
@@ -337,7 +337,7 @@ def test_install_copies_the_source_and_installs_without_deps(
   assert result.returncode == 0, result.stderr
   src = sandbox.home / 'efficientnet_tpu'
   assert (src / 'setup.py').read_text() == (REPO / 'setup.py').read_text()
-  assert (src / 'launch' / 'presets' / f'{PRESET}.cfg').exists()
+  assert (src / 'efficientnet_tpu' / 'presets' / f'{PRESET}.cfg').exists()
   assert not stale.exists()
   pip_no_deps, pip_deps, check = [c['argv'] for c in sandbox.python_calls()]
   assert pip_no_deps == ['-m', 'pip', 'install', '--quiet', '--no-deps',
@@ -404,7 +404,7 @@ def test_train_single_host_starts_once_and_restarts(sandbox):
     [call] = sandbox.python_calls()
     assert call['argv'] == [
         '-m', 'efficientnet_tpu.main',
-        f'--flagfile=launch/presets/{PRESET}.cfg', '--tpu=local',
+        f'--preset={PRESET}', '--tpu=local',
         '--data_dir=gs://bk/imagenet', f'--model_dir=gs://bk/runs/{PRESET}',
         '--train_steps=10', '--mode=train_and_eval']
     assert call['cwd'] == str(workdir)
@@ -440,7 +440,7 @@ def test_train_single_host_starts_once_and_restarts(sandbox):
 def test_train_pod_runs_one_client_on_worker_0(sandbox):
   _, calls = sandbox.calls('tpu_train.sh', '--name=pod', '--zone=z',
                            '--project=proj', '--accelerator_type=v3-32',
-                           '--preset=launch/presets/efficientnet-b5-lars-65536.cfg',
+                           '--preset=efficientnet_tpu/presets/efficientnet-b5-lars-65536.cfg',
                            '--data_dir=gs://d/imagenet',
                            '--model_dir=gs://m/run 1', '--foreground')
   command, ssh = _command(calls[0])
@@ -453,7 +453,7 @@ def test_train_pod_runs_one_client_on_worker_0(sandbox):
   [call] = sandbox.python_calls()
   assert call['argv'] == [
       '-m', 'efficientnet_tpu.main',
-      '--flagfile=launch/presets/efficientnet-b5-lars-65536.cfg',
+      '--preset=efficientnet-b5-lars-65536',
       '--tpu=pod', '--tpu_zone=z', '--gcp_project=proj',
       '--data_dir=gs://d/imagenet', '--model_dir=gs://m/run 1']
   assert call['env'] == {'TPU_LOAD_LIBRARY': '0',
@@ -553,7 +553,7 @@ def test_submit_tpu_job(sandbox):
   spec = ('machine-type=cloud-tpu,accelerator-type=TPU_V3,'
           'accelerator-count=8,replica-count=1,'
           'container-image-uri=gcr.io/p/img')
-  args = (f'--flagfile=/app/launch/presets/{PRESET}.cfg,--tpu=local,'
+  args = (f'--preset={PRESET},--tpu=local,'
           f'--data_dir=gs://bk/imagenet,--model_dir=gs://bk/runs/{PRESET}')
   assert calls == [['ai', 'custom-jobs', 'create', '--region=us-central1',
                     f'--display-name=efficientnet-tpu-{PRESET}',
@@ -580,7 +580,7 @@ def test_submit_multi_worker_gpu_job_escapes_commas(sandbox):
       '--command=python3,-m,efficientnet_tpu.main']
   assert argv[-1].startswith('--args=')
   assert _gcloud_list(argv[-1][len('--args='):]) == [
-      f'--flagfile=/app/launch/presets/{PRESET}.cfg',
+      f'--preset={PRESET}',
       '--strategy=multi_worker', '--data_dir=gs://d', '--model_dir=gs://m',
       '--weight_decay_exclude=gamma$,beta$', '--train_steps=5']
 
@@ -597,10 +597,10 @@ def test_submit_multi_worker_gpu_job_escapes_commas(sandbox):
 def test_submit_strategy_follows_the_hardware(sandbox, flags, spec, strategy):
   _, calls = sandbox.calls('submit_job.sh', '--region=r', '--image_uri=i',
                            f'--preset={PRESET}', '--bucket=b',
-                           '--container_dir=/src/', *flags)
+                           *flags)
   [argv] = calls
   assert argv[4] == '--display-name=efficientnet-tpu-' + PRESET
   assert argv[5] == (f'--worker-pool-spec={spec},replica-count=1,'
                      'container-image-uri=i')
   assert _gcloud_list(argv[-1][len('--args='):])[:2] == [
-      f'--flagfile=/src/launch/presets/{PRESET}.cfg', strategy]
+      f'--preset={PRESET}', strategy]

@@ -7,10 +7,10 @@ from absl import flags
 import pytest
 
 from efficientnet_tpu import main as main_lib
+from efficientnet_tpu import presets
 
 FLAGS = flags.FLAGS
-SMOKE = os.path.join(os.path.dirname(__file__), '..', 'launch', 'presets',
-                     'cpu_smoke.cfg')
+SMOKE = presets.path('cpu_smoke')
 
 
 def _run(capsys, *args):
@@ -122,7 +122,7 @@ def test_data_defaults_to_tfrecord_with_data_dir():
   assert cfg.data.include_background_label
 
 
-PRESETS = os.path.join(os.path.dirname(__file__), '..', 'launch', 'presets')
+PRESETS = presets.DIRECTORY
 
 
 def _preset_config(name, *extra):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from efficientnet_tpu import presets
 from efficientnet_tpu import schedules
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
 
@@ -215,8 +216,8 @@ def test_plot_schedule_writes_png(tmp_path):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
-# ---- launch/presets ----------------------------------------------------------
-PRESET_DIR = os.path.join(os.path.dirname(__file__), '..', 'launch', 'presets')
+# ---- presets (efficientnet_tpu/presets) ---------------------------------------
+PRESET_DIR = presets.DIRECTORY
 PRESET_FLAGS = {
     'model_name', 'train_batch_size', 'eval_batch_size', 'train_epochs',
     'optimizer', 'base_learning_rate', 'lr_scaling', 'lr_schedule',
@@ -225,7 +226,17 @@ PRESET_FLAGS = {
     'weight_decay', 'label_smoothing', 'moving_average_decay', 'use_bfloat16',
     'bn_group_batch_size', 'bn_group_size', 'iterations_per_loop', 'strategy',
     'augment_name', 'randaug_num_layers', 'randaug_magnitude',
-    'num_label_classes', 'eval_every_epochs'}
+    'num_label_classes', 'eval_every_epochs', 'mode'}
+# tensorflow/tpu models/official/resnet/lars_util.py, poly_rate_schedule, as
+# of f59154b6 (Aug 2019) through 95647b53 (May 2020; unchanged since): peak
+# LR and warmup epochs by global batch.
+PAPER_TIME_LARS_TABLE = ((16384, 10.0, 5), (32768, 25.0, 5),
+                         (65536, 32.0, 14), (float('inf'), 35.6, 40))
+
+
+def _lars_table(batch):
+  return next((lr, w) for bound, lr, w in PAPER_TIME_LARS_TABLE
+              if batch < bound)
 OPT_FIELDS = {f.name for f in dataclasses.fields(OptimizerConfig)}
 
 
@@ -254,6 +265,8 @@ def test_paper_presets_exist():
     for batch in (4096, 16384, 32768, 65536):
       assert f'efficientnet-{model}-lars-{batch}.cfg' in names
   assert 'efficientnet-b0-rmsprop-4096.cfg' in names
+  # One preset fits a single v3-8 host (the README's --tpu=local command).
+  assert 'efficientnet-b0-rmsprop-1024.cfg' in names
 
 
 @pytest.mark.parametrize('path', _preset_paths(), ids=os.path.basename)
@@ -265,6 +278,7 @@ def test_preset_is_consistent(path):
   assert flags['model_name'] == model
   assert flags['optimizer'] == optimizer
   assert int(flags['train_batch_size']) == int(batch)
+  assert flags['mode'] == 'train_and_eval'
   opt_kwargs = {}
   for k, v in flags.items():
     if k in OPT_FIELDS:
@@ -277,9 +291,10 @@ def test_preset_is_consistent(path):
   s = schedules.build_learning_rate_schedule(cfg, batch, spe, total)
   if optimizer == 'lars':
     assert cfg.lr_scaling == 'none' and cfg.lr_schedule == 'poly'
+    assert (s.peak_learning_rate, cfg.lr_warmup_epochs) == _lars_table(batch)
     # EMA horizon ~32 epochs at every batch size (docs/recipes.md).
     horizon_epochs = 1 / (1 - cfg.moving_average_decay) / spe
     assert 30 < horizon_epochs < 34, horizon_epochs
   else:
-    assert s.peak_learning_rate == pytest.approx(0.256)
+    assert s.peak_learning_rate == pytest.approx(0.016 * batch / 256)
   assert int(flags['eval_batch_size']) % 32 == 0

@@ -100,7 +100,7 @@ def test_four_replicas_match_one_replica_on_the_global_batch(tmp_path):
 def test_killed_run_resumes_at_its_last_checkpoint(tmp_path):
   model_dir = tmp_path / 'run'
   base = [sys.executable, '-m', 'efficientnet_tpu.main',
-          f'--flagfile={REPO}/launch/presets/cpu_smoke.cfg',
+          '--preset=cpu_smoke',
           f'--model_dir={model_dir}', '--num_cpu_replicas=1',
           '--bn_group_size=1', '--iterations_per_loop=5', '--mode=train',
           '--width_coefficient=0.1', '--depth_coefficient=0.1',

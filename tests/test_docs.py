@@ -1,0 +1,94 @@
+"""Every `--flag` the docs mention exists.
+
+A flag in README.md, docs/*.md or benchmarks/README.md must be a flag of the
+trainer (efficientnet_tpu/main.py, plus absl's own such as --flagfile), or of
+the other command-line tools of this repository, read here from their
+sources: the launch/*.sh scripts, efficientnet_tpu/tools/*.py and the
+benchmarks/*.py scripts. A few flags of third-party commands (gcloud,
+tensorboard) that the docs quote are listed by hand. Hyphenated flags
+(`--no-deps`, `--accelerator-type`) belong to pip and gcloud and are not
+checked. A flag that exists nowhere (a renamed or removed one) fails.
+"""
+
+import pathlib
+import re
+
+from absl import flags
+import pytest
+
+from efficientnet_tpu import main as main_lib  # pylint: disable=unused-import
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DOCS = sorted([REPO / 'README.md', REPO / 'benchmarks' / 'README.md',
+               *(REPO / 'docs').glob('*.md')])
+# `--name` not followed by a word character or a hyphen.
+FLAG_RE = re.compile(r'(?<![\w-])--([a-z][a-z0-9_]*)(?![\w-])')
+THIRD_PARTY = {
+    # gcloud compute tpus tpu-vm / queued-resources, gcloud storage.
+    'zone', 'project', 'worker', 'version', 'command', 'region', 'args',
+    'force',
+    # tensorboard.
+    'logdir',
+}
+# absl's flags that FLAGS does not list, and the docs' `--flag=value`.
+ABSL_SPECIAL = {'flagfile', 'undefok', 'help', 'helpshort', 'helpfull',
+                'helpxml', 'only_check_args'}
+PLACEHOLDERS = {'flag'}
+# Flags of the paper's code (tensorflow/tpu models/official/efficientnet
+# main.py) that the recipe docs compare ours with.
+PAPER_CODE = {'batch_norm_batch_size', 'lars_weight_decay'}
+PAPER_DOCS = {'recipes.md', 'reproducing_the_paper.md'}
+
+
+def _main_flags():
+  """main's flags and absl's (logging flags, --flagfile, ...)."""
+  return set(flags.FLAGS) | ABSL_SPECIAL
+
+
+def _launch_flags():
+  """The `--name)` / `--name=*)` patterns of the scripts' option parsing."""
+  names = set()
+  for script in (REPO / 'launch').glob('*.sh'):
+    for pattern in re.findall(r'^\s*([-\w|=*]+)\)', script.read_text(),
+                              flags=re.M):
+      names.update(re.findall(r'--([a-z][a-z0-9_]*)', pattern))
+  return names
+
+
+def _argparse_flags(paths):
+  names = set()
+  for path in paths:
+    names.update(re.findall(r"add_argument\(\s*'--([a-z][a-z0-9_]*)'",
+                            path.read_text()))
+  return names
+
+
+def _mentioned(path):
+  return sorted(set(FLAG_RE.findall(path.read_text())))
+
+
+def test_the_sources_are_read():
+  assert {'train_batch_size', 'preset', 'flagfile'} <= _main_flags()
+  assert {'accelerator_type', 'preset', 'bucket', 'dry_run'} <= (
+      _launch_flags())
+  assert {'input_dir', 'check'} <= _argparse_flags(
+      (REPO / 'efficientnet_tpu' / 'tools').glob('*.py'))
+
+
+@pytest.mark.parametrize('path', DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_flag_in_the_docs_exists(path):
+  known = (_main_flags() | _launch_flags() | THIRD_PARTY | PLACEHOLDERS
+           | (PAPER_CODE if path.name in PAPER_DOCS else set())
+           | _argparse_flags((REPO / 'efficientnet_tpu' / 'tools').glob('*.py'))
+           | _argparse_flags((REPO / 'benchmarks').glob('*.py')))
+  unknown = [f'--{name}' for name in _mentioned(path) if name not in known]
+  assert not unknown, f'{path.relative_to(REPO)} mentions unknown flags: {unknown}'
+
+
+def test_trainer_docs_name_only_trainer_flags():
+  """recipes.md and flags.md are about the trainer: no other tool's flags."""
+  trainer = _main_flags() | PLACEHOLDERS | PAPER_CODE
+  for name in ('recipes.md', 'flags.md'):
+    path = REPO / 'docs' / name
+    unknown = [f'--{n}' for n in _mentioned(path) if n not in trainer]
+    assert not unknown, f'docs/{name}: {unknown}'

@@ -1,0 +1,172 @@
+"""Presets ship with the package and load by name: --preset=NAME / list.
+
+Also checks that the flags docs/recipes.md gives for reproducing the paper's
+code (tensorflow/tpu@4b544d49) yield, in a --dry_run, the schedule of that
+code's `utils.build_learning_rate(lr_decay_type='poly')`, computed here in
+numpy from its source.
+"""
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+from absl import flags
+import numpy as np
+import pytest
+
+from efficientnet_tpu import main as main_lib
+from efficientnet_tpu import presets
+from efficientnet_tpu.config import ConfigError
+
+FLAGS = flags.FLAGS
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _reset_flags():
+  yield
+  FLAGS.unparse_flags()
+
+
+def _cli(*args, cwd):
+  return subprocess.run(
+      [sys.executable, '-m', 'efficientnet_tpu.main', *args], cwd=cwd,
+      env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL='2'),
+      capture_output=True, text=True, timeout=300)
+
+
+def _parse(*args):
+  """Parses argv the way `main.run` does; returns the resolved config."""
+  FLAGS.unparse_flags()
+  FLAGS(presets.expand_argv(['efficientnet-tpu-train', *args]))
+  return main_lib.config_from_flags(FLAGS)
+
+
+def test_presets_are_package_files():
+  assert pathlib.Path(presets.DIRECTORY) == (
+      REPO / 'efficientnet_tpu' / 'presets')
+  assert 'cpu_smoke' in presets.names()
+  assert 'efficientnet-b5-lars-65536' in presets.names()
+  for name in presets.names():
+    assert presets.description(name), name
+    assert '\n' not in presets.description(name)
+
+
+def test_list_prints_one_line_per_preset_and_exits_0(tmp_path):
+  result = _cli('--preset=list', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert [l.split()[0] for l in lines] == presets.names()
+  assert all(len(l.split(None, 1)) == 2 for l in lines)
+
+
+def test_unknown_preset_is_one_line_listing_the_names(tmp_path):
+  result = _cli('--preset=efficientnet-b9-lars-1', '--model_dir=/tmp/x',
+                cwd=tmp_path)
+  assert result.returncode == 2
+  assert result.stdout == ''
+  assert result.stderr.count('\n') == 1, result.stderr
+  assert result.stderr.startswith('error: --preset: expected list or one of ')
+  for name in presets.names():
+    assert name in result.stderr
+  assert "got 'efficientnet-b9-lars-1'" in result.stderr
+
+
+def test_preset_loads_by_name_from_any_directory(tmp_path):
+  result = _cli('--preset=efficientnet-b2-lars-4096', '--tpu=local',
+                f'--model_dir={tmp_path / "run"}', '--dry_run',
+                cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'peak_lr: 10.0' in result.stdout
+  assert '"mode": "train_and_eval"' in result.stdout
+
+
+def test_explicit_flags_win_wherever_they_stand(tmp_path):
+  mine = tmp_path / 'mine.cfg'
+  mine.write_text('--eval_every_epochs=7\n--train_epochs=100\n')
+  cfg = _parse('--train_batch_size=512', '--eval_batch_size=512',
+               '--preset=efficientnet-b2-lars-4096', f'--flagfile={mine}',
+               '--model_dir=/tmp/x', '--data=synthetic', '--tpu=local',
+               '--train_epochs=50')
+  assert cfg.train.train_batch_size == 512  # Before --preset: still wins.
+  assert cfg.train.eval_every_epochs == 7  # The user's flagfile wins.
+  assert cfg.train.train_epochs == 50  # The last flag wins.
+  assert cfg.optimizer.base_learning_rate == 10.0  # From the preset.
+  assert FLAGS.preset == 'efficientnet-b2-lars-4096'
+
+
+@pytest.mark.parametrize('argv,name', [
+    (['p'], None),
+    (['p', '--preset', 'cpu_smoke'], 'cpu_smoke'),
+    (['p', '-preset=cpu_smoke.cfg'], 'cpu_smoke.cfg'),
+    (['p', '--preset=a', '--preset=list'], 'list'),
+    (['p', '--', '--preset=cpu_smoke'], None),
+])
+def test_requested_reads_absl_spellings(argv, name):
+  assert presets.requested(argv) == name
+
+
+def test_expand_argv():
+  assert presets.expand_argv(['p', '--preset=list']) is None
+  assert presets.expand_argv(['p', '--x=1']) == ['p', '--x=1']
+  assert presets.expand_argv(['p', '--x=1', '--preset=cpu_smoke.cfg']) == [
+      'p', f'--flagfile={presets.path("cpu_smoke")}', '--x=1',
+      '--preset=cpu_smoke.cfg']
+  with pytest.raises(ConfigError, match=r'^--preset: expected list or one'):
+    presets.expand_argv(['p', '--preset=../setup'])
+
+
+def _paper_code_poly_lr(step, base_learning_rate, train_batch_size,
+                        steps_per_epoch, train_steps, warmup_epochs):
+  """tensorflow/tpu@4b544d49 efficientnet `main.py` + `utils.py`, poly.
+
+  scaled_lr = base_learning_rate * (train_batch_size / 256.0);
+  tf.train.polynomial_decay(scaled_lr, max(1, step - warmup_steps),
+  train_steps - warmup_steps + 1, end_learning_rate=0.1, power=2.0), and
+  scaled_lr * step / warmup_steps while step < warmup_steps.
+  """
+  initial_lr = base_learning_rate * (train_batch_size / 256.0)
+  warmup_steps = int(steps_per_epoch * warmup_epochs)
+  decay_steps = train_steps - warmup_steps + 1
+  global_step = np.minimum(np.maximum(1, step - warmup_steps), decay_steps)
+  poly = (initial_lr - 0.1) * (1 - global_step / decay_steps) ** 2.0 + 0.1
+  warm = initial_lr * step / warmup_steps
+  return np.where(step < warmup_steps, warm, poly)
+
+
+def _printed_schedule(out):
+  values = {}
+  for line in out.splitlines():
+    key, _, value = line.strip().partition(': ')
+    if key in ('lr_at', 'total_steps', 'steps_per_epoch', 'warmup_steps',
+               'peak_lr', 'train_batch_size'):
+      values[key] = ast.literal_eval(value)
+  return values
+
+
+@pytest.mark.parametrize('batch,peak,warmup_epochs', [
+    (4096, 10.0, 5), (16384, 25.0, 5), (32768, 32.0, 14), (65536, 35.6, 40)])
+def test_recipes_flags_reproduce_the_paper_codes_schedule(
+    tmp_path, capsys, batch, peak, warmup_epochs):
+  # docs/recipes.md: --lr_scaling=linear --base_learning_rate=PEAK*256/BATCH
+  # --end_learning_rate=0.1 on the LARS preset of that batch.
+  base = peak * 256 / batch
+  _parse(f'--preset=efficientnet-b5-lars-{batch}', '--tpu=local',
+         f'--model_dir={tmp_path}', '--dry_run', '--lr_scaling=linear',
+         f'--base_learning_rate={base!r}', '--end_learning_rate=0.1')
+  assert main_lib.main(['efficientnet-tpu-train']) == 0
+  printed = _printed_schedule(capsys.readouterr().out)
+  assert printed['train_batch_size'] == batch
+  assert printed['peak_lr'] == pytest.approx(peak)
+  spe = 1281167 / batch
+  assert printed['steps_per_epoch'] == pytest.approx(spe)
+  assert printed['warmup_steps'] == int(spe * warmup_epochs)
+  steps = np.array([s for s, _ in printed['lr_at'].values()])
+  ours = np.array([lr for _, lr in printed['lr_at'].values()])
+  code = _paper_code_poly_lr(steps, base, batch, spe,
+                             printed['total_steps'], warmup_epochs)
+  # The code decays over one more step (see docs/recipes.md): < 1e-3.
+  np.testing.assert_allclose(ours, code, rtol=1e-3, atol=1e-6)
+  assert ours[-1] == pytest.approx(0.1, abs=1e-3)
