@@ -1,13 +1,13 @@
 r"""Trains and evaluates EfficientNets on TPU pods, GPUs and CPUs.
 
 Flags keep the TPUEstimator-era names of tensorflow/tpu where they exist, and
-`--flagfile=launch/presets/NAME.cfg` loads a preset. Flags are read here only:
+`--preset=NAME` loads a preset shipped with the package (`--preset=list`
+shows them; `--flagfile=FILE` reads your own). Flags are read here only:
 they become an `ExperimentConfig`, validated before any work starts.
 
 Local smoke run (4 simulated replicas, tiny model, synthetic data):
 
-  efficientnet-tpu-train --flagfile=launch/presets/cpu_smoke.cfg \
-      --model_dir=/tmp/effnet_smoke
+  efficientnet-tpu-train --preset=cpu_smoke --model_dir=/tmp/effnet_smoke
 """
 
 from __future__ import annotations

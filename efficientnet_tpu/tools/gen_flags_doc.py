@@ -34,8 +34,10 @@ HEADER = """\
      tests/test_flags_doc.py fails when this file and the flags differ. -->
 
 `efficientnet-tpu-train` (or `python -m efficientnet_tpu.main`) takes the
-flags below. `--flagfile=launch/presets/NAME.cfg` reads flags from a preset
-(one `--flag=value` per line); flags given after it override the file. Every
+flags below. `--preset=NAME` reads flags from a preset shipped with the
+package (`--preset=list` shows them) and `--flagfile=FILE` from your own
+file (one `--flag=value` per line); flags given on the command line override
+both. Every
 run writes the resolved config to `model_dir/config.json`, and `--dry_run`
 prints it with the learning-rate schedule without training. absl's own flags
 (`--flagfile`, `--helpfull`, logging flags such as `--v`) work as usual.
