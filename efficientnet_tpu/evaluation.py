@@ -135,8 +135,10 @@ class Evaluator:
                           ) -> Dict[str, float]:
     """Evaluates, then writes TensorBoard, JSON lines and the best archive."""
     metrics = self.evaluate()
-    logging.info('eval at step %d: %s', step,
-                 ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
+    logging.info('eval at step %d: top_1=%.4g top_5=%.4g cross_entropy=%.4g '
+                 '(%d images in %.1f s)', step, metrics['top_1_accuracy'],
+                 metrics['top_5_accuracy'], metrics['loss'],
+                 metrics['num_examples'], metrics['eval_time_s'])
     replicated.write_scalars(self.summary_writer, metrics, step)
     if self.is_writer:
       run_dir.append_eval_result(

@@ -22,7 +22,9 @@ import tensorflow as tf
 from efficientnet_tpu import distribute
 from efficientnet_tpu import evaluation
 from efficientnet_tpu import export
+from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import run_dir
+from efficientnet_tpu import schedules
 from efficientnet_tpu import train
 from efficientnet_tpu.config import ExperimentConfig
 from efficientnet_tpu.data import contract
@@ -90,6 +92,44 @@ def export_model(cfg: ExperimentConfig, state: ModelState,
                                    cfg.data.resize_method, export_dir)
 
 
+def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
+                    state: ModelState, mode: str) -> str:
+  """What this run is, before its first step (logged and in TensorBoard)."""
+  plan = train.replica_plan(cfg, strategy.num_replicas_in_sync)
+  schedule = schedules.describe_schedule(
+      cfg.optimizer, cfg.train.train_batch_size, cfg.steps_per_epoch,
+      cfg.total_train_steps)
+  lr_at = ', '.join(f'{k} {lr:.4g} (step {s})'
+                    for k, (s, lr) in schedule['lr_at'].items())
+  data = cfg.data
+  source = data.source if data.source == 'synthetic' else (
+      f'{data.source} from {data.data_dir}')
+  m = cfg.model
+  return '\n'.join([
+      f'Run: --mode={mode}, model_dir {cfg.train.model_dir}',
+      f'Strategy: {type(strategy).__name__}, '
+      f'{strategy.num_replicas_in_sync} replicas, '
+      f'{distribute.num_input_pipelines(strategy)} host(s) / input '
+      'pipeline(s)',
+      f'Batch: {cfg.train.train_batch_size} global, '
+      f'{plan["per_replica_train_batch"]} per replica; BN groups of '
+      f'{plan["bn_group_size"]} replica(s) ({plan["bn_group_batch"]} images)',
+      f'Length: {plan["steps_per_epoch"]} steps per epoch, '
+      f'{plan["total_steps"]} steps ({schedule["train_epochs"]:.4g} epochs)',
+      f'Optimizer: {schedule["optimizer"]}, {schedule["lr_schedule"]} '
+      f'schedule, peak LR {schedule["peak_lr"]:.4g} after '
+      f'{schedule["warmup_steps"]} warmup steps; LR at {lr_at}',
+      f'Precision: {"bfloat16" if m.use_bfloat16 else "float32"}; XLA: '
+      f'{"on" if distribute.resolve_jit_compile(strategy, cfg.train.jit_compile) else "off"}',
+      f'Data: {source}: {data.num_train_images} train / '
+      f'{data.num_eval_images} eval images, {m.num_classes} classes',
+      f'Model: {m.name} (width {m.width_coefficient:g}, depth '
+      f'{m.depth_coefficient:g}, {m.image_size} px): '
+      f'{state.model.count_params() / 1e6:.2f}M parameters, '
+      f'{model_lib.flops_per_image(m) / 1e9:.3g} GFLOPs per image',
+  ])
+
+
 def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
   """Builds the strategy and runs cfg.train.mode; returns final metrics.
 
@@ -126,12 +166,16 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
       mode = 'train'
       logging.info('TF_CONFIG has an evaluator task: it evaluates; this '
                    'training task does not.')
+    summary = startup_summary(cfg, strategy, state, mode)
+    logging.info('Starting:\n  %s', summary.replace('\n', '\n  '))
     if mode == 'eval':
       metrics = evaluation.continuous_eval(
           state, build_evaluator(cfg, strategy, state, role=role),
           cfg.train.model_dir, cfg.total_train_steps, eval_timeout)
     else:
       trainer = build_trainer(cfg, strategy, state, role=role)
+      with trainer.summary_writer.as_default(step=state.step):
+        tf.summary.text('run/startup', summary)
       evaluator = (build_evaluator(cfg, strategy, state, role=role)
                    if mode == 'train_and_eval' else None)
       metrics = trainer.train(evaluator=evaluator)

@@ -63,6 +63,26 @@ def check_num_replicas(cfg: ExperimentConfig,
   return replica_plan(cfg, actual)
 
 
+def _hms(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def progress_line(step: int, total_steps: int,
+                  metrics: Dict[str, float]) -> str:
+  """One log line per loop: where the run is, how it does, when it ends."""
+  line = (f'step {step}/{total_steps} (epoch {metrics["epoch"]:.2f}): '
+          f'loss={metrics["loss"]:.4g} '
+          f'top_1={metrics["top_1_accuracy"]:.4g} '
+          f'lr={metrics["learning_rate"]:.4g} '
+          f'images/s={metrics["images_per_second"]:.4g} '
+          f'({metrics["images_per_second_per_replica"]:.4g}/replica)')
+  if 'skipped_records' in metrics:
+    line += f' skipped_records={metrics["skipped_records"]:g}'
+  return (line + f' elapsed {_hms(metrics["elapsed_s"])}'
+          f' ETA {_hms(metrics["eta_s"])}')
+
+
 class Trainer:
   """Trains a `ModelState` with the replicated host loop; checkpoints it."""
 
@@ -211,28 +231,48 @@ class Trainer:
     self._example_sum.assign_add(tf.cast(tf.size(labels), tf.float32))
 
   def train_loop(self, num_steps: int) -> Dict[str, float]:
-    """Runs `num_steps` steps in one host call; returns loop metrics."""
+    """Runs `num_steps` steps in one host call; returns loop metrics.
+
+    The first call compiles the loop first, with a zero-step call (on a
+    pod: minutes), and reports it as `compile_time_s`;
+    `images_per_second` never includes compilation.
+    """
+    num_steps_t = tf.constant(num_steps, tf.int32)
+    compile_s = None
     if self._train_loop_fn is None:
       self._train_loop_fn = replicated.replicated_loop(
           self.strategy, self._replica_train_step)
       self._train_iterator = iter(self.distribute_input())
+      logging.info('Compiling the training step (%d replicas%s)...',
+                   self.num_replicas,
+                   ', XLA' if self.jit_compile or distribute.is_tpu(
+                       self.strategy) else '')
+      start = time.time()
+      # A zero-step call traces, optimizes and (TPU) XLA-compiles the loop
+      # without taking a step or a batch.
+      self._train_loop_fn(self._train_iterator, tf.constant(0, tf.int32))
+      compile_s = time.time() - start
+      logging.info('Compiled the training step in %.1f s.', compile_s)
     for v in (self._loss_sum, self._correct_sum, self._example_sum):
       v.assign(0.0)
     start = time.time()
-    self._train_loop_fn(self._train_iterator,
-                        tf.constant(num_steps, tf.int32))
+    self._train_loop_fn(self._train_iterator, num_steps_t)
     loss_sum = self._loss_sum.numpy()  # Blocks until the loop finished.
     elapsed = time.time() - start
     examples = self._example_sum.numpy()
+    images_per_second = num_steps * self.cfg.train.train_batch_size / elapsed
     metrics = {
         'loss': float(loss_sum / num_steps),
         'top_1_accuracy': float(self._correct_sum.numpy() / max(examples, 1)),
         'learning_rate': float(self.state.learning_rate(
             self.optimizer.iterations - 1)),
-        'images_per_second': float(num_steps *
-                                   self.cfg.train.train_batch_size / elapsed),
+        'images_per_second': float(images_per_second),
+        'images_per_second_per_replica': float(images_per_second /
+                                               self.num_replicas),
         'step_time_ms': float(1000.0 * elapsed / num_steps),
     }
+    if compile_s is not None:
+      metrics['compile_time_s'] = float(compile_s)
     if self._skipped is not None:
       # This host's input since the process started (read ahead of the
       # steps by the prefetch buffers).
@@ -263,14 +303,21 @@ class Trainer:
     if step >= self.total_steps:
       logging.info('Already trained to step %d (>= %d).', step,
                    self.total_steps)
+    start, first_step, compile_s = time.time(), step, 0.0
     while step < self.total_steps:
       next_eval = min(self.total_steps, (step // interval + 1) * interval)
       num_steps = min(self.cfg.train.iterations_per_loop, next_eval - step)
       metrics = self.train_loop(num_steps)
       step = self.global_step
       metrics['epoch'] = step / self.steps_per_epoch
-      logging.info('step %d/%d: %s', step, self.total_steps,
-                   ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
+      # Wall time of this process, checkpoints and evaluations included;
+      # the ETA extrapolates it without the one-time tracing.
+      compile_s += metrics.get('compile_time_s', 0.0)
+      elapsed = time.time() - start
+      per_step = (elapsed - compile_s) / (step - first_step)
+      metrics['elapsed_s'] = elapsed
+      metrics['eta_s'] = per_step * (self.total_steps - step)
+      logging.info(progress_line(step, self.total_steps, metrics))
       self.write_summaries(metrics, step)
       checkpoint_path = self.save_checkpoint()
       if evaluator is not None and (step == next_eval and

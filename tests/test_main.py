@@ -232,3 +232,25 @@ def test_bad_records_end_in_one_line_naming_the_file(tmp_path, capsys, bad):
   want = 'Label out of range' if bad == 'label' else 'non-JPEG image'
   assert want in lines[0] and 'Traceback' not in out.err
   assert not (tmp_path / 'export').exists()
+
+
+def test_tf_info_noise_is_dropped_but_warnings_and_other_info_stay(caplog):
+  """The per-trace all-reduce placement and per-save sharding INFO lines of
+  TF's Python code are filtered; anything else from TF still logs."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  main_lib.quiet_tf_info_noise()
+  main_lib.quiet_tf_info_noise()  # Idempotent: one filter.
+  tf_logger = logging.getLogger('tensorflow')
+  assert sum(isinstance(f, main_lib._DropTfInfoNoise)  # pylint: disable=protected-access
+             for f in tf_logger.filters) == 1
+  with caplog.at_level(logging.INFO):
+    tf_logger.info('Reduce to /job:localhost/replica:0/task:0/device:CPU:0 '
+                   'then broadcast to (...)')
+    # functional_saver logs through absl.
+    absl_logging.info('Sharding callback duration: 230 microseconds')
+    tf_logger.info('Restoring checkpoint')
+    tf_logger.warning('Reduce to /job:localhost placement failed')
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages == ['Restoring checkpoint',
+                      'Reduce to /job:localhost placement failed']

@@ -156,3 +156,10 @@ def test_training_on_replicas_keeps_moving_stats_identical():
       np.testing.assert_array_equal(other, values[0], err_msg=v.path)
   # The stem BN saw all images: its moving mean moved off zero.
   assert np.abs(model.get_layer('stem_bn').moving_mean.numpy()).max() > 0
+
+
+def test_flops_per_image_of_b0_matches_the_paper():
+  """EfficientNet-B0 at 224: 0.39B multiply-adds (Tan & Le 2019, Table 2),
+  i.e. ~0.78e9 floating-point operations at 2 per multiply-add."""
+  flops = model_lib.flops_per_image(ModelConfig(name='efficientnet-b0'))
+  assert abs(flops / 0.78e9 - 1) < 0.05, flops

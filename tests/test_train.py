@@ -1,5 +1,6 @@
 """The training loop: learns, checkpoints, resumes, and replicates exactly."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import tensorflow as tf
 from efficientnet_tpu import experiment
 from efficientnet_tpu import losses
 from efficientnet_tpu import run_dir
+from efficientnet_tpu import train as train_lib
 from tests.helpers import small_config, strategy_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +45,29 @@ def _weights(trainer):
 
 
 @pytest.mark.parametrize('num_replicas', [1, 4])
-def test_trains_checkpoints_and_resumes(tmp_path, num_replicas):
+def test_trains_checkpoints_and_resumes(tmp_path, num_replicas, caplog):
   cfg = small_config(tmp_path, num_replicas=num_replicas,
                      optimizer=dict(moving_average_decay=0.9))
   trainer = experiment.build_trainer(cfg, strategy_for(cfg))
-  metrics = trainer.train()
+  with caplog.at_level(logging.INFO):
+    metrics = trainer.train()
   assert trainer.global_step == 4
   assert np.isfinite(metrics['loss'])
+  # Progress: the compile is announced and timed apart from the steps, and
+  # every loop line says where the run is and when it ends.
+  log = [r.getMessage() for r in caplog.records]
+  compiling = [i for i, m in enumerate(log)
+               if m.startswith('Compiling the training step')]
+  compiled = [i for i, m in enumerate(log)
+              if m.startswith('Compiled the training step in')]
+  loops = [m for m in log if m.startswith('step ')]
+  assert len(compiling) == len(compiled) == 1 and compiling < compiled
+  assert [m.split(' (')[0] for m in loops] == ['step 2/4', 'step 4/4']
+  assert all('/replica) elapsed ' in m for m in loops)
+  assert loops[-1].endswith(' ETA 0:00:00')
+  assert metrics['eta_s'] == 0 and metrics['elapsed_s'] > 0
+  assert metrics['images_per_second_per_replica'] == pytest.approx(
+      metrics['images_per_second'] / num_replicas)
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-4')
   assert (tmp_path / 'ckpt-2.index').exists()
   assert (tmp_path / run_dir.CONFIG_FILENAME).exists()
@@ -127,3 +145,36 @@ def test_killed_run_resumes_at_its_last_checkpoint(tmp_path):
   assert f'at step {last}' in out.stderr  # "Restored ... at step N"
   final = tf.train.latest_checkpoint(str(model_dir))
   assert final.endswith(f'ckpt-{last + 5}')
+
+
+def test_progress_line_reads_like_a_person_would_want():
+  metrics = dict(epoch=1.5, loss=2.25, top_1_accuracy=0.5,
+                 learning_rate=0.125, images_per_second=1000.0,
+                 images_per_second_per_replica=250.0, elapsed_s=3725.4,
+                 eta_s=59.6)
+  assert train_lib.progress_line(30, 90, metrics) == (
+      'step 30/90 (epoch 1.50): loss=2.25 top_1=0.5 lr=0.125 '
+      'images/s=1000 (250/replica) elapsed 1:02:05 ETA 0:01:00')
+  metrics['skipped_records'] = 3
+  assert ' skipped_records=3 elapsed' in train_lib.progress_line(30, 90,
+                                                                 metrics)
+
+
+def test_startup_summary_describes_the_run(tmp_path):
+  """Against independent sources: the strategy, the config's batch split,
+  the built model's parameter count and the schedule's peak."""
+  from efficientnet_tpu import schedules  # pylint: disable=g-import-not-at-top
+  cfg = small_config(tmp_path, num_replicas=4, model=dict(bn_group_size=2))
+  strategy = strategy_for(cfg)
+  trainer = experiment.build_trainer(cfg, strategy)
+  text = experiment.startup_summary(cfg, strategy, trainer.state, 'train')
+  lines = dict(l.split(': ', 1) for l in text.splitlines())
+  assert lines['Strategy'].startswith('MirroredStrategy, 4 replicas, 1 host')
+  assert lines['Batch'] == ('32 global, 8 per replica; BN groups of 2 '
+                            'replica(s) (16 images)')
+  assert f'{trainer.model.count_params() / 1e6:.2f}M parameters' in (
+      lines['Model'])
+  peak = schedules.build_learning_rate_schedule(
+      cfg.optimizer, 32, cfg.steps_per_epoch, 4).peak_learning_rate
+  assert f'peak LR {peak:.4g}' in lines['Optimizer']
+  assert lines['Precision'] == 'float32; XLA: off'
