@@ -231,10 +231,10 @@ def test_chief_and_worker_on_localhost_only_the_chief_writes(tmp_path):
   finally:
     for p in procs:
       p.kill()
-  timing = ('images_per_second', 'step_time_ms', 'eval/eval_time_s',
-            'eval/eval_images_per_second')
-  for key in outs[0]:  # Identical training and eval on both.
-    if key not in timing:
+  # Identical training and eval on both; wall-clock figures differ.
+  timing = ('_per_second', '_per_replica', '_ms', '_s')
+  for key in outs[0]:
+    if not key.endswith(timing):
       assert outs[0][key] == outs[1][key], key
   assert outs[0]['eval/num_examples'] == 37
   names = sorted(os.listdir(model_dir))

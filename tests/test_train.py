@@ -49,7 +49,10 @@ def test_trains_checkpoints_and_resumes(tmp_path, num_replicas, caplog):
   cfg = small_config(tmp_path, num_replicas=num_replicas,
                      optimizer=dict(moving_average_decay=0.9))
   trainer = experiment.build_trainer(cfg, strategy_for(cfg))
-  with caplog.at_level(logging.INFO):
+  # absl's logger gets its level from absl's flags once parsed (other
+  # tests parse them): capture INFO from it explicitly.
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO,
+                                                      logger='absl'):
     metrics = trainer.train()
   assert trainer.global_step == 4
   assert np.isfinite(metrics['loss'])
