@@ -76,6 +76,33 @@ def test_a_stream_of_only_bad_records_stops_instead_of_hanging(tmp_path):
                          f'last {checks.MAX_BAD_READS_IN_A_ROW}')
 
 
+def _bad_header_jpeg():
+  """JPEG magic and end marker intact, frame header zeroed: passes the
+  cheap checks, fails in the decoder."""
+  data = bytearray(_jpeg((9, 9, 9)))
+  sof = data.find(b'\xff\xc0')
+  data[sof + 2:sof + 12] = bytes(10)
+  return bytes(data)
+
+
+def test_records_that_fail_to_decode_are_counted_and_bounded(tmp_path):
+  """Payloads past the header checks that fail in the decoder are counted
+  per file (not just dropped), and a stream of only those ends on one
+  line instead of spinning."""
+  _write(tmp_path / 'train-00000-of-00002',
+         [(_jpeg((i, 0, 0)), 1) for i in range(6)])
+  bad = tmp_path / 'train-00001-of-00002'
+  _write(bad, [(_bad_header_jpeg(), 2)] * 3)
+  fn = _train(tmp_path, 10)
+  assert fn.skipped.per_file[str(bad)] >= 3
+  os.remove(tmp_path / 'train-00000-of-00002')
+  os.rename(bad, tmp_path / 'train-00000-of-00001')
+  with pytest.raises(tf.errors.InvalidArgumentError) as e:
+    _train(tmp_path, 10)
+  assert main_lib.input_error_line(e.value).startswith(
+      '--skip_corrupt: no valid training record in the last')
+
+
 def _jpeg_file(path):
   _write(path, [(_jpeg((1, 1, 1)), 1)])
   return path

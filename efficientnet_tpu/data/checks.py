@@ -31,7 +31,21 @@ SKIP_REASONS = (
     'image over --max_image_pixels',
     'empty record, or an unreadable TFRecord frame (the rest of the file '
     'is skipped)',
+    'passes the header checks but fails to parse or decode',
 )
+DECODE_FAILED = 4
+
+
+def report_skip(source: tf.Tensor, reason, skipped: 'SkippedRecords'
+                ) -> tf.Tensor:
+  """Reports one skipped record to `skipped` (a py_function); False."""
+
+  def add(source_value, reason_value):
+    skipped.add(source_value.numpy().decode('utf-8', 'replace'),
+                int(reason_value))
+    return False
+
+  return tf.py_function(add, [source, reason], tf.bool)
 
 
 def _looks_valid(image_bytes: tf.Tensor, allow_non_jpeg: bool) -> tf.Tensor:
@@ -155,13 +169,7 @@ def validity(image_bytes, label, source, allow_non_jpeg: bool,
         (tf.logical_not(looks_valid), lambda: 0),
         (tf.logical_not(label_ok), lambda: 1),
     ], default=lambda: 2)
-
-    def add(source_value, reason_value):
-      skipped.add(source_value.numpy().decode('utf-8', 'replace'),
-                  int(reason_value))
-      return False
-
-    return tf.py_function(add, [source, reason], tf.bool)
+    return report_skip(source, reason, skipped)
 
   return tf.cond(valid, lambda: valid, report)
 

@@ -205,16 +205,35 @@ def build_input_fn(data_cfg: DataConfig,
                       lambda: tf.zeros([image_size, image_size, 3], tf.uint8))
       return {'images': image, 'labels': label}, valid
 
+    def guarded_map(position, item):
+      # One record's own dataset: an error (a payload that passes the
+      # header checks but fails to parse or decode) drops only it, and the
+      # fallback element then counts it as a bad record, so the skip-rate
+      # checks see it and a stream of such records is bounded too.
+      source = (item[1] if isinstance(item, tuple) else
+                tf.strings.join(['tfds:', item['tfds_id']]))
+      one = tf.data.Dataset.from_tensors((position, item)).map(
+          train_map).ignore_errors()
+      fallback = tf.data.Dataset.from_tensors(source).map(
+          lambda s: ({'images': tf.zeros([image_size, image_size, 3],
+                                         tf.uint8),
+                      'labels': tf.constant(-1, tf.int32)},
+                     checks.report_skip(s, checks.DECODE_FAILED, skipped)))
+      return one.concatenate(fallback).take(1)
+
     if is_training:
-      ds = ds.map(train_map, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=data_cfg.deterministic)
       if skip:
-        # Payloads that pass the header checks but still fail to decode are
-        # dropped with TF's warning (not counted: the error has no file).
-        ds = ds.ignore_errors(log_warning=True)
+        # Each sub-dataset yields exactly one element: block_length 1 keeps
+        # the stream's order.
+        ds = ds.interleave(guarded_map, cycle_length=16, block_length=1,
+                           num_parallel_calls=tf.data.AUTOTUNE,
+                           deterministic=data_cfg.deterministic)
         initial, check = checks.skip_rate_check(data_cfg.max_corrupt_fraction)
         ds = ds.scan(initial, check)
         ds = ds.filter(lambda example, valid: valid)
+      else:
+        ds = ds.map(train_map, num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=data_cfg.deterministic)
       ds = ds.batch(batch, drop_remainder=True)
       if skip:
         ds = ds.map(lambda example, valid: example)  # Once per batch.
