@@ -80,20 +80,14 @@ def _config(model_dir, args, num_replicas, bf16, jit, quick):
   model = dict(use_bfloat16=bf16)
   if quick:
     model.update(width_coefficient=0.1, depth_coefficient=0.1, image_size=32,
-                 num_classes=10)
-  return config_lib.ExperimentConfig(
-      model=config_lib.ModelConfig(**model),
-      data=config_lib.DataConfig(source='synthetic',
-                                 num_train_images=batch * 100,
-                                 num_eval_images=3 * batch + 5),
-      optimizer=config_lib.OptimizerConfig(
-          optimizer='lars', base_learning_rate=1.0, lr_scaling='none',
-          lr_schedule='poly', lr_warmup_epochs=1.0,
-          moving_average_decay=0.999),
-      distribute=config_lib.DistributeConfig(num_cpu_replicas=num_replicas),
-      train=config_lib.TrainConfig(
-          model_dir=model_dir, train_batch_size=batch, eval_batch_size=batch,
-          train_steps=10**6, jit_compile=jit))
+                 num_label_classes=10)
+  return config_lib.ExperimentConfig.from_settings(
+      **model, data='synthetic', num_train_images=batch * 100,
+      num_eval_images=3 * batch + 5, optimizer='lars', base_learning_rate=1.0,
+      lr_scaling='none', lr_schedule='poly', lr_warmup_epochs=1.0,
+      moving_average_decay=0.999, num_cpu_replicas=num_replicas,
+      model_dir=model_dir, train_batch_size=batch, eval_batch_size=batch,
+      train_steps=10**6, jit_compile='true' if jit else 'false')
 
 
 def check_variant(tf, strategy_fn, cfg, steps):

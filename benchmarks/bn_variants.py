@@ -41,7 +41,8 @@ class StepSyncBatchNormalization(layers.GroupSyncBatchNormalization):
 
 
 def _kwargs(config: ModelConfig, name: Optional[str]) -> dict:
-  return dict(momentum=config.bn_momentum, epsilon=config.bn_epsilon,
+  return dict(momentum=config.batch_norm_momentum,
+              epsilon=config.batch_norm_epsilon,
               name=name, dtype=layers.dtype_policy(config))
 
 

@@ -193,15 +193,15 @@ def experiment_config(model_dir: str, *, num_replicas: int, batch: int,
   return testing.small_config(
       model_dir, num_replicas=num_replicas,
       model=dict(
-          _defaults(config_lib.ModelConfig, 'bn_momentum'),
+          _defaults(config_lib.ModelConfig, 'batch_norm_momentum'),
           width_coefficient=width, depth_coefficient=depth,
-          image_size=image_size, num_classes=num_classes,
+          image_size=image_size, num_label_classes=num_classes,
           dropout_rate=dropout, stochastic_depth_rate=stochastic_depth,
           bn_group_size=bn_group_size),
       data=dict(
           _defaults(config_lib.DataConfig, 'num_train_images',
                     'num_eval_images'),
-          source='synthetic'),
+          data='synthetic'),
       optimizer=dict(
           _defaults(config_lib.OptimizerConfig, 'label_smoothing'),
           optimizer=optimizer, base_learning_rate=0.1, lr_scaling='none',

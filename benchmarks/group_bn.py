@@ -89,10 +89,10 @@ def main():
   r, b, s = args.replicas, args.per_replica_batch, args.image_size
   cfg = ModelConfig(width_coefficient=args.width,
                     depth_coefficient=args.depth, image_size=s,
-                    num_classes=100)
+                    num_label_classes=100)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(r, b, s, s, 3)).astype(np.float32)
-  labels = rng.integers(0, cfg.num_classes, size=(r, b)).astype(np.int32)
+  labels = rng.integers(0, cfg.num_label_classes, size=(r, b)).astype(np.int32)
   per_replica = lambda a: strategy.experimental_distribute_values_from_function(
       lambda ctx: tf.constant(a[ctx.replica_id_in_sync_group]))
   x, y = per_replica(images), per_replica(labels)

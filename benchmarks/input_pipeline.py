@@ -278,8 +278,8 @@ def main(argv=None) -> None:
   size, batch, threads = args.image_size, args.batch, args.threads
 
   def full(method):
-    cfg = DataConfig(source='tfrecord', data_dir=args.data_dir,
-                     augment=args.augment, resize_method=method,
+    cfg = DataConfig(data='tfrecord', data_dir=args.data_dir,
+                     augment_name=args.augment, resize_method=method,
                      shuffle_buffer=256)
     return data_pipeline.build_input_fn(
         cfg, size, True, batch, private_threadpool_size=threads)(None)

@@ -88,8 +88,8 @@ def _parse_configs(text):
 
 
 def build_ours(resolution: int, bf16: bool) -> keras.Model:
-  cfg = ModelConfig(name='efficientnet-b0', image_size=resolution,
-                    num_classes=NUM_CLASSES, use_bfloat16=bf16)
+  cfg = ModelConfig(model_name='efficientnet-b0', image_size=resolution,
+                    num_label_classes=NUM_CLASSES, use_bfloat16=bf16)
   return model_lib.build_model(cfg, bn_group_size=1)
 
 

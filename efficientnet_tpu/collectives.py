@@ -10,7 +10,7 @@ times the bytes of a plain all-reduce (a few KiB for per-channel statistics),
 has a well-defined gradient (the gradient of an all-reduce SUM is an
 all-reduce SUM), and hands every replica the sums of *all* groups for free.
 
-Everything here except `group_assignment`, `resolve_bn_group_size` and
+Everything here except `group_assignment` and
 `replica_mean_assigner` must run in replica context (inside `strategy.run`).
 """
 
@@ -18,20 +18,16 @@ from __future__ import annotations
 
 from typing import List
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from efficientnet_tpu import distribute
-from efficientnet_tpu.config import ConfigError, ModelConfig
 
 
 def group_assignment(num_replicas: int, group_size: int) -> List[List[int]]:
   """Contiguous replica groups: `np.arange(R).reshape(-1, group_size)`."""
-  if group_size < 1 or num_replicas % group_size:
-    raise ConfigError(f'--bn_group_size: expected a divisor of the number of '
-                      f'replicas ({num_replicas}), got {group_size}')
-  return np.arange(num_replicas).reshape(-1, group_size).tolist()
+  g = effective_group_size(group_size, num_replicas)
+  return np.arange(num_replicas).reshape(-1, g).tolist()
 
 
 def in_replica_context() -> bool:
@@ -51,8 +47,8 @@ def effective_group_size(group_size: int, num_replicas: int) -> int:
   """Maps 0 to `num_replicas` and checks that the group size divides it."""
   g = num_replicas if group_size == 0 else group_size
   if g < 1 or num_replicas % g:
-    raise ConfigError(f'--bn_group_size: expected a divisor of the number of '
-                      f'replicas ({num_replicas}) or 0, got {group_size}')
+    raise ValueError(f'group_size: expected a divisor of the number of '
+                     f'replicas ({num_replicas}) or 0, got {group_size}')
   return g
 
 
@@ -169,45 +165,3 @@ def replica_mean_assigner(strategy: tf.distribute.Strategy, variables):
     strategy.run(replica_fn)
 
   return assign
-
-
-def resolve_bn_group_size(model_config: ModelConfig, num_replicas: int,
-                          per_replica_batch: int) -> int:
-  """Replicas per batch-norm group, from the config and the real topology.
-
-  `bn_group_size` None -> 1 (local BN), 0 -> all replicas, else that many
-  replicas (it must divide the replica count). With `bn_group_batch_size`
-  (target images per group, TPU-EN's `--batch_norm_batch_size`) the group
-  resolves on any slice: the largest divisor of the replica count whose
-  group batch does not exceed the target; a per-replica batch at or above
-  the target gives local BN (TPU-EN used local BN at >= 128 per core). The
-  resolved group batch is logged when it differs from the target.
-
-  Raises:
-    ConfigError: an explicit `bn_group_size` does not divide the replicas.
-  """
-  if num_replicas < 1 or per_replica_batch < 1:
-    raise ValueError(f'resolve_bn_group_size: expected positive replica count '
-                     f'and per-replica batch, got {num_replicas}, '
-                     f'{per_replica_batch}')
-  target = model_config.bn_group_batch_size
-  if target is not None:
-    want = max(1, target // per_replica_batch)
-    g = max(d for d in range(1, min(want, num_replicas) + 1)
-            if num_replicas % d == 0)
-    if g * per_replica_batch != target:
-      logging.info(
-          'bn_group_batch_size %d: %d replica(s) of %d images per BN group '
-          '(%d images%s) on %d replicas.', target, g, per_replica_batch,
-          g * per_replica_batch,
-          ', local BN' if g == 1 else '', num_replicas)
-    return g
-  g = model_config.bn_group_size
-  if g is None:
-    return 1
-  if g == 0:
-    return num_replicas
-  if num_replicas % g:
-    raise ConfigError(f'--bn_group_size: expected a divisor of the number of '
-                      f'replicas ({num_replicas}) or 0, got {g}')
-  return g

@@ -1,8 +1,15 @@
-"""Typed configuration for efficientnet_tpu.
+"""Typed configuration for efficientnet_tpu: every setting, defined once.
 
-Flags are read only in `main.py`; everything below it receives these
-dataclasses. Each section validates itself and raises `ConfigError` with a
-single-line message that names the flag and what was expected.
+Each setting is a dataclass field whose name is its command-line flag (the
+TPUEstimator-era names of tensorflow/tpu where they exist), with its type,
+default, help text and choices in the field's metadata (`setting(...)`).
+`main.py` generates its absl flags from these definitions and
+`tools/gen_flags_doc.py` the flag reference, so a new setting is one field.
+
+Validation lives here too: each section checks its own fields in
+`__post_init__`, `ExperimentConfig` the rules across sections, and every
+error is a `ConfigError` that names the setting (the CLI prints it as the
+flag). Settings named inside a message are written `` `name=value` ``.
 """
 
 from __future__ import annotations
@@ -10,9 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Optional, Tuple
+import typing
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple
 
-# name: (width_coefficient, depth_coefficient, resolution, dropout_rate)
+# name: (width_coefficient, depth_coefficient, resolution, dropout_rate),
+# from tensorflow/tpu models/official/efficientnet/efficientnet_builder.py
+# (`efficientnet_params`).
 MODEL_TABLE = {
     'efficientnet-b0': (1.0, 1.0, 224, 0.2),
     'efficientnet-b1': (1.0, 1.1, 240, 0.2),
@@ -31,6 +41,7 @@ LR_SCHEDULES = ('poly', 'exponential', 'cosine', 'constant')
 LR_SCALINGS = ('linear', 'none')
 AUGMENTATIONS = ('none', 'randaugment', 'autoaugment')
 RESIZE_METHODS = ('bicubic', 'bilinear', 'area', 'nearest')
+JIT_COMPILE = ('auto', 'true', 'false')
 
 # Default LARS / L2 exclusions: batch-norm gamma/beta and biases, matched
 # against the Keras 3 variable *path* (e.g. "block1a_bn/gamma").
@@ -38,49 +49,327 @@ DEFAULT_WEIGHT_DECAY_EXCLUDE = (r'(^|/)gamma$', r'(^|/)beta$', r'(^|/)bias$')
 
 
 class ConfigError(ValueError):
-  """A single-line, user-facing configuration error."""
+  """A single-line, user-facing error about one setting.
+
+  Attributes:
+    setting: the setting's name (= its flag name without dashes).
+    message: what was expected and what to do; other settings it names are
+      written in backquotes, `` `name=value` ``.
+  """
+
+  def __init__(self, setting: str, message: str):
+    self.setting = setting
+    self.message = message
+    super().__init__(f'{setting}: {message}')
 
 
-def _check(cond: bool, flag: str, expected: str, got) -> None:
+def _check(cond: bool, setting: str, expected: str, got) -> None:
   if not cond:
-    raise ConfigError(f'--{flag}: expected {expected}, got {got!r}')
+    raise ConfigError(setting, f'expected {expected}, got {got!r}')
 
 
-def _choice(value, flag: str, allowed) -> None:
-  _check(value in allowed, flag, 'one of ' + ', '.join(map(str, allowed)),
+def setting(default, help: str, *, choices: Optional[Tuple] = None,  # pylint: disable=redefined-builtin
+            flag: bool = True):
+  """A setting: a dataclass field with its help text and allowed values.
+
+  Args:
+    default: the default value (immutable: tuples, not lists).
+    help: one or two sentences for `--help` and docs/flags.md.
+    choices: allowed values of a str setting (an enum flag).
+    flag: False for settings that only code sets (tests, derived values).
+  """
+  return dataclasses.field(default=default, metadata=dict(
+      help=help, choices=choices, flag=flag))
+
+
+def section(cls):
+  """A nested group of settings (e.g. the LARS settings of the optimizer)."""
+  return dataclasses.field(default_factory=cls, metadata=dict(section=cls))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One setting as the CLI and the docs see it."""
+  name: str
+  type: Any  # int, float, bool, str or tuple (a list of str).
+  optional: bool  # None allowed (and the default is None).
+  default: Any
+  help: str
+  choices: Optional[Tuple]
+  title: str  # The group it is listed under.
+  path: Tuple[str, ...]  # Attribute path from ExperimentConfig.
+  flag: bool  # False: set by code only (tests, derived values).
+
+
+class Section:
+  """Base of the config dataclasses: walks and builds them by setting name.
+
+  Setting names are unique across the whole `ExperimentConfig`, so a flat
+  `{name: value}` mapping (the flags) builds the nested config.
+  """
+  TITLE: ClassVar[str] = ''
+
+  @classmethod
+  def settings(cls, path: Tuple[str, ...] = ()) -> Iterator[Setting]:
+    """The settings of this section and its subsections, in field order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+      if 'section' in f.metadata:
+        yield from f.metadata['section'].settings(path + (f.name,))
+        continue
+      kind, optional = _unwrap(hints[f.name])
+      yield Setting(name=f.name, type=kind, optional=optional,
+                    default=f.default, help=f.metadata['help'],
+                    choices=f.metadata['choices'], title=cls.TITLE,
+                    path=path + (f.name,), flag=f.metadata['flag'])
+
+  @classmethod
+  def from_settings(cls, **values):
+    """Builds this section from setting names (nested sections included).
+
+    Raises:
+      TypeError: a name is no setting of this section.
+    """
+    values = dict(values)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+      if 'section' in f.metadata:
+        sub = f.metadata['section']
+        mine = {k: values.pop(k) for k in list(values)
+                if k in sub.setting_names()}
+        kwargs[f.name] = sub.from_settings(**mine)
+      elif f.name in values:
+        kwargs[f.name] = values.pop(f.name)
+    if values:
+      raise TypeError(f'{cls.__name__}: no settings named {sorted(values)}')
+    return cls(**kwargs)
+
+  @classmethod
+  def setting_names(cls) -> frozenset:
+    """Every field name of this section and its subsections."""
+    names = set()
+    for f in dataclasses.fields(cls):
+      if 'section' in f.metadata:
+        names |= f.metadata['section'].setting_names()
+      else:
+        names.add(f.name)
+    return frozenset(names)
+
+  def to_settings(self) -> Dict[str, Any]:
+    """The flat `{name: value}` of every setting (inverse of from_settings)."""
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if 'section' in f.metadata:
+        out.update(value.to_settings())
+      else:
+        out[f.name] = value
+    return out
+
+
+def _unwrap(hint) -> Tuple[Any, bool]:
+  """(base type, optional) of an annotation like Optional[int]."""
+  optional = False
+  if typing.get_origin(hint) is typing.Union:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional, hint = True, args[0]
+  if typing.get_origin(hint) in (tuple, Tuple):
+    return tuple, optional
+  return hint, optional
+
+
+def _choice(value, name: str, allowed) -> None:
+  _check(value in allowed, name, 'one of ' + ', '.join(map(str, allowed)),
          value)
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class DistributeConfig(Section):
+  """Which tf.distribute strategy to build."""
+  TITLE: ClassVar[str] = 'Cluster'
+  strategy: Optional[str] = setting(
+      None, 'tf.distribute strategy: tpu (TPUStrategy), gpu '
+      '(MirroredStrategy), multi_worker (MultiWorkerMirroredStrategy from '
+      'TF_CONFIG), cpu (N logical CPU replicas). Default: tpu when --tpu is '
+      'set, else cpu.', choices=STRATEGIES)
+  tpu: Optional[str] = setting(
+      None, "TPU name, 'local' on a TPU VM, or a grpc:// address (legacy "
+      'TPU Node). Implies --strategy=tpu.')
+  tpu_zone: Optional[str] = setting(
+      None, 'GCE zone of the TPU named by --tpu (pod slices driven from '
+      'worker 0, TPU Nodes).')
+  gcp_project: Optional[str] = setting(
+      None, 'GCP project of the TPU named by --tpu (pod slices, TPU Nodes).')
+  num_cpu_replicas: int = setting(
+      1, 'Logical CPU devices (replicas) for --strategy=cpu: simulates a pod '
+      'slice locally.')
+  num_gpus: int = setting(0, 'GPUs to use with --strategy=gpu; 0 = all.')
+  num_replicas: Optional[int] = setting(
+      None, 'Replicas of the slice (TPU cores, GPUs): --dry_run resolves the '
+      'per-replica batch and BN groups for it without hardware; a real run '
+      'checks that the strategy has this many.')
+
+  def __post_init__(self):
+    if self.strategy is None:
+      self.strategy = 'tpu' if self.tpu else 'cpu'
+    _choice(self.strategy, 'strategy', STRATEGIES)
+    if self.tpu and self.strategy != 'tpu':
+      raise ConfigError('tpu', f'{self.tpu!r} is given but '
+                        f'`strategy={self.strategy}` does not use a TPU; use '
+                        '`strategy=tpu` (or leave it out), or drop it')
+    _check(self.num_cpu_replicas >= 1, 'num_cpu_replicas', 'an integer >= 1',
+           self.num_cpu_replicas)
+    _check(self.num_gpus >= 0, 'num_gpus', 'an integer >= 0', self.num_gpus)
+    if self.num_replicas is not None:
+      _check(self.num_replicas >= 1, 'num_replicas', 'an integer >= 1',
+             self.num_replicas)
+    if self.strategy == 'tpu':
+      _check(bool(self.tpu), 'tpu',
+             "a TPU name, 'local' (TPU VM) or grpc:// address with "
+             '`strategy=tpu`', self.tpu)
+
+  @property
+  def known_num_replicas(self) -> Optional[int]:
+    """The replica count before any strategy exists (None if unknown)."""
+    if self.num_replicas:
+      return self.num_replicas
+    if self.strategy == 'cpu':
+      return self.num_cpu_replicas
+    return None
+
+
+@dataclasses.dataclass
+class DataConfig(Section):
+  """Where images come from and how they are preprocessed."""
+  TITLE: ClassVar[str] = 'Data'
+  data_dir: Optional[str] = setting(
+      None, 'Directory (local or gs://) of ImageNet TFRecords '
+      'train-*-of-* / validation-*-of-*, or a prepared tensorflow-datasets '
+      'data_dir with --data=tfds:.')
+  data: Optional[str] = setting(
+      None, "Data source: 'synthetic', 'tfrecord' or 'tfds:NAME'. Default: "
+      'tfrecord when --data_dir is set, else synthetic.')
+  num_train_images: int = setting(1281167, 'Images in the train split.')
+  num_eval_images: int = setting(50000, 'Images in the eval split.')
+  augment_name: str = setting(
+      'none', 'Training augmentation after the random crop.',
+      choices=AUGMENTATIONS)
+  randaug_num_layers: int = setting(2, 'RandAugment ops per image.')
+  randaug_magnitude: float = setting(10.0, 'RandAugment magnitude [0, 30].')
+  resize_method: str = setting('bicubic', 'Image resize method.',
+                               choices=RESIZE_METHODS)
+  shuffle_buffer: int = setting(1024, 'Examples in the shuffle buffer.')
+  skip_corrupt: bool = setting(
+      False, 'Skip (and count) corrupt training records instead of failing.')
+  max_corrupt_fraction: float = setting(
+      0.01, 'With --skip_corrupt: stop with an error when more than this '
+      'fraction of the training records read was bad (checked after 1000 '
+      'reads), or when 1000 reads in a row were bad.')
+  max_image_pixels: int = setting(
+      1 << 26, 'Refuse images whose header declares more pixels (checked '
+      'before decoding): an error naming the file, or skipped and counted '
+      'with --skip_corrupt.')
+  deterministic: bool = setting(
+      False, 'Deterministic input order and TF ops (slower): a run resumed '
+      'after a kill ends with bitwise the weights of an uninterrupted run '
+      'with the same --seed. tfrecord and synthetic data, no --augment_name.')
+  seed: int = setting(0, 'Seed for weight initialization, synthetic data '
+                      'and shuffling.')
+  # Labels in the records are 1-based (label 0 = background, 1001 classes);
+  # None: follows num_label_classes == 1001 (see ExperimentConfig).
+  include_background_label: Optional[bool] = setting(
+      None, 'Records hold 1-based labels.', flag=False)
+  # Synthetic source only: labels learnable (a class-dependent pattern) or
+  # pure noise.
+  synthetic_learnable: bool = setting(True, 'Learnable synthetic labels.',
+                                      flag=False)
+
+  def __post_init__(self):
+    if self.data is None:
+      self.data = 'tfrecord' if self.data_dir else 'synthetic'
+    ok = (self.data in ('synthetic', 'tfrecord') or
+          (self.data.startswith('tfds:') and len(self.data) > 5))
+    _check(ok, 'data', "'synthetic', 'tfrecord' or 'tfds:NAME'", self.data)
+    if self.data == 'synthetic' and self.data_dir:
+      raise ConfigError(
+          'data_dir', f'{self.data_dir} is given but `data=synthetic` (set '
+          'by a preset or flag) reads no files; add `data=tfrecord` (or '
+          'tfds:NAME) after the preset, or drop it')
+    if self.data != 'synthetic':
+      _check(bool(self.data_dir), 'data_dir',
+             f'a directory with `data={self.data}`', self.data_dir)
+    _check(self.num_train_images >= 1, 'num_train_images', 'an integer >= 1',
+           self.num_train_images)
+    _check(self.num_eval_images >= 1, 'num_eval_images', 'an integer >= 1',
+           self.num_eval_images)
+    _choice(self.augment_name, 'augment_name', AUGMENTATIONS)
+    _choice(self.resize_method, 'resize_method', RESIZE_METHODS)
+    _check(self.randaug_num_layers >= 0, 'randaug_num_layers',
+           'an integer >= 0', self.randaug_num_layers)
+    _check(0 <= self.randaug_magnitude <= 30, 'randaug_magnitude',
+           'a value in [0, 30]', self.randaug_magnitude)
+    _check(self.shuffle_buffer >= 1, 'shuffle_buffer', 'an integer >= 1',
+           self.shuffle_buffer)
+    _check(0 <= self.max_corrupt_fraction <= 1, 'max_corrupt_fraction',
+           'a value in [0, 1]', self.max_corrupt_fraction)
+    _check(self.max_image_pixels >= 1, 'max_image_pixels', 'an integer >= 1',
+           self.max_image_pixels)
+    if self.deterministic:
+      _check(not self.data.startswith('tfds:'), 'deterministic',
+             '`data=tfrecord` or synthetic (tfds readers do not resume '
+             'exactly)', self.data)
+      _check(self.augment_name == 'none', 'deterministic',
+             '`augment_name=none` (RandAugment and AutoAugment draw from '
+             'stateful random ops)', self.augment_name)
+
+
+@dataclasses.dataclass
+class ModelConfig(Section):
   """EfficientNet architecture.
 
   `width_coefficient`, `depth_coefficient`, `image_size` and `dropout_rate`
-  default to the compound-scaling table for `name`; setting them builds a
-  scaled-down (or custom) variant, which the tests and smoke runs use.
+  default to the compound-scaling table for `model_name`; setting them
+  builds a scaled-down (or custom) variant, which the tests and smoke runs
+  use.
   """
-  name: str = 'efficientnet-b0'
-  num_classes: int = 1000
-  width_coefficient: Optional[float] = None
-  depth_coefficient: Optional[float] = None
-  image_size: Optional[int] = None
-  dropout_rate: Optional[float] = None
-  # Drop rate of the last block; grows linearly from 0 at the first block.
-  stochastic_depth_rate: float = 0.2
-  depth_divisor: int = 8
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  # Replicas per batch-norm group: 1 = local BN, 0 = all replicas (global).
-  # None together with bn_group_batch_size=None means local BN.
-  bn_group_size: Optional[int] = None
-  # Target images per BN group; the group size is derived from the actual
-  # replica count and per-replica batch (see layers / distribute).
-  bn_group_batch_size: Optional[int] = None
-  use_bfloat16: bool = False
+  TITLE: ClassVar[str] = 'Model'
+  model_name: str = setting('efficientnet-b0', 'EfficientNet variant.',
+                            choices=tuple(MODEL_TABLE))
+  num_label_classes: int = setting(
+      1000, 'Classes; 1001 keeps label 0 as background (labels in the '
+      'records are 1-based).')
+  image_size: Optional[int] = setting(
+      None, "Input resolution; default: the model's (224 for B0 ... 600 for "
+      'B7).')
+  width_coefficient: Optional[float] = setting(
+      None, "Override the model's width multiplier (scaled-down test "
+      'models).')
+  depth_coefficient: Optional[float] = setting(
+      None, "Override the model's depth multiplier (scaled-down test "
+      'models).')
+  dropout_rate: Optional[float] = setting(
+      None, "Dropout before the classifier; default: the model's.")
+  stochastic_depth_rate: float = setting(
+      0.2, 'Drop rate of the last block (grows linearly from 0 at the first '
+      'block).')
+  batch_norm_momentum: float = setting(
+      0.99, 'Batch-norm moving-average momentum.')
+  batch_norm_epsilon: float = setting(1e-3, 'Batch-norm epsilon.')
+  bn_group_size: Optional[int] = setting(
+      None, 'Replicas per batch-norm group: 1 = local BN, 0 = all replicas '
+      '(global sync BN).')
+  bn_group_batch_size: Optional[int] = setting(
+      None, 'Target images per batch-norm group; the group size is derived '
+      'from the actual replica count and per-replica batch.')
+  use_bfloat16: bool = setting(
+      False, 'bfloat16 activations (mixed precision) with float32 weights '
+      'and logits.')
+  depth_divisor: int = setting(8, 'Channel counts round to multiples of '
+                               'this.', flag=False)
 
   def __post_init__(self):
-    _choice(self.name, 'model_name', tuple(MODEL_TABLE))
-    w, d, r, p = MODEL_TABLE[self.name]
+    _choice(self.model_name, 'model_name', tuple(MODEL_TABLE))
+    w, d, r, p = MODEL_TABLE[self.model_name]
     if self.width_coefficient is None:
       self.width_coefficient = w
     if self.depth_coefficient is None:
@@ -89,8 +378,8 @@ class ModelConfig:
       self.image_size = r
     if self.dropout_rate is None:
       self.dropout_rate = p
-    _check(self.num_classes >= 2, 'num_label_classes', 'an integer >= 2',
-           self.num_classes)
+    _check(self.num_label_classes >= 2, 'num_label_classes',
+           'an integer >= 2', self.num_label_classes)
     _check(self.width_coefficient > 0, 'width_coefficient', 'a value > 0',
            self.width_coefficient)
     _check(self.depth_coefficient > 0, 'depth_coefficient', 'a value > 0',
@@ -101,8 +390,10 @@ class ModelConfig:
            self.dropout_rate)
     _check(0 <= self.stochastic_depth_rate < 1, 'stochastic_depth_rate',
            'a value in [0, 1)', self.stochastic_depth_rate)
-    _check(0 < self.bn_momentum < 1, 'batch_norm_momentum',
-           'a value in (0, 1)', self.bn_momentum)
+    _check(0 < self.batch_norm_momentum < 1, 'batch_norm_momentum',
+           'a value in (0, 1)', self.batch_norm_momentum)
+    _check(self.batch_norm_epsilon > 0, 'batch_norm_epsilon', 'a value > 0',
+           self.batch_norm_epsilon)
     if self.bn_group_size is not None:
       _check(self.bn_group_size >= 0, 'bn_group_size',
              'an integer >= 0 (0 = all replicas)', self.bn_group_size)
@@ -110,97 +401,59 @@ class ModelConfig:
       _check(self.bn_group_batch_size >= 1, 'bn_group_batch_size',
              'an integer >= 1', self.bn_group_batch_size)
       _check(self.bn_group_size is None, 'bn_group_batch_size',
-             'not to be combined with --bn_group_size', self.bn_group_size)
+             'not to be combined with `bn_group_size`', self.bn_group_size)
+
+  def resolve_bn_group_size(self, num_replicas: int,
+                            per_replica_batch: int) -> int:
+    """Replicas per batch-norm group on a real topology.
+
+    `bn_group_size` None -> 1 (local BN), 0 -> all replicas, else that many
+    replicas (it must divide the replica count). With `bn_group_batch_size`
+    (target images per group, TPU-EN's `--batch_norm_batch_size`) the group
+    resolves on any slice: the largest divisor of the replica count whose
+    group batch does not exceed the target; a per-replica batch at or above
+    the target gives local BN (TPU-EN used local BN at >= 128 per core).
+
+    Raises:
+      ConfigError: an explicit `bn_group_size` does not divide the replicas.
+    """
+    target = self.bn_group_batch_size
+    if target is not None:
+      want = max(1, target // per_replica_batch)
+      return max(d for d in range(1, min(want, num_replicas) + 1)
+                 if num_replicas % d == 0)
+    g = self.bn_group_size
+    if g is None:
+      return 1
+    if g == 0:
+      return num_replicas
+    _check(num_replicas % g == 0, 'bn_group_size',
+           f'a divisor of the number of replicas ({num_replicas}) or 0', g)
+    return g
 
 
 @dataclasses.dataclass
-class DataConfig:
-  """Where images come from and how they are preprocessed."""
-  # 'synthetic', 'tfrecord' or 'tfds:NAME'.
-  source: str = 'synthetic'
-  data_dir: Optional[str] = None
-  num_train_images: int = 1281167
-  num_eval_images: int = 50000
-  # 1-based labels in the records; 1001 classes keeps label 0 as background.
-  include_background_label: bool = False
-  augment: str = 'none'
-  randaug_num_layers: int = 2
-  randaug_magnitude: float = 10.0
-  resize_method: str = 'bicubic'
-  shuffle_buffer: int = 1024
-  skip_corrupt: bool = False
-  # With skip_corrupt: training stops when more than this fraction of the
-  # records read so far was bad (checked from MIN_READS_FOR_FRACTION reads).
-  max_corrupt_fraction: float = 0.01
-  # Images whose header declares more pixels are refused before decoding.
-  max_image_pixels: int = 1 << 26
-  # Deterministic input order and TF ops: a resumed run is bitwise equal to
-  # an uninterrupted one (tfrecord and synthetic sources).
-  deterministic: bool = False
-  # Synthetic source only: images per split and whether labels are
-  # learnable (a class-dependent pattern) or pure noise.
-  synthetic_learnable: bool = True
-  seed: int = 0
+class ScheduleConfig(Section):
+  """The learning rate: its peak, warmup and decay."""
+  TITLE: ClassVar[str] = 'Learning-rate schedule'
+  base_learning_rate: float = setting(
+      0.016, 'Learning rate per 256 images with --lr_scaling=linear, or the '
+      'absolute peak with --lr_scaling=none.')
+  lr_scaling: str = setting(
+      'linear', 'linear: peak = base * batch / 256; none: peak = base.',
+      choices=LR_SCALINGS)
+  lr_schedule: str = setting('exponential', 'Decay after warmup.',
+                             choices=LR_SCHEDULES)
+  lr_warmup_epochs: float = setting(5.0, 'Linear warmup epochs.')
+  lr_decay_epochs: float = setting(
+      2.4, 'Epochs per decay step (--lr_schedule=exponential).')
+  lr_decay_factor: float = setting(
+      0.97, 'Decay factor per step (--lr_schedule=exponential).')
+  poly_power: float = setting(2.0, 'Power of --lr_schedule=poly.')
+  end_learning_rate: float = setting(
+      0.0, 'Final LR of --lr_schedule=poly and cosine.')
 
   def __post_init__(self):
-    ok = (self.source in ('synthetic', 'tfrecord') or
-          (self.source.startswith('tfds:') and len(self.source) > 5))
-    _check(ok, 'data', "'synthetic', 'tfrecord' or 'tfds:NAME'", self.source)
-    if self.source != 'synthetic':
-      _check(bool(self.data_dir), 'data_dir',
-             f'a directory when --data={self.source}', self.data_dir)
-    _check(self.num_train_images >= 1, 'num_train_images', 'an integer >= 1',
-           self.num_train_images)
-    _check(self.num_eval_images >= 1, 'num_eval_images', 'an integer >= 1',
-           self.num_eval_images)
-    _choice(self.augment, 'augment_name', AUGMENTATIONS)
-    _choice(self.resize_method, 'resize_method', RESIZE_METHODS)
-    _check(self.randaug_num_layers >= 0, 'randaug_num_layers',
-           'an integer >= 0', self.randaug_num_layers)
-    _check(0 <= self.randaug_magnitude <= 30, 'randaug_magnitude',
-           'a value in [0, 30]', self.randaug_magnitude)
-    _check(0 <= self.max_corrupt_fraction <= 1, 'max_corrupt_fraction',
-           'a value in [0, 1]', self.max_corrupt_fraction)
-    _check(self.max_image_pixels >= 1, 'max_image_pixels', 'an integer >= 1',
-           self.max_image_pixels)
-    if self.deterministic:
-      _check(not self.source.startswith('tfds:'), 'deterministic',
-             '--data=tfrecord or synthetic (tfds readers do not resume '
-             'exactly)', self.source)
-      _check(self.augment == 'none', 'deterministic',
-             '--augment_name=none (RandAugment and AutoAugment draw from '
-             'stateful random ops)', self.augment)
-
-
-@dataclasses.dataclass
-class OptimizerConfig:
-  """Optimizer, learning-rate schedule, regularization and EMA."""
-  optimizer: str = 'rmsprop'
-  base_learning_rate: float = 0.016
-  # 'linear': peak LR = base_learning_rate * train_batch_size / 256.
-  # 'none': base_learning_rate is the absolute peak (LARS-style).
-  lr_scaling: str = 'linear'
-  lr_schedule: str = 'exponential'
-  lr_warmup_epochs: float = 5.0
-  lr_decay_epochs: float = 2.4
-  lr_decay_factor: float = 0.97
-  poly_power: float = 2.0
-  end_learning_rate: float = 0.0
-  momentum: float = 0.9
-  nesterov: bool = False
-  rmsprop_decay: float = 0.9
-  rmsprop_epsilon: float = 1e-3
-  lars_eeta: float = 0.001
-  lars_epsilon: float = 0.0
-  weight_decay: float = 1e-5
-  # Regexes on variable paths excluded from LARS adaptation and weight decay.
-  weight_decay_exclude: Tuple[str, ...] = DEFAULT_WEIGHT_DECAY_EXCLUDE
-  label_smoothing: float = 0.1
-  # 0 disables EMA.
-  moving_average_decay: float = 0.9999
-
-  def __post_init__(self):
-    _choice(self.optimizer, 'optimizer', OPTIMIZERS)
     _choice(self.lr_schedule, 'lr_schedule', LR_SCHEDULES)
     _choice(self.lr_scaling, 'lr_scaling', LR_SCALINGS)
     _check(self.base_learning_rate > 0, 'base_learning_rate', 'a value > 0',
@@ -212,15 +465,81 @@ class OptimizerConfig:
     _check(0 < self.lr_decay_factor <= 1, 'lr_decay_factor',
            'a value in (0, 1]', self.lr_decay_factor)
     _check(self.poly_power > 0, 'poly_power', 'a value > 0', self.poly_power)
-    _check(0 <= self.end_learning_rate, 'end_learning_rate', 'a value >= 0',
+    _check(self.end_learning_rate >= 0, 'end_learning_rate', 'a value >= 0',
            self.end_learning_rate)
+
+  def peak_learning_rate(self, train_batch_size: int) -> float:
+    """The LR reached at the end of warmup.
+
+    `lr_scaling='linear'`: base_learning_rate * train_batch_size / 256 (the
+    EfficientNet convention: 0.016 per 256 images, 0.256 at 4096).
+    `lr_scaling='none'`: base_learning_rate is the absolute peak (LARS
+    recipes quote the peak directly, e.g. 25.0 at batch 16384).
+    """
+    if self.lr_scaling == 'linear':
+      return self.base_learning_rate * train_batch_size / 256.0
+    return float(self.base_learning_rate)
+
+  def warmup_steps(self, steps_per_epoch: float) -> int:
+    """`int(lr_warmup_epochs * steps_per_epoch)`, TPU-EN's floor."""
+    return int(self.lr_warmup_epochs * steps_per_epoch)
+
+
+@dataclasses.dataclass
+class LarsConfig(Section):
+  """LARS (You et al. 2017, arXiv 1708.03888), used with `optimizer=lars`."""
+  TITLE: ClassVar[str] = 'Optimizer: LARS'
+  lars_eeta: float = setting(0.001, 'LARS trust coefficient.')
+  lars_epsilon: float = setting(0.0, 'LARS epsilon in the trust ratio.')
+
+  def __post_init__(self):
+    _check(self.lars_eeta > 0, 'lars_eeta', 'a value > 0', self.lars_eeta)
+    _check(self.lars_epsilon >= 0, 'lars_epsilon', 'a value >= 0',
+           self.lars_epsilon)
+
+
+@dataclasses.dataclass
+class RMSPropConfig(Section):
+  """TF1-style RMSProp of the original recipe, with `optimizer=rmsprop`."""
+  TITLE: ClassVar[str] = 'Optimizer: RMSProp'
+  rmsprop_decay: float = setting(0.9, 'RMSProp decay (rho).')
+  rmsprop_epsilon: float = setting(1e-3, 'RMSProp epsilon.')
+
+  def __post_init__(self):
+    _check(0 <= self.rmsprop_decay < 1, 'rmsprop_decay', 'a value in [0, 1)',
+           self.rmsprop_decay)
+    _check(self.rmsprop_epsilon > 0, 'rmsprop_epsilon', 'a value > 0',
+           self.rmsprop_epsilon)
+
+
+@dataclasses.dataclass
+class OptimizerConfig(Section):
+  """Optimizer, regularization and EMA; the schedule and per-optimizer
+  settings are subsections."""
+  TITLE: ClassVar[str] = 'Optimization'
+  optimizer: str = setting('rmsprop', 'Optimizer.', choices=OPTIMIZERS)
+  momentum: float = setting(0.9, 'Momentum (LARS, RMSProp, momentum).')
+  nesterov: bool = setting(False, 'Nesterov momentum (LARS, momentum).')
+  weight_decay: float = setting(
+      1e-5, 'Weight decay, applied once: by LARS itself, or as an L2 loss '
+      'term for the other optimizers.')
+  weight_decay_exclude: Tuple[str, ...] = setting(
+      DEFAULT_WEIGHT_DECAY_EXCLUDE, 'Regexes on variable paths excluded '
+      'from weight decay and LARS adaptation.')
+  label_smoothing: float = setting(0.1, 'Label smoothing.')
+  moving_average_decay: float = setting(
+      0.9999, 'EMA decay of the weights used for evaluation and export; 0 '
+      'disables EMA.')
+  schedule: ScheduleConfig = section(ScheduleConfig)
+  lars: LarsConfig = section(LarsConfig)
+  rmsprop: RMSPropConfig = section(RMSPropConfig)
+
+  def __post_init__(self):
+    _choice(self.optimizer, 'optimizer', OPTIMIZERS)
     _check(0 <= self.momentum < 1, 'momentum', 'a value in [0, 1)',
            self.momentum)
     _check(self.weight_decay >= 0, 'weight_decay', 'a value >= 0',
            self.weight_decay)
-    _check(self.lars_eeta > 0, 'lars_eeta', 'a value > 0', self.lars_eeta)
-    _check(self.lars_epsilon >= 0, 'lars_epsilon', 'a value >= 0',
-           self.lars_epsilon)
     _check(0 <= self.label_smoothing < 1, 'label_smoothing',
            'a value in [0, 1)', self.label_smoothing)
     _check(0 <= self.moving_average_decay < 1, 'moving_average_decay',
@@ -230,66 +549,54 @@ class OptimizerConfig:
       try:
         re.compile(pattern)
       except re.error as e:
-        raise ConfigError(f'--weight_decay_exclude: expected valid regular '
+        raise ConfigError('weight_decay_exclude', f'expected valid regular '
                           f'expressions, got {pattern!r} ({e})') from None
 
 
 @dataclasses.dataclass
-class DistributeConfig:
-  """Which tf.distribute strategy to build."""
-  strategy: str = 'cpu'
-  # TPU name, 'local' on a TPU VM, or a grpc:// address (legacy TPU Node).
-  tpu: Optional[str] = None
-  tpu_zone: Optional[str] = None
-  gcp_project: Optional[str] = None
-  num_cpu_replicas: int = 1
-  # 0 = all visible GPUs.
-  num_gpus: int = 0
-  # Expected replica count (dry runs resolve the slice plan for it).
-  num_replicas: Optional[int] = None
-
-  def __post_init__(self):
-    _choice(self.strategy, 'strategy', STRATEGIES)
-    _check(self.num_cpu_replicas >= 1, 'num_cpu_replicas', 'an integer >= 1',
-           self.num_cpu_replicas)
-    _check(self.num_gpus >= 0, 'num_gpus', 'an integer >= 0', self.num_gpus)
-    if self.num_replicas is not None:
-      _check(self.num_replicas >= 1, 'num_replicas', 'an integer >= 1',
-             self.num_replicas)
-    if self.strategy == 'tpu':
-      _check(bool(self.tpu), 'tpu',
-             "a TPU name, 'local' (TPU VM) or grpc:// address with "
-             '--strategy=tpu', self.tpu)
-
-
-@dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Section):
   """The loop: batch sizes, length, host loop, checkpoints, evaluation."""
-  model_dir: str = '/tmp/efficientnet_tpu'
-  mode: str = 'train'
-  train_batch_size: int = 2048
-  eval_batch_size: int = 1024
-  # Exactly one of train_steps / train_epochs decides the length (steps win).
-  train_steps: Optional[int] = None
-  train_epochs: Optional[float] = 350.0
-  iterations_per_loop: int = 1251
-  # 0 = evaluate only at the end of training.
-  eval_every_epochs: float = 0.0
-  eval_every_steps: Optional[int] = None
-  eval_timeout: int = 0
-  # Number of eval images to use; None = the whole eval split.
-  eval_steps: Optional[int] = None
-  keep_checkpoint_max: int = 5
-  export_dir: Optional[str] = None
-  # None = auto: TPU always compiles; GPU and CPU off (see
-  # distribute.resolve_jit_compile). True: forward/backward under XLA.
-  jit_compile: Optional[bool] = None
-  dry_run: bool = False
-  seed: int = 0
+  TITLE: ClassVar[str] = 'Loop'
+  model_dir: Optional[str] = setting(
+      None, 'Directory (local or gs://) for checkpoints, summaries and the '
+      'resolved config. An existing run there is resumed, never '
+      'overwritten.')
+  mode: str = setting('train', 'What to run.', choices=MODES)
+  train_batch_size: int = setting(2048, 'Global training batch.')
+  eval_batch_size: int = setting(1024, 'Global eval batch.')
+  train_steps: Optional[int] = setting(
+      None, 'Training steps (wins over --train_epochs).')
+  train_epochs: float = setting(350.0, 'Training epochs.')
+  iterations_per_loop: int = setting(
+      1251, 'Steps per host call (and per checkpoint).')
+  eval_every_epochs: float = setting(
+      0.0, 'train_and_eval: epochs between evaluations; 0 = only at the end.')
+  eval_every_steps: Optional[int] = setting(
+      None, 'train_and_eval: steps between evaluations (wins over '
+      '--eval_every_epochs).')
+  eval_steps: Optional[int] = setting(
+      None, 'Limit evaluation to this many batches (default: the whole eval '
+      'set, exactly once).')
+  eval_timeout: int = setting(
+      0, '--mode=eval: seconds to wait for a new checkpoint; 0 = evaluate '
+      'the latest and exit.')
+  keep_checkpoint_max: int = setting(5, 'Checkpoints kept.')
+  export_dir: Optional[str] = setting(
+      None, 'Write a SavedModel serving JPEG bytes here after training / '
+      'evaluation.')
+  jit_compile: str = setting(
+      'auto', 'XLA. auto: TPU compiles every step (always); GPU and CPU off. '
+      'true (GPU, or one CPU replica): the forward and backward pass '
+      'compiled, the optimizer update outside.', choices=JIT_COMPILE)
+  dry_run: bool = setting(
+      False, 'Print the resolved config, the replica plan (with '
+      '--num_replicas off CPU) and LR schedule, plot it to '
+      'model_dir/lr_schedule.png, and exit.')
 
   def __post_init__(self):
     _choice(self.mode, 'mode', MODES)
-    _check(bool(self.model_dir), 'model_dir', 'a directory', self.model_dir)
+    _check(bool(self.model_dir), 'model_dir',
+           'a directory for checkpoints and summaries', self.model_dir)
     _check(self.train_batch_size >= 1, 'train_batch_size', 'an integer >= 1',
            self.train_batch_size)
     _check(self.eval_batch_size >= 1, 'eval_batch_size', 'an integer >= 1',
@@ -298,9 +605,8 @@ class TrainConfig:
       _check(self.train_steps >= 1, 'train_steps', 'an integer >= 1',
              self.train_steps)
     else:
-      _check(self.train_epochs is not None and self.train_epochs > 0,
-             'train_epochs', 'a value > 0 (or set --train_steps)',
-             self.train_epochs)
+      _check(self.train_epochs > 0, 'train_epochs',
+             'a value > 0 (or set `train_steps`)', self.train_epochs)
     _check(self.iterations_per_loop >= 1, 'iterations_per_loop',
            'an integer >= 1', self.iterations_per_loop)
     _check(self.eval_every_epochs >= 0, 'eval_every_epochs', 'a value >= 0',
@@ -308,20 +614,50 @@ class TrainConfig:
     if self.eval_every_steps is not None:
       _check(self.eval_every_steps >= 1, 'eval_every_steps',
              'an integer >= 1', self.eval_every_steps)
+    if self.eval_steps is not None:
+      _check(self.eval_steps >= 1, 'eval_steps', 'an integer >= 1',
+             self.eval_steps)
+    _check(self.eval_timeout >= 0, 'eval_timeout', 'an integer >= 0',
+           self.eval_timeout)
     _check(self.keep_checkpoint_max >= 1, 'keep_checkpoint_max',
            'an integer >= 1', self.keep_checkpoint_max)
+    _choice(self.jit_compile, 'jit_compile', JIT_COMPILE)
 
 
 @dataclasses.dataclass
-class ExperimentConfig:
-  """Everything one run needs."""
-  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-  data: DataConfig = dataclasses.field(default_factory=DataConfig)
-  optimizer: OptimizerConfig = dataclasses.field(
-      default_factory=OptimizerConfig)
-  distribute: DistributeConfig = dataclasses.field(
-      default_factory=DistributeConfig)
-  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+class ExperimentConfig(Section):
+  """Everything one run needs; checks the rules across sections."""
+  distribute: DistributeConfig = section(DistributeConfig)
+  data: DataConfig = section(DataConfig)
+  model: ModelConfig = section(ModelConfig)
+  optimizer: OptimizerConfig = section(OptimizerConfig)
+  train: TrainConfig = section(TrainConfig)
+
+  def __post_init__(self):
+    if self.data.include_background_label is None:
+      self.data.include_background_label = (
+          self.model.num_label_classes == 1001)
+    self._check_schedule()
+    if self.distribute.known_num_replicas:
+      self.validate_for_replicas(self.distribute.known_num_replicas)
+
+  def _check_schedule(self) -> None:
+    """The schedule against the run's length and batch."""
+    sched = self.optimizer.schedule
+    total = self.total_train_steps
+    epochs = total / self.steps_per_epoch
+    if (sched.lr_warmup_epochs >= epochs or
+        sched.warmup_steps(self.steps_per_epoch) >= total):
+      raise ConfigError(
+          'lr_warmup_epochs',
+          f'expected fewer than the {epochs:g} training epochs ({total} '
+          f'steps of {self.steps_per_epoch:g} per epoch; see '
+          f'`train_epochs`/`train_steps`), got {sched.lr_warmup_epochs!r}')
+    if sched.lr_schedule in ('poly', 'cosine'):
+      peak = self.peak_learning_rate
+      _check(sched.end_learning_rate <= peak, 'end_learning_rate',
+             f'a value in [0, {peak:g}] (the peak learning rate)',
+             sched.end_learning_rate)
 
   # ---- derived quantities -------------------------------------------------
   @property
@@ -335,6 +671,11 @@ class ExperimentConfig:
     return max(1, int(round(self.train.train_epochs * self.steps_per_epoch)))
 
   @property
+  def peak_learning_rate(self) -> float:
+    return self.optimizer.schedule.peak_learning_rate(
+        self.train.train_batch_size)
+
+  @property
   def eval_interval_steps(self) -> int:
     """Train steps between evaluations in train_and_eval mode."""
     if self.train.eval_every_steps:
@@ -344,13 +685,16 @@ class ExperimentConfig:
                               self.steps_per_epoch)))
     return self.total_train_steps
 
-  def validate_for_replicas(self, num_replicas: int) -> None:
-    """Checks that need the real replica count (known after the strategy)."""
-    for flag, batch in (('train_batch_size', self.train.train_batch_size),
+  def validate_for_replicas(self, num_replicas: int) -> int:
+    """Checks that need the replica count; returns the BN group size."""
+    for name, batch in (('train_batch_size', self.train.train_batch_size),
                         ('eval_batch_size', self.train.eval_batch_size)):
-      _check(batch % num_replicas == 0, flag,
+      _check(batch % num_replicas == 0, name,
              f'a multiple of the number of replicas ({num_replicas})', batch)
+    return self.model.resolve_bn_group_size(
+        num_replicas, self.train.train_batch_size // num_replicas)
 
+  # ---- serialization ------------------------------------------------------
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
@@ -359,8 +703,43 @@ class ExperimentConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> 'ExperimentConfig':
-    return cls(model=ModelConfig(**d['model']),
-               data=DataConfig(**d['data']),
-               optimizer=OptimizerConfig(**d['optimizer']),
-               distribute=DistributeConfig(**d['distribute']),
-               train=TrainConfig(**d['train']))
+    """Inverse of to_dict (config.json); see `settings_from_dict`."""
+    return cls.from_settings(**settings_from_dict(d))
+
+
+# Field names and values of config.json files written before every setting
+# took its flag's name and type.
+_RENAMED = {
+    'name': 'model_name', 'num_classes': 'num_label_classes',
+    'bn_momentum': 'batch_norm_momentum', 'bn_epsilon': 'batch_norm_epsilon',
+    'augment': 'augment_name', 'source': 'data',
+}
+_OLD_JIT_COMPILE = {None: 'auto', True: 'true', False: 'false'}
+
+
+def settings_from_dict(d: dict) -> Dict[str, Any]:
+  """The flat settings of a config.json dict, older layouts included.
+
+  Unknown keys (settings since removed) are dropped.
+  """
+  flat = {}
+
+  def collect(node):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        collect(v)
+      else:
+        flat[_RENAMED.get(k, k)] = v
+
+  collect(d)
+  if not isinstance(flat.get('jit_compile', 'auto'), str):
+    flat['jit_compile'] = _OLD_JIT_COMPILE[flat['jit_compile']]
+  if 'weight_decay_exclude' in flat:
+    flat['weight_decay_exclude'] = tuple(flat['weight_decay_exclude'])
+  known = ExperimentConfig.setting_names()
+  return {k: v for k, v in flat.items() if k in known}
+
+
+def flag_settings() -> List[Setting]:
+  """Every setting with a flag, grouped by section, in definition order."""
+  return [s for s in ExperimentConfig.settings() if s.flag]

@@ -39,7 +39,7 @@ def configure_cpu_devices(num_devices: int) -> list:
   logical = tf.config.list_logical_devices('CPU')
   if len(logical) < num_devices:
     raise ConfigError(
-        f'--num_cpu_replicas: expected at most {len(logical)} (TensorFlow '
+        'num_cpu_replicas', f'expected at most {len(logical)} (TensorFlow '
         f'was initialized with {len(logical)} logical CPUs before the '
         f'strategy was built), got {num_devices}')
   return [d.name for d in logical[:num_devices]]
@@ -57,11 +57,11 @@ def _tpu_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
     tf.tpu.experimental.initialize_tpu_system(resolver)
   except Exception as e:  # pylint: disable=broad-except
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    hint = ('on a TPU VM use --tpu=local with a TPU-enabled TensorFlow'
+    hint = ('on a TPU VM use `tpu=local` with a TPU-enabled TensorFlow'
             if cfg.tpu == 'local' else
-            'check --tpu/--tpu_zone/--gcp_project, and install the '
+            'check `tpu`/`tpu_zone`/`gcp_project`, and install the '
             "'tpu_node' extra (cloud-tpu-client) for legacy TPU Nodes")
-    raise ConfigError(f'--tpu: could not reach TPU {cfg.tpu!r} '
+    raise ConfigError('tpu', f'could not reach TPU {cfg.tpu!r} '
                       f'({type(e).__name__}: {first_line}); {hint}') from None
   return tf.distribute.TPUStrategy(resolver)
 
@@ -69,11 +69,11 @@ def _tpu_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
 def _gpu_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
   gpus = tf.config.list_logical_devices('GPU')
   if not gpus:
-    raise ConfigError('--strategy=gpu: expected at least one visible GPU, '
-                      'found none (use --strategy=cpu)')
+    raise ConfigError('strategy', 'expected at least one visible GPU, '
+                      'found none (use `strategy=cpu`)')
   if cfg.num_gpus:
     if cfg.num_gpus > len(gpus):
-      raise ConfigError(f'--num_gpus: expected at most {len(gpus)} (visible '
+      raise ConfigError('num_gpus', f'expected at most {len(gpus)} (visible '
                         f'GPUs), got {cfg.num_gpus}')
     gpus = gpus[:cfg.num_gpus]
   return tf.distribute.MirroredStrategy([g.name for g in gpus])
@@ -172,7 +172,7 @@ def _multi_worker_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
   del cfg
   tf_config = read_tf_config()
   if tf_config is None:
-    raise ConfigError('--strategy=multi_worker: expected the TF_CONFIG '
+    raise ConfigError('strategy', 'expected the TF_CONFIG '
                       'environment variable (cluster and task), found none')
   if task_of(tf_config)[0] == 'evaluator':
     # The evaluator is no part of the training cluster (TF's rule): it
@@ -234,7 +234,7 @@ def num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
 
 
 def resolve_jit_compile(strategy: tf.distribute.Strategy,
-                        requested: Optional[bool]) -> bool:
+                        requested: str) -> bool:
   """Whether the forward and backward pass run in an XLA-compiled function.
 
   * TPU: TPUStrategy compiles the whole replicated loop with XLA; nothing is
@@ -253,20 +253,22 @@ def resolve_jit_compile(strategy: tf.distribute.Strategy,
   Raises:
     ConfigError: the request cannot work on this strategy's devices.
   """
+  if requested not in ('auto', 'true', 'false'):
+    raise ValueError(f"jit_compile: expected 'auto', 'true' or 'false', got "
+                     f'{requested!r}')
   if is_tpu(strategy):
-    if requested is False:
-      raise ConfigError('--jit_compile: TPUs always compile the training '
-                        'step with XLA; use --jit_compile=auto')
+    if requested == 'false':
+      raise ConfigError('jit_compile', 'TPUs always compile the training '
+                        'step with XLA; use `jit_compile=auto`')
     return False
-  if not requested:
+  if requested != 'true':
     return False
   if all(_is_gpu_device(d) for d in strategy.extended.worker_devices):
     return True
   if strategy.num_replicas_in_sync > 1:
-    raise ConfigError(
-        f'--jit_compile: XLA cannot compile the step of '
+    raise ConfigError('jit_compile', f'XLA cannot compile the step of '
         f'{strategy.num_replicas_in_sync} CPU replicas (their variables and '
         'collectives span logical CPU devices that one XLA CPU program '
-        'cannot address); use --jit_compile=auto (XLA is ~8x slower on '
+        'cannot address); use `jit_compile=auto` (XLA is ~8x slower on '
         'CPU anyway)')
   return True

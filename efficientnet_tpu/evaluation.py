@@ -75,7 +75,7 @@ class Evaluator:
     return tf.cast(self.state.model(images, training=False), tf.float32)
 
   def _replica_eval_step(self, batch):
-    num_classes = self.cfg.model.num_classes
+    num_classes = self.cfg.model.num_label_classes
     logits = self._logits_fn(batch['images'])
     labels, mask = batch['labels'], batch['mask']
     loss = losses.smoothed_cross_entropy(labels, logits, num_classes, 0.0)
@@ -202,7 +202,7 @@ def continuous_eval(state: ModelState, evaluator: Evaluator, model_dir: str,
   if not metrics:
     # Nothing was evaluated: no result, no export (a typo in --model_dir
     # must not end in exit 0 or a SavedModel of random weights).
-    waited = f' within --eval_timeout={timeout}s' if timeout > 0 else ''
-    raise ConfigError(f'--model_dir: no checkpoint in {model_dir} to '
+    waited = f' within `eval_timeout={timeout}`s' if timeout > 0 else ''
+    raise ConfigError('model_dir', f'no checkpoint in {model_dir} to '
                       f'evaluate{waited}; point it at a training run')
   return metrics

@@ -39,7 +39,7 @@ SIDECAR_EVAL_TIMEOUT_S = 3600
 def train_input(cfg: ExperimentConfig) -> Callable[[int], contract.InputFn]:
   """start step -> the configured training input, continuing there."""
   return lambda start_step: pipeline.make_input_fn(
-      cfg.data, cfg.model.num_classes, cfg.model.image_size, True,
+      cfg.data, cfg.model.num_label_classes, cfg.model.image_size, True,
       cfg.train.train_batch_size, start_step=start_step,
       count_cache_dir=cfg.train.model_dir)
 
@@ -71,7 +71,7 @@ def build_evaluator(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
     num_steps = min(num_steps, cfg.train.eval_steps)
   if input_fn is None:
     input_fn = pipeline.make_input_fn(
-        cfg.data, cfg.model.num_classes, cfg.model.image_size, False,
+        cfg.data, cfg.model.num_label_classes, cfg.model.image_size, False,
         cfg.train.eval_batch_size)
   return evaluation.Evaluator(cfg, strategy, state, input_fn, num_steps,
                               role or distribute.cluster_role(cfg.distribute))
@@ -97,13 +97,13 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
   """What this run is, before its first step (logged and in TensorBoard)."""
   plan = train.replica_plan(cfg, strategy.num_replicas_in_sync)
   schedule = schedules.describe_schedule(
-      cfg.optimizer, cfg.train.train_batch_size, cfg.steps_per_epoch,
+      cfg.optimizer.schedule, cfg.train.train_batch_size, cfg.steps_per_epoch,
       cfg.total_train_steps)
   lr_at = ', '.join(f'{k} {lr:.4g} (step {s})'
                     for k, (s, lr) in schedule['lr_at'].items())
   data = cfg.data
-  source = data.source if data.source == 'synthetic' else (
-      f'{data.source} from {data.data_dir}')
+  source = data.data if data.data == 'synthetic' else (
+      f'{data.data} from {data.data_dir}')
   m = cfg.model
   return '\n'.join([
       f'Run: --mode={mode}, model_dir {cfg.train.model_dir}',
@@ -116,14 +116,14 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
       f'{plan["bn_group_size"]} replica(s) ({plan["bn_group_batch"]} images)',
       f'Length: {plan["steps_per_epoch"]} steps per epoch, '
       f'{plan["total_steps"]} steps ({schedule["train_epochs"]:.4g} epochs)',
-      f'Optimizer: {schedule["optimizer"]}, {schedule["lr_schedule"]} '
+      f'Optimizer: {cfg.optimizer.optimizer}, {schedule["lr_schedule"]} '
       f'schedule, peak LR {schedule["peak_lr"]:.4g} after '
       f'{schedule["warmup_steps"]} warmup steps; LR at {lr_at}',
       f'Precision: {"bfloat16" if m.use_bfloat16 else "float32"}; XLA: '
       f'{"on" if distribute.resolve_jit_compile(strategy, cfg.train.jit_compile) else "off"}',
       f'Data: {source}: {data.num_train_images} train / '
-      f'{data.num_eval_images} eval images, {m.num_classes} classes',
-      f'Model: {m.name} (width {m.width_coefficient:g}, depth '
+      f'{data.num_eval_images} eval images, {m.num_label_classes} classes',
+      f'Model: {m.model_name} (width {m.width_coefficient:g}, depth '
       f'{m.depth_coefficient:g}, {m.image_size} px): '
       f'{state.model.count_params() / 1e6:.2f}M parameters, '
       f'{model_lib.flops_per_image(m) / 1e9:.3g} GFLOPs per image',
@@ -152,7 +152,7 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
     strategy = distribute.build_strategy(cfg.distribute)
     # Weight initialization (Python, numpy and TF seeds): the same --seed
     # gives the same initial model, on every worker.
-    keras.utils.set_random_seed(cfg.train.seed)
+    keras.utils.set_random_seed(cfg.data.seed)
     plan = train.check_num_replicas(cfg, strategy)
     state = build_model_state(cfg, strategy, plan['bn_group_size'])
     mode, eval_timeout = cfg.train.mode, cfg.train.eval_timeout

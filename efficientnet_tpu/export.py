@@ -25,7 +25,8 @@ from absl import logging
 import tensorflow as tf
 
 from efficientnet_tpu import model as model_lib
-from efficientnet_tpu.config import ConfigError, ModelConfig
+from efficientnet_tpu import run_dir
+from efficientnet_tpu.config import ModelConfig
 from efficientnet_tpu.data import preprocessing
 
 
@@ -119,10 +120,10 @@ def export_saved_model(model, ema, model_cfg: ModelConfig,
     tf.io.gfile.rmtree(tmp_dir)
   tf.saved_model.save(module, tmp_dir,
                       signatures={'serving_default': module.serve})
+  # Checked before the run too; again here, since the directory may have
+  # filled up while training.
+  run_dir.check_export_dir(export_dir)
   if tf.io.gfile.exists(export_dir):
-    if tf.io.gfile.listdir(export_dir):
-      raise ConfigError(f'--export_dir: expected a new or empty directory, '
-                        f'{export_dir} is not empty')
     tf.io.gfile.rmtree(export_dir)
   tf.io.gfile.rename(tmp_dir, export_dir)
   logging.info('Exported SavedModel to %s', export_dir)

@@ -213,8 +213,8 @@ def make_batch_norm(config: ModelConfig, bn_group_size: int = 1,
     name: layer name.
   """
   return GroupSyncBatchNormalization(
-      group_size=bn_group_size, momentum=config.bn_momentum,
-      epsilon=config.bn_epsilon, name=name, dtype=dtype_policy(config))
+      group_size=bn_group_size, momentum=config.batch_norm_momentum,
+      epsilon=config.batch_norm_epsilon, name=name, dtype=dtype_policy(config))
 
 
 def replica_uniform(shape, seed_generator: keras.random.SeedGenerator

@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import keras
 
 from efficientnet_tpu import layers
-from efficientnet_tpu.config import MODEL_TABLE, ConfigError, ModelConfig
+from efficientnet_tpu.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +43,6 @@ BASE_BLOCKS: Tuple[BlockArgs, ...] = (
 )
 STEM_FILTERS = 32
 HEAD_FILTERS = 1280
-
-
-def model_scaling(name: str) -> Tuple[float, float, int, float]:
-  """(width, depth, resolution, dropout) of a named variant."""
-  if name not in MODEL_TABLE:
-    raise ConfigError(f'--model_name: expected one of '
-                      f'{", ".join(MODEL_TABLE)}, got {name!r}')
-  return MODEL_TABLE[name]
 
 
 def round_filters(filters: int, width_coefficient: float,
@@ -111,8 +103,8 @@ def build_model(config: ModelConfig, bn_group_size: int = 1,
   Args:
     config: architecture, scaling coefficients, BN and dtype settings.
     bn_group_size: replicas per batch-norm group (1 = local BN, 0 = all
-      replicas); see `collectives.resolve_bn_group_size`.
-    name: model name (default: config.name).
+      replicas); see `ModelConfig.resolve_bn_group_size`.
+    name: model name (default: config.model_name).
     batch_norm_fn: builds every normalization layer, called as
       `batch_norm_fn(config, bn_group_size, layer_name)`; None (training,
       export) is `layers.make_batch_norm`. The hook for benchmarks that
@@ -155,9 +147,10 @@ def build_model(config: ModelConfig, bn_group_size: int = 1,
                               name='top_dropout')(x)
   # float32 logits: softmax / cross-entropy precision.
   logits = keras.layers.Dense(
-      config.num_classes, kernel_initializer=layers.dense_kernel_initializer(),
+      config.num_label_classes,
+      kernel_initializer=layers.dense_kernel_initializer(),
       bias_initializer='zeros', dtype='float32', name='logits')(x)
-  return keras.Model(inputs, logits, name=name or config.name)
+  return keras.Model(inputs, logits, name=name or config.model_name)
 
 
 def flops_per_image(config: ModelConfig) -> int:

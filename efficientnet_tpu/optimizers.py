@@ -224,14 +224,15 @@ def build_optimizer(opt_cfg: OptimizerConfig,
   name = opt_cfg.optimizer
   if name == 'lars':
     return LARS(learning_rate, momentum=opt_cfg.momentum,
-                nesterov=opt_cfg.nesterov, eeta=opt_cfg.lars_eeta,
+                nesterov=opt_cfg.nesterov, eeta=opt_cfg.lars.lars_eeta,
                 weight_decay=opt_cfg.weight_decay,
-                epsilon=opt_cfg.lars_epsilon,
+                epsilon=opt_cfg.lars.lars_epsilon,
                 exclude_from_adaptation=opt_cfg.weight_decay_exclude)
   if name == 'rmsprop':
-    return RMSpropTF1(learning_rate, rho=float(opt_cfg.rmsprop_decay),
+    return RMSpropTF1(learning_rate, rho=float(opt_cfg.rmsprop.rmsprop_decay),
                       momentum=float(opt_cfg.momentum),
-                      epsilon=float(opt_cfg.rmsprop_epsilon), name='rmsprop')
+                      epsilon=float(opt_cfg.rmsprop.rmsprop_epsilon),
+                      name='rmsprop')
   if name == 'momentum':
     return keras.optimizers.SGD(learning_rate,
                                 momentum=float(opt_cfg.momentum),

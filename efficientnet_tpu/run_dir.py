@@ -24,7 +24,8 @@ import tensorflow as tf
 
 from efficientnet_tpu import fileio
 from efficientnet_tpu import run_lock
-from efficientnet_tpu.config import ConfigError, ExperimentConfig
+from efficientnet_tpu.config import (ConfigError, ExperimentConfig, ModelConfig,
+                                     settings_from_dict)
 
 CONFIG_FILENAME = 'config.json'
 RESULTS_FILENAME = 'eval_results.jsonl'
@@ -56,9 +57,20 @@ def check_writable(model_dir: str) -> None:
     reason = (getattr(e, 'message', None) or str(e)).strip()
     reason = reason.splitlines()[0] if reason else type(e).__name__
     raise ConfigError(
-        f'--model_dir: {model_dir} is not writable ({reason}); every mode '
+        'model_dir', f'{model_dir} is not writable ({reason}); every mode '
         'writes checkpoints, summaries or eval results there: fix its '
-        'permissions or use another --model_dir') from None
+        'permissions or use another `model_dir`') from None
+
+
+def check_export_dir(export_dir: str) -> None:
+  """Exports never overwrite: the directory must be new or empty.
+
+  Raises:
+    ConfigError: it holds files.
+  """
+  if tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir):
+    raise ConfigError('export_dir', f'expected a new or empty directory, '
+                      f'{export_dir} is not empty (exports never overwrite)')
 
 
 def read_config(model_dir: str) -> Optional[dict]:
@@ -75,8 +87,8 @@ def read_config(model_dir: str) -> Optional[dict]:
   try:
     return json.loads(text)
   except ValueError as e:
-    raise ConfigError(f'--model_dir: {path} is not valid JSON ({e}); '
-                      'restore the file or use a new --model_dir') from None
+    raise ConfigError('model_dir', f'{path} is not valid JSON ({e}); '
+                      'restore the file or use a new `model_dir`') from None
 
 
 def check_resumable(cfg: ExperimentConfig) -> None:
@@ -88,19 +100,18 @@ def check_resumable(cfg: ExperimentConfig) -> None:
   previous = read_config(cfg.train.model_dir)
   if previous is None:
     return
-  old_model = previous.get('model', {})
-  new_model = json.loads(cfg.to_json())['model']
-  # In declaration order (name first).
-  changed = [k for k in new_model
-             if k in old_model and k not in _RESUMABLE_MODEL_FIELDS
-             and old_model[k] != new_model[k]]
+  old = settings_from_dict(previous)
+  new = cfg.to_settings()
+  # In declaration order (model_name first).
+  changed = [s.name for s in ModelConfig.settings()
+             if s.name in old and s.name not in _RESUMABLE_MODEL_FIELDS
+             and old[s.name] != new[s.name]]
   if changed:
     k = changed[0]
     raise ConfigError(
-        f'--model_dir: {cfg.train.model_dir} holds a run with model '
-        f'{k}={old_model.get(k)!r}, this run asks for {new_model[k]!r}; '
-        'use a new --model_dir (existing runs are resumed, never '
-        'overwritten)')
+        'model_dir', f'{cfg.train.model_dir} holds a run with '
+        f'{k}={old[k]!r}, this run asks for {new[k]!r}; use a new '
+        '`model_dir` (existing runs are resumed, never overwritten)')
 
 
 def write_config(cfg: ExperimentConfig, step: int) -> str:

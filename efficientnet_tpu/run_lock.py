@@ -143,7 +143,7 @@ class ModelDirLock:
         self.mode = 'marker'
         self._acquire_marker()
       except OSError as e:
-        raise ConfigError(f'--model_dir: cannot lock {self.path} ({e}); '
+        raise ConfigError('model_dir', f'cannot lock {self.path} ({e}); '
                           'check the permissions of model_dir') from None
     else:
       self._acquire_marker()
@@ -185,9 +185,9 @@ class ModelDirLock:
 
   def _in_use(self, holder: Optional[dict], extra: str = '') -> ConfigError:
     return ConfigError(
-        f'--model_dir: {self.model_dir} is in use by another training run '
+        'model_dir', f'{self.model_dir} is in use by another training run '
         f'({_describe(holder)}{extra}); wait for it to finish or stop it, '
-        'or use another --model_dir')
+        'or use another `model_dir`')
 
   # ---- flock (local paths) -----------------------------------------------
   def _acquire_flock(self) -> None:

@@ -43,26 +43,9 @@ import numpy as np
 import tensorflow as tf
 
 from efficientnet_tpu import fileio
-from efficientnet_tpu.config import ConfigError, OptimizerConfig
+from efficientnet_tpu.config import ExperimentConfig, ScheduleConfig
 
 _PACKAGE = 'efficientnet_tpu'
-
-
-def peak_learning_rate(opt_cfg: OptimizerConfig,
-                       train_batch_size: int) -> float:
-  """The LR reached at the end of warmup.
-
-  `lr_scaling='linear'`: base_learning_rate * train_batch_size / 256 (the
-  EfficientNet convention: 0.016 per 256 images, 0.256 at 4096).
-  `lr_scaling='none'`: base_learning_rate is the absolute peak (LARS recipes
-  quote the peak directly, e.g. 25.0 at batch 16384).
-  """
-  if opt_cfg.lr_scaling == 'linear':
-    return opt_cfg.base_learning_rate * train_batch_size / 256.0
-  if opt_cfg.lr_scaling == 'none':
-    return float(opt_cfg.base_learning_rate)
-  raise ConfigError(f"--lr_scaling: expected one of linear, none, got "
-                    f"{opt_cfg.lr_scaling!r}")
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -188,86 +171,46 @@ class WarmupConstant(WarmupSchedule):
     return tf.fill(tf.shape(step), self.peak_learning_rate)
 
 
-def _validate(opt_cfg: OptimizerConfig, train_batch_size: int,
-              steps_per_epoch: float, total_steps: int) -> None:
-  """All schedule checks, each a single-line ConfigError naming the flag."""
-  if train_batch_size < 1:
-    raise ConfigError(f'--train_batch_size: expected an integer >= 1, got '
-                      f'{train_batch_size!r}')
-  if not steps_per_epoch > 0:
-    raise ConfigError('--num_train_images/--train_batch_size: expected a '
-                      f'positive number of steps per epoch, got '
-                      f'{steps_per_epoch!r}')
-  if total_steps < 1:
-    raise ConfigError('--train_steps/--train_epochs: expected at least 1 '
-                      f'training step, got {total_steps!r}')
-  if not opt_cfg.base_learning_rate > 0:
-    raise ConfigError(f'--base_learning_rate: expected a value > 0, got '
-                      f'{opt_cfg.base_learning_rate!r}')
-  peak = peak_learning_rate(opt_cfg, train_batch_size)
-  train_epochs = total_steps / steps_per_epoch
-  warmup_steps = int(opt_cfg.lr_warmup_epochs * steps_per_epoch)
-  if opt_cfg.lr_warmup_epochs < 0:
-    raise ConfigError(f'--lr_warmup_epochs: expected a value >= 0, got '
-                      f'{opt_cfg.lr_warmup_epochs!r}')
-  if opt_cfg.lr_warmup_epochs >= train_epochs or warmup_steps >= total_steps:
-    raise ConfigError(
-        f'--lr_warmup_epochs: expected fewer than the {train_epochs:g} '
-        f'training epochs ({total_steps} steps of {steps_per_epoch:g} per '
-        f'epoch; see --train_epochs/--train_steps), got '
-        f'{opt_cfg.lr_warmup_epochs!r}')
-  if opt_cfg.lr_schedule in ('poly', 'cosine'):
-    if not 0 <= opt_cfg.end_learning_rate <= peak:
-      raise ConfigError(
-          f'--end_learning_rate: expected a value in [0, {peak:g}] (the peak '
-          f'learning rate), got {opt_cfg.end_learning_rate!r}')
-  if opt_cfg.lr_schedule == 'poly' and not opt_cfg.poly_power > 0:
-    raise ConfigError(f'--poly_power: expected a value > 0, got '
-                      f'{opt_cfg.poly_power!r}')
-  if opt_cfg.lr_schedule == 'exponential':
-    if not opt_cfg.lr_decay_epochs > 0:
-      raise ConfigError(f'--lr_decay_epochs: expected a value > 0, got '
-                        f'{opt_cfg.lr_decay_epochs!r}')
-    if not 0 < opt_cfg.lr_decay_factor <= 1:
-      raise ConfigError(f'--lr_decay_factor: expected a value in (0, 1], got '
-                        f'{opt_cfg.lr_decay_factor!r}')
-
-
 def build_learning_rate_schedule(
-    opt_cfg: OptimizerConfig, train_batch_size: int, steps_per_epoch: float,
+    sched: ScheduleConfig, train_batch_size: int, steps_per_epoch: float,
     total_steps: int) -> WarmupSchedule:
-  """The schedule `opt_cfg.lr_schedule` asks for, after validation.
+  """The schedule `sched.lr_schedule` asks for.
+
+  The settings are checked by the config (`ExperimentConfig` also checks
+  warmup and end LR against the run's length and peak).
 
   Args:
-    opt_cfg: optimizer section of the experiment config.
+    sched: learning-rate settings of the experiment config.
     train_batch_size: global batch size (all replicas).
     steps_per_epoch: num_train_images / train_batch_size (a float).
     total_steps: number of optimizer updates in the whole run.
-
-  Raises:
-    ConfigError: single-line message naming the offending flag.
   """
-  _validate(opt_cfg, train_batch_size, steps_per_epoch, total_steps)
-  peak = peak_learning_rate(opt_cfg, train_batch_size)
-  warmup_steps = int(opt_cfg.lr_warmup_epochs * steps_per_epoch)
-  common = dict(peak_learning_rate=peak, warmup_steps=warmup_steps,
+  common = dict(peak_learning_rate=sched.peak_learning_rate(train_batch_size),
+                warmup_steps=sched.warmup_steps(steps_per_epoch),
                 total_steps=total_steps)
-  kind = opt_cfg.lr_schedule
+  kind = sched.lr_schedule
   if kind == 'poly':
     return WarmupPolynomialDecay(
-        end_learning_rate=opt_cfg.end_learning_rate,
-        power=opt_cfg.poly_power, **common)
+        end_learning_rate=sched.end_learning_rate,
+        power=sched.poly_power, **common)
   if kind == 'cosine':
-    return WarmupCosineDecay(end_learning_rate=opt_cfg.end_learning_rate,
+    return WarmupCosineDecay(end_learning_rate=sched.end_learning_rate,
                              **common)
   if kind == 'exponential':
     return WarmupExponentialDecay(
-        decay_steps=opt_cfg.lr_decay_epochs * steps_per_epoch,
-        decay_factor=opt_cfg.lr_decay_factor, staircase=True, **common)
+        decay_steps=sched.lr_decay_epochs * steps_per_epoch,
+        decay_factor=sched.lr_decay_factor, staircase=True, **common)
   if kind == 'constant':
     return WarmupConstant(**common)
-  raise ConfigError(f'--lr_schedule: expected one of poly, exponential, '
-                    f'cosine, constant, got {kind!r}')
+  raise ValueError(f'lr_schedule: expected one of poly, exponential, '
+                   f'cosine, constant, got {kind!r}')
+
+
+def for_experiment(cfg: ExperimentConfig) -> WarmupSchedule:
+  """The schedule of a whole run."""
+  return build_learning_rate_schedule(
+      cfg.optimizer.schedule, cfg.train.train_batch_size, cfg.steps_per_epoch,
+      cfg.total_train_steps)
 
 
 def _lr_at(schedule, steps) -> np.ndarray:
@@ -275,10 +218,10 @@ def _lr_at(schedule, steps) -> np.ndarray:
                     np.float64)
 
 
-def describe_schedule(opt_cfg: OptimizerConfig, train_batch_size: int,
+def describe_schedule(sched: ScheduleConfig, train_batch_size: int,
                       steps_per_epoch: float, total_steps: int) -> Dict:
   """A JSON-friendly summary of the schedule (for --dry_run and logs)."""
-  schedule = build_learning_rate_schedule(opt_cfg, train_batch_size,
+  schedule = build_learning_rate_schedule(sched, train_batch_size,
                                           steps_per_epoch, total_steps)
   points = {
       'start': 0,
@@ -290,8 +233,7 @@ def describe_schedule(opt_cfg: OptimizerConfig, train_batch_size: int,
   }
   values = _lr_at(schedule, list(points.values()))
   return {
-      'lr_schedule': opt_cfg.lr_schedule,
-      'optimizer': opt_cfg.optimizer,
+      'lr_schedule': sched.lr_schedule,
       'train_batch_size': train_batch_size,
       'steps_per_epoch': float(steps_per_epoch),
       'total_steps': int(total_steps),

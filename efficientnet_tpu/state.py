@@ -76,9 +76,7 @@ def build_model_state(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
   """
   with strategy.scope():
     model = model_lib.build_model(cfg.model, bn_group_size=bn_group_size)
-    learning_rate = schedules.build_learning_rate_schedule(
-        cfg.optimizer, cfg.train.train_batch_size, cfg.steps_per_epoch,
-        cfg.total_train_steps)
+    learning_rate = schedules.for_experiment(cfg)
     optimizer = optimizers.build_optimizer(cfg.optimizer, learning_rate)
     # Built before tracing: a Keras 3 optimizer must not create its slot
     # variables inside the replicated tf.function.

@@ -29,15 +29,17 @@ def small_config(model_dir, num_replicas: int = 1,
   Args:
     model_dir: TrainConfig.model_dir (str or path-like).
     num_replicas: logical CPU replicas (DistributeConfig.num_cpu_replicas).
-    **overrides: per-section field values on top of the defaults, as dicts
-      keyed by section: model=, data=, optimizer=, distribute=, train=
-      (e.g. `train=dict(train_steps=60)`).
+    **overrides: setting values on top of the defaults, as dicts keyed by
+      section: model=, data=, optimizer= (schedule and per-optimizer
+      settings included), distribute=, train= (e.g.
+      `train=dict(train_steps=60)`).
 
   Returns:
     An ExperimentConfig (validated by its sections' constructors).
 
   Raises:
-    TypeError: an override names no section.
+    TypeError: an override names no section, or a setting its section
+      lacks.
   """
   unknown = set(overrides) - set(_SECTIONS)
   if unknown:
@@ -45,8 +47,8 @@ def small_config(model_dir, num_replicas: int = 1,
                     f'{sorted(_SECTIONS)}, got {sorted(unknown)}')
   fields = {
       'model': dict(width_coefficient=0.1, depth_coefficient=0.1,
-                    image_size=16, num_classes=5, dropout_rate=0.0,
-                    stochastic_depth_rate=0.0, bn_momentum=0.9),
+                    image_size=16, num_label_classes=5, dropout_rate=0.0,
+                    stochastic_depth_rate=0.0, batch_norm_momentum=0.9),
       'data': dict(num_train_images=512, num_eval_images=75),
       'optimizer': dict(optimizer='momentum', base_learning_rate=0.1,
                         lr_scaling='none', lr_schedule='constant',
@@ -57,6 +59,12 @@ def small_config(model_dir, num_replicas: int = 1,
                     eval_batch_size=16, train_steps=4, iterations_per_loop=2),
   }
   for section, values in overrides.items():
+    unknown = set(values) - _SECTIONS[section].setting_names()
+    if unknown:
+      raise TypeError(f'small_config: {section} has no settings named '
+                      f'{sorted(unknown)}')
     fields[section].update(values)
-  return config_lib.ExperimentConfig(
-      **{section: cls(**fields[section]) for section, cls in _SECTIONS.items()})
+  settings = {}
+  for values in fields.values():
+    settings.update(values)
+  return config_lib.ExperimentConfig.from_settings(**settings)

@@ -21,7 +21,6 @@ from typing import Callable, Dict, Optional
 from absl import logging
 import tensorflow as tf
 
-from efficientnet_tpu import collectives
 from efficientnet_tpu import distribute
 from efficientnet_tpu import losses
 from efficientnet_tpu import optimizers
@@ -38,9 +37,13 @@ def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
 
   Raises the same one-line ConfigErrors a run on that many replicas would.
   """
-  cfg.validate_for_replicas(num_replicas)
+  g = cfg.validate_for_replicas(num_replicas)
   per_replica = cfg.train.train_batch_size // num_replicas
-  g = collectives.resolve_bn_group_size(cfg.model, num_replicas, per_replica)
+  target = cfg.model.bn_group_batch_size
+  if target is not None and g * per_replica != target:
+    logging.info('bn_group_batch_size %d: %d replica(s) of %d images per BN '
+                 'group (%d images%s) on %d replicas.', target, g, per_replica,
+                 g * per_replica, ', local BN' if g == 1 else '', num_replicas)
   return {
       'per_replica_train_batch': per_replica,
       'per_replica_eval_batch': cfg.train.eval_batch_size // num_replicas,
@@ -58,7 +61,7 @@ def check_num_replicas(cfg: ExperimentConfig,
   actual = strategy.num_replicas_in_sync
   expected = cfg.distribute.num_replicas
   if expected and expected != actual:
-    raise ConfigError(f'--num_replicas: expected {actual} (the replicas of '
+    raise ConfigError('num_replicas', f'expected {actual} (the replicas of '
                       f'this {type(strategy).__name__}), got {expected}')
   return replica_plan(cfg, actual)
 
@@ -202,7 +205,7 @@ class Trainer:
     with tf.GradientTape() as tape:
       logits = self.model(self.normalize(images), training=True)
       per_example = losses.smoothed_cross_entropy(
-          labels, logits, cfg.model.num_classes,
+          labels, logits, cfg.model.num_label_classes,
           cfg.optimizer.label_smoothing)
       loss = tf.reduce_sum(per_example) / cfg.train.train_batch_size
       # Gradients are summed over replicas: each adds 1/R of the L2 term.

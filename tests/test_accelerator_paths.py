@@ -48,11 +48,12 @@ def _gpu_mirrored(n):
 
 
 @pytest.mark.parametrize('n,bf16,jit', [
-    (1, False, None), (2, False, None), (1, True, None), (2, True, None),
-    (1, False, True)])
+    (1, False, 'auto'), (2, False, 'auto'), (1, True, 'auto'),
+    (2, True, 'auto'),
+    (1, False, 'true')])
 def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
     tmp_path, n, bf16, jit):
-  """Default GPU flags (jit None = auto) and --jit_compile=true (two
+  """Default GPU flags (jit auto) and --jit_compile=true (two
   replicas with XLA: the chief + worker test below; CPU XLA compiles
   slowly)."""
   overrides = dict(model=dict(use_bfloat16=bf16),
@@ -66,7 +67,7 @@ def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
   with forced_gpu_path():
     strategy = _gpu_mirrored(n)
     trainer, _, metrics = _train_and_eval(cfg, strategy, initial)
-    assert trainer.jit_compile == bool(jit)
+    assert trainer.jit_compile == (jit == 'true')
     assert trainer.global_step == 4
     update = max(np.abs(a - b).max() for a, b in zip(_weights(ref), initial))
     mismatch = max(np.abs(a - b).max()
@@ -115,20 +116,20 @@ def test_whole_step_under_xla_is_what_fails_on_the_gpu_path(tmp_path):
 def test_jit_compile_policy_per_strategy():
   with forced_gpu_path():
     gpu = _gpu_mirrored(2)
-    assert not distribute.resolve_jit_compile(gpu, None)  # auto: off
-    assert distribute.resolve_jit_compile(gpu, True)
+    assert not distribute.resolve_jit_compile(gpu, 'auto')  # auto: off
+    assert distribute.resolve_jit_compile(gpu, 'true')
   cpu2 = cpu_replicas(2)
-  assert not distribute.resolve_jit_compile(cpu2, None)
-  with pytest.raises(ConfigError, match='^--jit_compile: .*2 CPU replicas.*'
-                     'use --jit_compile=auto'):
-    distribute.resolve_jit_compile(cpu2, True)
-  assert distribute.resolve_jit_compile(cpu_replicas(1), True)
+  assert not distribute.resolve_jit_compile(cpu2, 'auto')
+  with pytest.raises(ConfigError, match='^jit_compile: .*2 CPU replicas.*'
+                     'use `jit_compile=auto`'):
+    distribute.resolve_jit_compile(cpu2, 'true')
+  assert distribute.resolve_jit_compile(cpu_replicas(1), 'true')
   with mock.patch.object(distribute, 'is_tpu', lambda s=None: True):
     # TPUStrategy compiles the whole loop: nothing is compiled twice.
-    assert not distribute.resolve_jit_compile(cpu2, None)
-    assert not distribute.resolve_jit_compile(cpu2, True)
-    with pytest.raises(ConfigError, match='^--jit_compile: TPUs always'):
-      distribute.resolve_jit_compile(cpu2, False)
+    assert not distribute.resolve_jit_compile(cpu2, 'auto')
+    assert not distribute.resolve_jit_compile(cpu2, 'true')
+    with pytest.raises(ConfigError, match='^jit_compile: TPUs always'):
+      distribute.resolve_jit_compile(cpu2, 'false')
 
 
 def test_is_tpu_checks_the_strategy_not_the_devices():

@@ -31,7 +31,7 @@ def _write(path, payloads_and_labels):
 def _train(d, n_batches, batch=4, **kw):
   """Runs a skip_corrupt training pipeline for n_batches; returns it."""
   kw.setdefault('skip_corrupt', True)
-  cfg = DataConfig(source='tfrecord', data_dir=str(d), shuffle_buffer=8,
+  cfg = DataConfig(data='tfrecord', data_dir=str(d), shuffle_buffer=8,
                    num_train_images=100, **kw)
   fn = data_pipeline.build_input_fn(cfg, SIZE, True, batch, num_classes=5)
   for _ in fn(None).take(n_batches):

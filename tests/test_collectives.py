@@ -21,7 +21,7 @@ def test_group_assignment_is_contiguous():
                                                 [6, 7]]
   assert collectives.group_assignment(8, 8) == [list(range(8))]
   assert collectives.group_assignment(4, 1) == [[0], [1], [2], [3]]
-  with pytest.raises(ConfigError, match='--bn_group_size'):
+  with pytest.raises(ValueError, match='group_size'):
     collectives.group_assignment(8, 3)
 
 
@@ -119,8 +119,7 @@ def test_grouped_sum_needs_replica_context(strategy):
     ({'bn_group_batch_size': 128}, 10, 32, 2),
 ])
 def test_resolve_bn_group_size(kwargs, replicas, batch, want):
-  got = collectives.resolve_bn_group_size(ModelConfig(**kwargs), replicas,
-                                          batch)
+  got = ModelConfig(**kwargs).resolve_bn_group_size(replicas, batch)
   assert got == want
   target = kwargs.get('bn_group_batch_size')
   if target:  # Brute force: the largest divisor within the target batch.
@@ -130,10 +129,10 @@ def test_resolve_bn_group_size(kwargs, replicas, batch, want):
 
 
 @pytest.mark.parametrize('kwargs,replicas,batch,flag', [
-    ({'bn_group_size': 3}, 8, 4, '--bn_group_size'),
-    ({'bn_group_size': 16}, 8, 4, '--bn_group_size'),
+    ({'bn_group_size': 3}, 8, 4, 'bn_group_size'),
+    ({'bn_group_size': 16}, 8, 4, 'bn_group_size'),
 ])
 def test_resolve_bn_group_size_errors(kwargs, replicas, batch, flag):
   with pytest.raises(ConfigError, match=flag) as e:
-    collectives.resolve_bn_group_size(ModelConfig(**kwargs), replicas, batch)
+    ModelConfig(**kwargs).resolve_bn_group_size(replicas, batch)
   assert '\n' not in str(e.value)

@@ -25,8 +25,8 @@ def test_lars_large_batch_learns_digits(tmp_path):
                                                          size=32)
   cfg = small_config(
       tmp_path / 'run',
-      model=dict(width_coefficient=0.25, image_size=32, num_classes=10),
-      data=dict(source='tfrecord', data_dir=data_dir,
+      model=dict(width_coefficient=0.25, image_size=32, num_label_classes=10),
+      data=dict(data='tfrecord', data_dir=data_dir,
                 num_train_images=num_train, num_eval_images=num_eval),
       optimizer=dict(optimizer='lars', base_learning_rate=3.0,
                      lr_schedule='poly', lr_warmup_epochs=2.0,

@@ -73,7 +73,7 @@ def test_bad_frame_is_one_line_naming_the_file(raw_files, damage, problem):
   with pytest.raises(ConfigError) as e:
     tfrecord.count_records(files)
   message = str(e.value)
-  assert message.startswith(f'--data_dir: {bad}: ') and '\n' not in message
+  assert message.startswith(f'data_dir: {bad}: ') and '\n' not in message
   assert problem in message, message
 
 
@@ -134,22 +134,22 @@ def test_tfds_uses_the_split_info(tmp_path, monkeypatch):
   builder = types.SimpleNamespace(info=info)
   monkeypatch.setattr(tfds_source, 'load_builder',
                       lambda cfg: (None, builder))
-  cfg = DataConfig(source='tfds:fake', data_dir=str(tmp_path),
+  cfg = DataConfig(data='tfds:fake', data_dir=str(tmp_path),
                    num_eval_images=10)
   data_pipeline.check_data_files(cfg, 'eval')
-  cfg = DataConfig(source='tfds:fake', data_dir=str(tmp_path),
+  cfg = DataConfig(data='tfds:fake', data_dir=str(tmp_path),
                    num_eval_images=11)
   data_pipeline.check_data_files(cfg, 'train')
-  with pytest.raises(ConfigError, match=r"^--num_eval_images: 11 requested "
+  with pytest.raises(ConfigError, match=r"^num_eval_images: 11 requested "
                      r"but the eval split has 10 records \(split "
-                     r"'validation' of tfds:fake .*set --num_eval_images=10 "
+                     r"'validation' of tfds:fake .*set `num_eval_images=10` "
                      r"or less$"):
     data_pipeline.check_data_files(cfg, 'train_and_eval')
 
 
 def test_synthetic_has_nothing_to_count():
   data_pipeline.check_data_files(
-      DataConfig(source='synthetic', num_eval_images=10**9), 'eval')
+      DataConfig(data='synthetic', num_eval_images=10**9), 'eval')
 
 
 @pytest.fixture

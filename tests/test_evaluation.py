@@ -16,7 +16,7 @@ def _single_device_metrics(trainer):
   """Top-1/top-5 of the model over every eval image, one device, numpy."""
   cfg = trainer.cfg
   n = cfg.data.num_eval_images
-  input_fn = data_pipeline.make_input_fn(cfg.data, cfg.model.num_classes,
+  input_fn = data_pipeline.make_input_fn(cfg.data, cfg.model.num_label_classes,
                                          cfg.model.image_size, False, n)
   batch = next(iter(input_fn(tf.distribute.InputContext())))
   assert batch['mask'].numpy().sum() == n
@@ -35,7 +35,7 @@ def test_eight_replica_eval_is_exact_for_uneven_sizes(tmp_path):
   cfg = small_config(tmp_path, num_replicas=8,
                      data=dict(num_eval_images=75),
                      train=dict(eval_batch_size=16),
-                     model=dict(num_classes=10))
+                     model=dict(num_label_classes=10))
   trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   # Move BN statistics off their initial values so predictions vary.
   for layer in trainer.model.layers:

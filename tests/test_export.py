@@ -196,6 +196,6 @@ def test_export_never_overwrites(tmp_path):
   target = tmp_path / 'export'
   target.mkdir()
   (target / 'mine.txt').write_text('keep')
-  with pytest.raises(ConfigError, match='--export_dir'):
+  with pytest.raises(ConfigError, match='export_dir'):
     experiment.export_model(trainer.cfg, trainer.state, str(target))
   assert (target / 'mine.txt').read_text() == 'keep'

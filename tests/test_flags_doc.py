@@ -1,43 +1,32 @@
 """Tests for efficientnet_tpu/tools/gen_flags_doc.py and docs/flags.md.
 
 The committed docs/flags.md must equal the generated text, so the flag
-reference never drifts from main.py. The content is checked against main.py's
-source read independently here (with `ast`): every flag once, under its
-section comment, with its literal default and enum values.
+reference never drifts from the settings. Its content is checked against
+absl's own registry of the flags main.py defined (name, default, enum values,
+help) and against the sections of the config dataclasses.
 """
 
-import ast
+import dataclasses
 import pathlib
 import re
 import subprocess
 import sys
 
+from absl import flags
 import pytest
 
 from efficientnet_tpu import config as config_lib
+from efficientnet_tpu import main as main_lib
 from efficientnet_tpu.tools import gen_flags_doc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOC = REPO / 'docs' / 'flags.md'
-MAIN = REPO / 'efficientnet_tpu' / 'main.py'
 
 
-def _defines():
-  """(name, line, default node) of every flags.DEFINE_* call in main.py."""
-  tree = ast.parse(MAIN.read_text())
-  out = []
-  for node in ast.walk(tree):
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-        and node.func.attr.startswith('DEFINE_')):
-      out.append((ast.literal_eval(node.args[0]), node.lineno, node.args[1]))
-  return sorted(out, key=lambda d: d[1])
-
-
-def _sections():
-  """(line, title) of the '# ---- name ----' comments in main.py."""
-  return [(i + 1, m.group(1))
-          for i, line in enumerate(MAIN.read_text().splitlines())
-          for m in [re.match(r'# -+ (\w[\w ]*?) -+$', line)] if m]
+def _registered():
+  """{name: absl Flag} of the flags efficientnet_tpu.main defined."""
+  return {f.name: f for f in
+          flags.FLAGS.get_flags_for_module('efficientnet_tpu.main')}
 
 
 def _cells(row):
@@ -68,51 +57,73 @@ def test_committed_doc_matches_generated_text():
 
 def test_every_flag_of_main_is_documented_once():
   rows = _doc_rows()
-  assert set(rows) == {name for name, _, _ in _defines()}
+  assert set(rows) == set(_registered())
   for _, cells in rows.values():
     assert len(cells) == 4, cells  # flag, type, default, description
 
 
-def test_flags_are_grouped_under_their_section_comment():
-  sections = _sections()
-  assert [s for _, s in sections] == ['cluster', 'data', 'model',
-                                      'optimization', 'loop']
-  rows = _doc_rows()
-  for name, line, _ in _defines():
-    section = [title for start, title in sections if start < line][-1]
-    assert rows[name][0] == section.capitalize(), name
+def _section_titles(cls):
+  """Section titles in field order, walking the dataclasses directly."""
+  titles = [cls.TITLE] if cls.TITLE else []
+  for f in dataclasses.fields(cls):
+    sub = f.metadata.get('section')
+    if sub is not None:
+      titles += [t for t in _section_titles(sub) if t not in titles]
+  return titles
+
+
+def test_flags_are_grouped_by_the_config_section_they_belong_to():
   headings = [l[3:] for l in DOC.read_text().splitlines()
               if l.startswith('## ')]
-  assert headings == [s.capitalize() for _, s in sections]
-
-
-def test_literal_defaults_and_enum_values():
+  assert headings == _section_titles(config_lib.ExperimentConfig) + ['Run']
   rows = _doc_rows()
-  checked = 0
-  for name, _, node in _defines():
-    try:
-      value = ast.literal_eval(node)
-    except ValueError:
-      continue  # Defaults from config constants: checked below.
+  for title, cls in [('Model', config_lib.ModelConfig),
+                     ('Optimizer: LARS', config_lib.LarsConfig),
+                     ('Learning-rate schedule', config_lib.ScheduleConfig)]:
+    names = [f.name for f in dataclasses.fields(cls) if f.metadata['flag']]
+    assert names and all(rows[n][0] == title for n in names), title
+  # Settings that code alone sets have no flag.
+  assert 'synthetic_learnable' not in rows and 'depth_divisor' not in rows
+
+
+def test_defaults_enum_values_and_help_match_absl():
+  rows = _doc_rows()
+  for name, flag in _registered().items():
+    cells = rows[name][1]
+    value = flag.default
     if value is None:
       expected = '*unset*'
     elif isinstance(value, bool):
       expected = f'`{str(value).lower()}`'
+    elif isinstance(value, list):
+      expected = '`' + ','.join(value) + '`'
     else:
       expected = f'`{value}`'
-    assert rows[name][1][2] == expected, name
-    checked += 1
-  assert checked > 40
-  model_type = rows['model_name'][1][1]
-  assert model_type == 'enum: ' + ', '.join(
+    assert cells[2] == expected, name
+    if isinstance(flag.parser, flags.EnumParser):
+      assert cells[1] == 'enum: ' + ', '.join(
+          f'`{v}`' for v in flag.parser.enum_values), name
+    assert ' '.join(flag.help.split()).endswith(cells[3].split('>: ')[-1])
+  assert rows['model_name'][1][1] == 'enum: ' + ', '.join(
       f'`{m}`' for m in config_lib.MODEL_TABLE)
-  assert rows['strategy'][1][1] == 'enum: ' + ', '.join(
-      f'`{s}`' for s in config_lib.STRATEGIES)
   # A list default with regex pipes survives the table escaping.
   assert rows['weight_decay_exclude'][1][2] == (
       '`' + ','.join(config_lib.DEFAULT_WEIGHT_DECAY_EXCLUDE) + '`')
   assert rows['use_bfloat16'][1][1] == 'bool'
   assert rows['train_batch_size'][1][1] == 'int'
+
+
+def test_help_lists_the_projects_flags_by_section(capsys, monkeypatch):
+  monkeypatch.setattr(sys, 'argv', ['efficientnet-tpu-train', '--helpshort'])
+  with pytest.raises(SystemExit) as e:
+    main_lib.run()
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  listed = re.findall(r'^  --(\w+):', out, flags=re.M)
+  assert listed == [n for n in _doc_rows()]  # Every flag, docs' order.
+  titles = re.findall(r'^(\S.*):$', out, flags=re.M)
+  assert titles == _section_titles(config_lib.ExperimentConfig) + ['Run']
+  assert '--logtostderr' not in out and 'absl' not in out.split('Also')[0]
 
 
 def _run_cli(*args):

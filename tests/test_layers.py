@@ -178,11 +178,12 @@ def test_moving_stats_are_replica_local_until_synchronized(strategy):
   rng = np.random.default_rng(3)
   x = _data(rng)
   with strategy.scope():
-    ours = layers.make_batch_norm(ModelConfig(bn_momentum=MOMENTUM), 1, 'bn2')
+    ours = layers.make_batch_norm(
+        ModelConfig(batch_norm_momentum=MOMENTUM), 1, 'bn2')
     ours.build((None,) + SHAPE[1:])
     # The benchmarks' variant: moving statistics all-reduced every step.
-    per_step = bn_variants.group_step_sync(ModelConfig(bn_momentum=MOMENTUM),
-                                           1, 'bn3')
+    per_step = bn_variants.group_step_sync(
+        ModelConfig(batch_norm_momentum=MOMENTUM), 1, 'bn3')
     per_step.build((None,) + SHAPE[1:])
   assert isinstance(ours, layers.GroupSyncBatchNormalization)
 
@@ -267,7 +268,8 @@ def test_group_size_must_divide_replicas(strategy):
 
 
 def test_factory_settings_and_benchmark_variants():
-  cfg = ModelConfig(bn_momentum=0.95, bn_epsilon=1e-4, use_bfloat16=True)
+  cfg = ModelConfig(batch_norm_momentum=0.95, batch_norm_epsilon=1e-4,
+                    use_bfloat16=True)
   bn = layers.make_batch_norm(cfg, 4, 'x')
   assert isinstance(bn, layers.GroupSyncBatchNormalization)
   assert (bn.group_size, bn.momentum, bn.epsilon) == (4, 0.95, 1e-4)
@@ -282,7 +284,7 @@ def test_factory_settings_and_benchmark_variants():
 
 def test_build_model_takes_every_bn_layer_from_batch_norm_fn():
   cfg = ModelConfig(width_coefficient=0.25, depth_coefficient=0.1,
-                    image_size=32, num_classes=10)
+                    image_size=32, num_label_classes=10)
 
   def bn_types(model):
     return [type(l) for l in model.layers if l.name.endswith('bn')]

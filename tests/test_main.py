@@ -81,7 +81,7 @@ def test_existing_run_of_another_model_is_never_overwritten(tmp_path, capsys):
   (model_dir / 'config.json').write_text(json.dumps(old))
   rc, out = _run(capsys, f'--model_dir={model_dir}')
   assert rc == 2
-  assert "holds a run with model name='efficientnet-b3'" in out.err
+  assert "holds a run with model_name='efficientnet-b3'" in out.err
   assert json.loads((model_dir / 'config.json').read_text()) == old
 
 
@@ -118,19 +118,23 @@ def test_data_defaults_to_tfrecord_with_data_dir():
   FLAGS(['efficientnet-tpu-train', '--data_dir=gs://b/imagenet',
          '--model_dir=/tmp/x', '--num_label_classes=1001'])
   cfg = main_lib.config_from_flags(FLAGS)
-  assert cfg.data.source == 'tfrecord'
+  assert cfg.data.data == 'tfrecord'
   assert cfg.data.include_background_label
 
 
 PRESETS = presets.DIRECTORY
 
 
-def _preset_config(name, *extra):
+def _parse_preset(name, *extra):
   """Parses a preset like the command line (synthetic data, no TPU yet)."""
   FLAGS.unparse_flags()
   FLAGS(['efficientnet-tpu-train',
          f'--flagfile={os.path.join(PRESETS, name)}', '--model_dir=/tmp/x',
          '--data=synthetic', '--tpu=local', *extra])
+
+
+def _preset_config(name, *extra):
+  _parse_preset(name, *extra)
   return main_lib.config_from_flags(FLAGS)
 
 
@@ -143,7 +147,7 @@ def test_every_preset_resolves_on_8_32_and_1024_replicas(name, replicas):
   batch, eval_batch = cfg.train.train_batch_size, cfg.train.eval_batch_size
   if batch % replicas or eval_batch % replicas:
     with pytest.raises(main_lib.config_lib.ConfigError,
-                       match='^--(eval|train)_batch_size: expected a '
+                       match='^(eval|train)_batch_size: expected a '
                              'multiple of the number of replicas'):
       train_lib.replica_plan(cfg, replicas)
     return
@@ -164,15 +168,15 @@ def test_every_preset_resolves_on_8_32_and_1024_replicas(name, replicas):
 def test_dry_run_for_a_slice_prints_its_plan_or_the_runs_error(tmp_path,
                                                                 capsys):
   preset = 'efficientnet-b5-lars-65536.cfg'
-  _preset_config(preset, f'--model_dir={tmp_path}', '--dry_run',
-                 '--num_replicas=1024')
+  _parse_preset(preset, f'--model_dir={tmp_path}', '--dry_run',
+                '--num_replicas=1024')
   assert main_lib.main(['efficientnet-tpu-train']) == 0
   out = capsys.readouterr().out
   for line in ('per_replica_train_batch: 64', 'bn_group_size: 2',
                'bn_groups: 512', 'bn_group_batch: 128', 'total_steps: 6842'):
     assert line in out, out[-1500:]
-  _preset_config(preset, f'--model_dir={tmp_path}', '--dry_run',
-                 '--num_replicas=48')
+  _parse_preset(preset, f'--model_dir={tmp_path}', '--dry_run',
+                '--num_replicas=48')
   assert main_lib.main(['efficientnet-tpu-train']) == 2
   err = capsys.readouterr().err
   assert err.startswith('error: --train_batch_size: expected a multiple of '

@@ -29,7 +29,7 @@ KERAS_APPS = {
 
 def _tiny(**kwargs):
   defaults = dict(width_coefficient=0.25, depth_coefficient=0.1,
-                  image_size=32, num_classes=10)
+                  image_size=32, num_label_classes=10)
   defaults.update(kwargs)
   return ModelConfig(**defaults)
 
@@ -44,16 +44,19 @@ def _blocks(model):
     n if n < 'efficientnet-b4' else pytest.param(n, marks=pytest.mark.slow)
     for n in sorted(KERAS_APPS)])
 def test_param_count_matches_keras_applications(name):
-  ours = model_lib.build_model(ModelConfig(name=name)).count_params()
+  ours = model_lib.build_model(ModelConfig(model_name=name)).count_params()
   theirs = KERAS_APPS[name](weights=None, classes=1000).count_params()
   keras.backend.clear_session()
   assert abs(ours - theirs) / theirs < 0.005, (ours, theirs)
 
 
 def test_model_scaling_table():
-  assert model_lib.model_scaling('efficientnet-b4') == (1.4, 1.8, 380, 0.4)
-  with pytest.raises(ConfigError, match='--model_name'):
-    model_lib.model_scaling('efficientnet-b9')
+  # Table 1 of the paper's code (tensorflow/tpu efficientnet_builder.py).
+  b4 = ModelConfig(model_name='efficientnet-b4')
+  assert (b4.width_coefficient, b4.depth_coefficient, b4.image_size,
+          b4.dropout_rate) == (1.4, 1.8, 380, 0.4)
+  with pytest.raises(ConfigError, match='^model_name: expected one of'):
+    ModelConfig(model_name='efficientnet-b9')
 
 
 @pytest.mark.parametrize('depth', [0.1, 1.0, 3.1])
@@ -87,7 +90,7 @@ def test_stochastic_depth_rate_grows_linearly_to_the_last_block():
 
 
 def test_every_normalization_layer_is_group_bn_with_config_settings():
-  cfg = _tiny(bn_momentum=0.9, bn_epsilon=1e-4)
+  cfg = _tiny(batch_norm_momentum=0.9, batch_norm_epsilon=1e-4)
   model = model_lib.build_model(cfg, bn_group_size=4)
   bns = [l for l in model.layers
          if 'bn' in l.name or 'Normalization' in type(l).__name__]
@@ -161,5 +164,5 @@ def test_training_on_replicas_keeps_moving_stats_identical():
 def test_flops_per_image_of_b0_matches_the_paper():
   """EfficientNet-B0 at 224: 0.39B multiply-adds (Tan & Le 2019, Table 2),
   i.e. ~0.78e9 floating-point operations at 2 per multiply-add."""
-  flops = model_lib.flops_per_image(ModelConfig(name='efficientnet-b0'))
+  flops = model_lib.flops_per_image(ModelConfig(model_name='efficientnet-b0'))
   assert abs(flops / 0.78e9 - 1) < 0.05, flops

@@ -213,8 +213,9 @@ def test_bad_regex_and_hyperparameters_fail_clearly():
                        (dict(momentum=1.0), 'momentum'),
                        (dict(lars_epsilon=-1.0), 'lars_epsilon'),
                        (dict(optimizer='adam'), 'optimizer')):
-    _single_line_error(lambda: OptimizerConfig(**kwargs), ConfigError,  # pylint: disable=cell-var-from-loop
-                       f'--{flag}: ')
+    _single_line_error(lambda: OptimizerConfig.from_settings(**kwargs),  # pylint: disable=cell-var-from-loop
+                       ConfigError,
+                       f'{flag}: ')
   cfg = OptimizerConfig(optimizer='momentum')
   cfg.weight_decay_exclude = ('[bad',)  # Past the config's own check.
   _single_line_error(lambda: optimizers.l2_loss(cfg, []), ValueError,
@@ -262,8 +263,9 @@ def test_rmsprop_recipe_matches_tf1_rmsprop():
 
 def test_build_optimizer_kinds():
   lars = optimizers.build_optimizer(
-      OptimizerConfig(optimizer='lars', momentum=0.95, nesterov=True,
-                      lars_eeta=0.002, lars_epsilon=1e-5, weight_decay=3e-5),
+      OptimizerConfig.from_settings(
+          optimizer='lars', momentum=0.95, nesterov=True,
+          lars_eeta=0.002, lars_epsilon=1e-5, weight_decay=3e-5),
       1.0)
   assert isinstance(lars, optimizers.LARS)
   assert (lars.momentum, lars.nesterov, lars.eeta, lars.epsilon,
@@ -354,7 +356,8 @@ def _train(strategy, init_weights, xs, ys, opt_cfg, lr):
 
 
 @pytest.mark.parametrize('opt_cfg', [
-    OptimizerConfig(optimizer='lars', weight_decay=1e-3, lars_eeta=0.01),
+    OptimizerConfig.from_settings(optimizer='lars', weight_decay=1e-3,
+                                  lars_eeta=0.01),
     OptimizerConfig(optimizer='momentum', weight_decay=1e-2),
 ], ids=['lars', 'momentum_l2'])
 def test_four_replicas_match_one_replica(opt_cfg):

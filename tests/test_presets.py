@@ -93,7 +93,7 @@ def test_explicit_flags_win_wherever_they_stand(tmp_path):
   assert cfg.train.train_batch_size == 512  # Before --preset: still wins.
   assert cfg.train.eval_every_epochs == 7  # The user's flagfile wins.
   assert cfg.train.train_epochs == 50  # The last flag wins.
-  assert cfg.optimizer.base_learning_rate == 10.0  # From the preset.
+  assert cfg.optimizer.schedule.base_learning_rate == 10.0  # From the preset.
   assert FLAGS.preset == 'efficientnet-b2-lars-4096'
 
 
@@ -114,7 +114,7 @@ def test_expand_argv():
   assert presets.expand_argv(['p', '--x=1', '--preset=cpu_smoke.cfg']) == [
       'p', f'--flagfile={presets.path("cpu_smoke")}', '--x=1',
       '--preset=cpu_smoke.cfg']
-  with pytest.raises(ConfigError, match=r'^--preset: expected list or one'):
+  with pytest.raises(ConfigError, match=r'^preset: expected list or one'):
     presets.expand_argv(['p', '--preset=../setup'])
 
 

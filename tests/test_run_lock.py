@@ -123,7 +123,7 @@ def test_eval_beside_a_training_run_does_not_lock(tmp_path, capsys, holder,
   holder(model_dir)
 
   def reached(unused_cfg):
-    raise ConfigError('--strategy: reached')
+    raise ConfigError('strategy', 'reached')
 
   # Side-car evaluation gets past the lock to the strategy (stopped there).
   monkeypatch.setattr(distribute, 'build_strategy', reached)

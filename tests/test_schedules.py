@@ -1,6 +1,5 @@
 """Tests for efficientnet_tpu.schedules against hand-written formulas."""
 
-import dataclasses
 import math
 import os
 
@@ -9,13 +8,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from absl import flags as absl_flags
+
+from efficientnet_tpu import main as main_lib
 from efficientnet_tpu import presets
 from efficientnet_tpu import schedules
-from efficientnet_tpu.config import ConfigError, OptimizerConfig
+from efficientnet_tpu.config import ConfigError, ExperimentConfig
+from efficientnet_tpu.config import ScheduleConfig
 
 
 def _cfg(**kw):
-  return OptimizerConfig(**kw)
+  return ScheduleConfig(**kw)
 
 
 def _lr(schedule, step):
@@ -23,17 +26,16 @@ def _lr(schedule, step):
 
 
 def test_peak_learning_rate_linear_and_absolute():
-  assert schedules.peak_learning_rate(
-      _cfg(base_learning_rate=0.016, lr_scaling='linear'), 4096) == (
-          pytest.approx(0.256))
-  assert schedules.peak_learning_rate(
-      _cfg(base_learning_rate=25.0, lr_scaling='none'), 16384) == 25.0
+  assert _cfg(base_learning_rate=0.016, lr_scaling='linear'
+              ).peak_learning_rate(4096) == pytest.approx(0.256)
+  assert _cfg(base_learning_rate=25.0, lr_scaling='none'
+              ).peak_learning_rate(16384) == 25.0
 
 
 def test_poly_warmup_and_decay_values():
   # 10.5 steps/epoch, 2 warmup epochs -> int(21.0) = 21 warmup steps.
   peak, end, power, warm, total = 8.0, 0.5, 3.0, 21, 105
-  cfg = _cfg(optimizer='lars', lr_scaling='none', base_learning_rate=peak,
+  cfg = _cfg(lr_scaling='none', base_learning_rate=peak,
              lr_schedule='poly', lr_warmup_epochs=2.0, poly_power=power,
              end_learning_rate=end)
   s = schedules.build_learning_rate_schedule(cfg, 1024, 10.5, total)
@@ -61,7 +63,7 @@ def test_warmup_steps_use_floor():
 def test_exponential_follows_tpu_en_convention():
   # 10 steps/epoch, 5 warmup epochs (50 steps), x0.97 every 2.4 epochs
   # (24 steps), decay counted from step 0 with staircase.
-  cfg = _cfg(optimizer='rmsprop', base_learning_rate=0.016, lr_scaling='linear',
+  cfg = _cfg(base_learning_rate=0.016, lr_scaling='linear',
              lr_schedule='exponential', lr_warmup_epochs=5.0,
              lr_decay_epochs=2.4, lr_decay_factor=0.97)
   s = schedules.build_learning_rate_schedule(cfg, 4096, 10.0, 1000)
@@ -124,50 +126,55 @@ def test_vector_steps_match_scalar_steps():
   np.testing.assert_allclose(vec, [_lr(s, int(i)) for i in steps], rtol=1e-6)
 
 
-def _single_line_error(fn, flag):
+def _single_line_error(fn, name):
   with pytest.raises(ConfigError) as e:
     fn()
   msg = str(e.value)
   assert '\n' not in msg
-  assert msg.startswith(f'--{flag}:'), msg
+  assert e.value.setting == name and msg.startswith(f'{name}:'), msg
   return msg
 
 
+def _experiment(**settings):
+  """10 steps per epoch of batch 256."""
+  return ExperimentConfig.from_settings(
+      model_dir='/tmp/unused', num_train_images=2560, train_batch_size=256,
+      **settings)
+
+
 def test_warmup_longer_than_training_fails():
-  cfg = _cfg(lr_warmup_epochs=5.0)
   msg = _single_line_error(
-      lambda: schedules.build_learning_rate_schedule(cfg, 256, 10.0, 50),
+      lambda: _experiment(lr_warmup_epochs=5.0, train_steps=50),
       'lr_warmup_epochs')
   assert 'expected fewer than the 5 training epochs' in msg
-  _single_line_error(
-      lambda: schedules.build_learning_rate_schedule(cfg, 256, 10.0, 30),
-      'lr_warmup_epochs')
+  _single_line_error(lambda: _experiment(lr_warmup_epochs=5.0, train_steps=30),
+                     'lr_warmup_epochs')
   # Just shorter than training is fine.
-  schedules.build_learning_rate_schedule(cfg, 256, 10.0, 51)
+  cfg = _experiment(lr_warmup_epochs=5.0, train_steps=51)
+  assert schedules.for_experiment(cfg).warmup_steps == 50
 
 
 def test_nonpositive_learning_rate_fails():
-  with pytest.raises(ConfigError):
-    _cfg(base_learning_rate=0.0)
-  cfg = _cfg()
-  cfg.base_learning_rate = -1.0  # mutated after the config checked itself
-  _single_line_error(
-      lambda: schedules.build_learning_rate_schedule(cfg, 256, 10.0, 100),
-      'base_learning_rate')
+  _single_line_error(lambda: _cfg(base_learning_rate=0.0),
+                     'base_learning_rate')
+  _single_line_error(lambda: _cfg(base_learning_rate=-1.0),
+                     'base_learning_rate')
 
 
-def test_other_bad_inputs_fail():
-  cfg = _cfg(lr_schedule='poly', lr_scaling='none', base_learning_rate=1.0,
-             end_learning_rate=2.0)
-  _single_line_error(
-      lambda: schedules.build_learning_rate_schedule(cfg, 256, 10.0, 100),
+def test_end_learning_rate_above_the_peak_fails():
+  msg = _single_line_error(
+      lambda: _experiment(lr_schedule='poly', lr_scaling='none',
+                          base_learning_rate=1.0, end_learning_rate=2.0,
+                          lr_warmup_epochs=0.0),
       'end_learning_rate')
+  assert 'a value in [0, 1]' in msg
+  # Linear scaling: the peak is 0.5 * 256 / 256; constant has no end LR.
   _single_line_error(
-      lambda: schedules.build_learning_rate_schedule(_cfg(), 256, 10.0, 0),
-      'train_steps/--train_epochs')
-  _single_line_error(
-      lambda: schedules.build_learning_rate_schedule(_cfg(), 256, 0.0, 10),
-      'num_train_images/--train_batch_size')
+      lambda: _experiment(lr_schedule='cosine', base_learning_rate=0.5,
+                          end_learning_rate=0.6, lr_warmup_epochs=0.0),
+      'end_learning_rate')
+  _experiment(lr_schedule='constant', base_learning_rate=0.5,
+              end_learning_rate=0.6, lr_warmup_epochs=0.0)
 
 
 @pytest.mark.parametrize('kind', ['poly', 'exponential', 'cosine', 'constant'])
@@ -186,7 +193,7 @@ def test_get_config_round_trip(kind):
 
 
 def test_describe_schedule():
-  cfg = _cfg(optimizer='lars', lr_schedule='poly', lr_scaling='none',
+  cfg = _cfg(lr_schedule='poly', lr_scaling='none',
              base_learning_rate=10.0, lr_warmup_epochs=2.0)
   spe = 1281167 / 32768
   total = int(round(40 * spe))
@@ -203,9 +210,6 @@ def test_describe_schedule():
   want = 10.0 * (1 - (step - warm) / (total - warm)) ** 2
   assert lr == pytest.approx(want, rel=1e-5)
   assert d['lr_at']['start'] == [0, 0.0]
-  bad = dataclasses.replace(cfg, lr_warmup_epochs=50.0)
-  with pytest.raises(ConfigError):
-    schedules.describe_schedule(bad, 32768, spe, total)
 
 
 def test_plot_schedule_writes_png(tmp_path):
@@ -237,7 +241,6 @@ PAPER_TIME_LARS_TABLE = ((16384, 10.0, 5), (32768, 25.0, 5),
 def _lars_table(batch):
   return next((lr, w) for bound, lr, w in PAPER_TIME_LARS_TABLE
               if batch < bound)
-OPT_FIELDS = {f.name for f in dataclasses.fields(OptimizerConfig)}
 
 
 def _read_flagfile(path):
@@ -279,21 +282,22 @@ def test_preset_is_consistent(path):
   assert flags['optimizer'] == optimizer
   assert int(flags['train_batch_size']) == int(batch)
   assert flags['mode'] == 'train_and_eval'
-  opt_kwargs = {}
-  for k, v in flags.items():
-    if k in OPT_FIELDS:
-      field_type = type(getattr(OptimizerConfig(), k))
-      opt_kwargs[k] = (v == 'true') if field_type is bool else field_type(v)
-  cfg = OptimizerConfig(**opt_kwargs)
+  # Parsed by the CLI's own flags, as a run would.
+  fv = absl_flags.FlagValues()
+  main_lib.define_flags(fv)
+  fv(['prog', f'--flagfile={path}', '--model_dir=/tmp/unused', '--tpu=local'])
+  experiment = main_lib.config_from_flags(fv)
+  cfg = experiment.optimizer.schedule
   batch = int(batch)
   spe = 1281167 / batch
-  total = int(round(float(flags['train_epochs']) * spe))
-  s = schedules.build_learning_rate_schedule(cfg, batch, spe, total)
+  assert experiment.steps_per_epoch == spe
+  s = schedules.for_experiment(experiment)
   if optimizer == 'lars':
     assert cfg.lr_scaling == 'none' and cfg.lr_schedule == 'poly'
     assert (s.peak_learning_rate, cfg.lr_warmup_epochs) == _lars_table(batch)
     # EMA horizon ~32 epochs at every batch size (docs/recipes.md).
-    horizon_epochs = 1 / (1 - cfg.moving_average_decay) / spe
+    horizon_epochs = 1 / (
+        1 - experiment.optimizer.moving_average_decay) / spe
     assert 30 < horizon_epochs < 34, horizon_epochs
   else:
     assert s.peak_learning_rate == pytest.approx(0.016 * batch / 256)

@@ -109,20 +109,20 @@ def check_payload(image_bytes, label, source, allow_non_jpeg: bool,
   checks = [
       tf.debugging.Assert(ok, [
           'Corrupt, truncated or non-JPEG image in', source,
-          '(set skip_corrupt to skip bad records in training)']),
+          '(set `skip_corrupt` to skip bad records in training)']),
       tf.debugging.Assert(_label_ok(label, num_classes), [
           'Label out of range in', source, ': 0-based label', label,
           'with num_classes', -1 if num_classes is None else num_classes,
           '(TFRecord labels are 1-based, image/class/label in '
-          '1..num_classes: check --num_label_classes, or set skip_corrupt '
+          '1..num_classes: check `num_label_classes`, or set `skip_corrupt` '
           'to skip such records in training)']),
   ]
   with tf.control_dependencies(checks[:1]):
     pixels = header_pixels(image_bytes)
   checks.append(tf.debugging.Assert(pixels <= max_pixels, [
-      '--max_image_pixels: the image in', source, 'declares', pixels,
-      'pixels, over the limit of', max_pixels, '(raise --max_image_pixels, '
-      'or set --skip_corrupt to skip such records in training)']))
+      'max_image_pixels: the image in', source, 'declares', pixels,
+      'pixels, over the limit of', max_pixels, '(raise `max_image_pixels`, '
+      'or set `skip_corrupt` to skip such records in training)']))
   return checks
 
 
@@ -191,14 +191,14 @@ def skip_rate_check(max_fraction: float):
         tf.cast(bad, tf.float64) > max_fraction * tf.cast(reads, tf.float64)])
     checks = [
         tf.debugging.Assert(tf.logical_not(too_many), [
-            '--max_corrupt_fraction:', bad, 'of the', reads,
+            'max_corrupt_fraction:', bad, 'of the', reads,
             'training records read by this input pipeline were bad, more '
             'than', max_fraction, '(the log names the files; fix them or '
-            'raise --max_corrupt_fraction)']),
+            'raise `max_corrupt_fraction`)']),
         tf.debugging.Assert(bad_in_a_row < MAX_BAD_READS_IN_A_ROW, [
-            '--skip_corrupt: no valid training record in the last',
+            'skip_corrupt: no valid training record in the last',
             bad_in_a_row, 'records read (the log names the files; check '
-            '--data_dir)']),
+            '`data_dir`)']),
     ]
     with tf.control_dependencies(checks):
       return (reads, bad, bad_in_a_row), (example, tf.identity(valid))

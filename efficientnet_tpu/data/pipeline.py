@@ -1,7 +1,7 @@
 """Input functions: one entry point per data source, and the checks of the
 data files that run before any work.
 
-`make_input_fn` dispatches on `DataConfig.source`: the synthetic source, or
+`make_input_fn` dispatches on `DataConfig.data`: the synthetic source, or
 the real pipeline `build_input_fn` over TFRecords (`tfrecord`) or a tfds
 dataset (`tfds`), which validates each record (`checks`), decodes, crops,
 resizes and augments it (`preprocessing`) in one fused map, then batches it
@@ -29,14 +29,14 @@ def make_input_fn(data_cfg: DataConfig, num_classes: int, image_size: int,
                   is_training: bool, global_batch_size: int,
                   start_step: int = 0,
                   count_cache_dir: Optional[str] = None) -> contract.InputFn:
-  """Returns the input function for `data_cfg.source`.
+  """Returns the input function for `data_cfg.data`.
 
   Every source yields the element spec of `contract`. Training input
   continues the stream of a run resumed at `start_step` (see
   `stream.resumable_stream`; TFRecord counts that place it are cached in
   `count_cache_dir`).
   """
-  if data_cfg.source == 'synthetic':
+  if data_cfg.data == 'synthetic':
     return synthetic.synthetic_input_fn(data_cfg, num_classes, image_size,
                                         is_training, global_batch_size,
                                         start_step)
@@ -64,11 +64,11 @@ def check_data_files(data_cfg: DataConfig, mode: str,
     ConfigError: one line naming the flag to change.
   """
   evaluates = mode in ('eval', 'train_and_eval')
-  if data_cfg.source == 'synthetic':
+  if data_cfg.data == 'synthetic':
     return
-  if data_cfg.source != 'tfrecord':
+  if data_cfg.data != 'tfrecord':
     if not tf.io.gfile.isdir(data_cfg.data_dir):
-      raise ConfigError(f'--data_dir: expected a prepared '
+      raise ConfigError('data_dir', f'expected a prepared '
                         f'tensorflow-datasets directory, '
                         f'{data_cfg.data_dir!r} does not exist')
     if evaluates:
@@ -76,7 +76,7 @@ def check_data_files(data_cfg: DataConfig, mode: str,
       split = tfds_source.split_name(builder, False, data_cfg)
       _check_num_eval_images(
           data_cfg, builder.info.splits[split].num_examples,
-          f'split {split!r} of {data_cfg.source} in {data_cfg.data_dir!r}')
+          f'split {split!r} of {data_cfg.data} in {data_cfg.data_dir!r}')
     return
   if mode in ('train', 'train_and_eval'):
     tfrecord.list_files(data_cfg.data_dir, is_training=True)
@@ -94,10 +94,10 @@ def _check_num_eval_images(data_cfg: DataConfig, found: int,
                            where: str) -> None:
   if found >= data_cfg.num_eval_images:
     return
-  fix = (f'set --num_eval_images={found} or less' if found else
-         'write eval records or use --mode=train')
+  fix = (f'set `num_eval_images={found}` or less' if found else
+         'write eval records or use `mode=train`')
   raise ConfigError(
-      f'--num_eval_images: {data_cfg.num_eval_images} requested but the eval '
+      'num_eval_images', f'{data_cfg.num_eval_images} requested but the eval '
       f'split has {found} records ({where}); {fix}')
 
 
@@ -154,10 +154,10 @@ def build_input_fn(data_cfg: DataConfig,
     ConfigError: no matching files, tfds dataset not prepared, etc. Listing
       happens here, before any strategy call.
   """
-  if data_cfg.source == 'synthetic':
-    raise ConfigError("--data: build_input_fn reads real data; use "
-                      "make_input_fn for --data=synthetic")
-  is_tfds = data_cfg.source.startswith('tfds:')
+  if data_cfg.data == 'synthetic':
+    raise ValueError('build_input_fn reads real data; use make_input_fn '
+                     "for data='synthetic'")
+  is_tfds = data_cfg.data.startswith('tfds:')
   files = None
   if is_tfds:
     tfds_source.load_builder(data_cfg)  # Fail early, on the caller's thread.
@@ -192,7 +192,7 @@ def build_input_fn(data_cfg: DataConfig,
                                     else decode(item))
       seed = stream.element_seed(data_cfg.seed, index, position)
       preprocess = lambda: preprocessing.preprocess_for_train(  # pylint: disable=g-long-lambda
-          image_bytes, image_size, resize_method, data_cfg.augment,
+          image_bytes, image_size, resize_method, data_cfg.augment_name,
           data_cfg.randaug_num_layers, data_cfg.randaug_magnitude,
           allow_non_jpeg=is_tfds, seed=seed)
       if not skip:
@@ -270,7 +270,7 @@ def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
   ds = ds.map(eval_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = contract.batch_eval_examples(ds, batch, replicas_per_pipeline, steps)
 
-  where = data_cfg.data_dir if not is_tfds else data_cfg.source
+  where = data_cfg.data_dir if not is_tfds else data_cfg.data
   message = (f'Eval split in {where!r} has fewer records than '
              f'num_eval_images={data_cfg.num_eval_images}')
 

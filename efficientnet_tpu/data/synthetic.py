@@ -72,7 +72,7 @@ def synthetic_input_fn(data_cfg: DataConfig, num_classes: int,
     if is_training:
       epoch_length = len(range(index, num_images, num))
       if not epoch_length:
-        raise ConfigError(f'--num_train_images: expected at least one image '
+        raise ConfigError('num_train_images', f'expected at least one image '
                           f'per input pipeline ({num}), got {num_images}')
       # This pipeline's indices, index, index + num, ..., fully shuffled.
       ds = stream.resumable_stream(

@@ -48,13 +48,13 @@ def list_files(data_dir: str, is_training: bool) -> List[str]:
   try:
     files = sorted(tf.io.gfile.glob(os.path.join(data_dir, pattern)))
   except tf.errors.OpError as e:
-    raise ConfigError(f'--data_dir: could not list {data_dir!r} '
+    raise ConfigError('data_dir', f'could not list {data_dir!r} '
                       f'({type(e).__name__}: {e.message})') from None
   if not files:
     example = 'train-00000-of-01024' if is_training else (
         'validation-00000-of-00128')
     raise ConfigError(
-        f'--data_dir: expected TFRecord files matching {pattern!r} (e.g. '
+        'data_dir', f'expected TFRecord files matching {pattern!r} (e.g. '
         f'{example}) in {data_dir!r}, found none (make them with '
         f'efficientnet-tpu-make-tfrecords)')
   return files
@@ -129,10 +129,10 @@ def _count_file_records(filename: str, size: int,
         if tolerate_corrupt:
           return count + 1
         raise ConfigError(
-            f'--data_dir: {filename}: {problem} at byte {pos} of {size} '
+            'data_dir', f'{filename}: {problem} at byte {pos} of {size} '
             '(rewrite the file, e.g. with efficientnet-tpu-make-tfrecords)')
   except (OSError, tf.errors.OpError) as e:
-    raise ConfigError(f'--data_dir: could not read {filename} '
+    raise ConfigError('data_dir', f'could not read {filename} '
                       f'({type(e).__name__}: {e})') from None
   return count
 
@@ -342,14 +342,14 @@ def read_records(data_cfg: DataConfig, files: List[str], is_training: bool,
 
   if len(files) < num:
     raise ConfigError(
-        f'--data_dir: expected at least as many {TRAIN_PATTERN!r} files as '
+        'data_dir', f'expected at least as many {TRAIN_PATTERN!r} files as '
         f'input pipelines ({num}) in {data_cfg.data_dir!r}, found '
         f'{len(files)} (write more shards)')
   # Each host reads only its own files.
   files = files[index::num]
   sizes = file_sizes(files)
   if not any(sizes):
-    raise ConfigError(f'--data_dir: the {TRAIN_PATTERN!r} files of input '
+    raise ConfigError('data_dir', f'the {TRAIN_PATTERN!r} files of input '
                       f'pipeline {index} are all empty (e.g. {files[0]})')
   position = stream.pipeline_position(ctx, global_batch_size, start_step)
   epoch_length = None

@@ -35,7 +35,7 @@ def path(name: str) -> str:
   stem = name[:-len(_SUFFIX)] if name.endswith(_SUFFIX) else name
   known = names()
   if stem not in known:
-    raise ConfigError(f"--preset: expected {LIST} or one of "
+    raise ConfigError('preset', f"expected {LIST} or one of "
                       f"{', '.join(known)}, got {name!r}")
   return os.path.join(DIRECTORY, stem + _SUFFIX)
 
