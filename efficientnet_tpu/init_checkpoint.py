@@ -45,6 +45,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from absl import logging
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from efficientnet_tpu.data import preprocessing
 
@@ -175,7 +176,6 @@ class _CheckpointSource:
   state.ModelState, by variable path (the variables' full names)."""
 
   def __init__(self, prefix: str, use_ema_weights: bool):
-    from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=g-import-not-at-top
     self._reader = tf.train.load_checkpoint(prefix)
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
     graph.ParseFromString(
@@ -398,8 +398,9 @@ def check_input_normalization(mean, variance) -> Tuple[bool, str]:
   return False, (f'the source normalized its input with mean '
                  f'{np.round(mean, 4).tolist()} and variance '
                  f'{np.round(variance, 4).tolist()} after scaling by 1/255; '
-                 f'this pipeline uses the ImageNet mean {np.round(m, 4).tolist()} '
-                 f'and std {np.round(s, 4).tolist()}')
+                 f'this pipeline uses the ImageNet mean '
+                 f'{np.round(m, 4).tolist()} and std '
+                 f'{np.round(s, 4).tolist()}')
 
 
 # --------------------------------------------------------------------------
