@@ -178,6 +178,15 @@ def _unwrap(hint) -> Tuple[Any, bool]:
   return hint, optional
 
 
+def _check_regexes(name: str, patterns: Tuple[str, ...]) -> None:
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(name, f'expected valid regular expressions, got '
+                        f'{pattern!r} ({e})') from None
+
+
 def _choice(value, name: str, allowed) -> None:
   _check(value in allowed, name, 'one of ' + ', '.join(map(str, allowed)),
          value)
@@ -545,12 +554,33 @@ class OptimizerConfig(Section):
     _check(0 <= self.moving_average_decay < 1, 'moving_average_decay',
            'a value in [0, 1) (0 disables EMA)', self.moving_average_decay)
     self.weight_decay_exclude = tuple(self.weight_decay_exclude)
-    for pattern in self.weight_decay_exclude:
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ConfigError('weight_decay_exclude', f'expected valid regular '
-                          f'expressions, got {pattern!r} ({e})') from None
+    _check_regexes('weight_decay_exclude', self.weight_decay_exclude)
+
+
+@dataclasses.dataclass
+class InitConfig(Section):
+  """Initial weights of a new run (fine-tuning); see docs/fine_tuning.md."""
+  TITLE: ClassVar[str] = 'Fine-tuning'
+  init_checkpoint: Optional[str] = setting(
+      None, 'Initial weights for a new run: one of our checkpoints (a '
+      'prefix, or a model_dir for its latest), or a keras.applications '
+      'EfficientNet weights file (.weights.h5 / .h5). A run that resumes '
+      'from a checkpoint in --model_dir ignores it.')
+  init_exclude: Tuple[str, ...] = setting(
+      (), 'Regexes on variable paths (e.g. logits, block7.*) left as '
+      'initialized instead of loaded. The classifier is re-initialized by '
+      'itself when the class count differs.')
+  init_from_ema: bool = setting(
+      False, "With one of our checkpoints: load its EMA averages instead of "
+      'its weights.')
+
+  def __post_init__(self):
+    self.init_exclude = tuple(self.init_exclude)
+    _check_regexes('init_exclude', self.init_exclude)
+    if self.init_from_ema:
+      _check(bool(self.init_checkpoint), 'init_from_ema',
+             'an `init_checkpoint` to read the averages from',
+             self.init_checkpoint)
 
 
 @dataclasses.dataclass
@@ -592,6 +622,7 @@ class TrainConfig(Section):
       False, 'Print the resolved config, the replica plan (with '
       '--num_replicas off CPU) and LR schedule, plot it to '
       'model_dir/lr_schedule.png, and exit.')
+  init: InitConfig = section(InitConfig)
 
   def __post_init__(self):
     _choice(self.mode, 'mode', MODES)
@@ -734,8 +765,9 @@ def settings_from_dict(d: dict) -> Dict[str, Any]:
   collect(d)
   if not isinstance(flat.get('jit_compile', 'auto'), str):
     flat['jit_compile'] = _OLD_JIT_COMPILE[flat['jit_compile']]
-  if 'weight_decay_exclude' in flat:
-    flat['weight_decay_exclude'] = tuple(flat['weight_decay_exclude'])
+  for name in ('weight_decay_exclude', 'init_exclude'):
+    if name in flat:
+      flat[name] = tuple(flat[name])
   known = ExperimentConfig.setting_names()
   return {k: v for k, v in flat.items() if k in known}
 

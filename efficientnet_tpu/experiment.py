@@ -22,11 +22,12 @@ import tensorflow as tf
 from efficientnet_tpu import distribute
 from efficientnet_tpu import evaluation
 from efficientnet_tpu import export
+from efficientnet_tpu import init_checkpoint
 from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import run_dir
 from efficientnet_tpu import schedules
 from efficientnet_tpu import train
-from efficientnet_tpu.config import ExperimentConfig
+from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import contract
 from efficientnet_tpu.data import pipeline
 from efficientnet_tpu.state import ModelState, build_model_state
@@ -83,6 +84,33 @@ def evaluator_for(trainer: train.Trainer,
   """An Evaluator of `trainer`'s model state, with its role."""
   return build_evaluator(trainer.cfg, trainer.strategy, trainer.state,
                          input_fn, trainer.role)
+
+
+def maybe_initialize(cfg: ExperimentConfig, state: ModelState):
+  """Loads `init_checkpoint` into a new run's state; None when resuming.
+
+  Every worker loads the same weights; a run resumed from its own
+  checkpoint in model_dir keeps them (the trainer restores it).
+  """
+  init = cfg.train.init
+  if not init.init_checkpoint:
+    return None
+  if tf.train.latest_checkpoint(cfg.train.model_dir):
+    logging.info('Resuming from model_dir: --init_checkpoint=%s is not '
+                 'loaded.', init.init_checkpoint)
+    return None
+  try:
+    report = init_checkpoint.load_initial_weights(
+        state.model, init.init_checkpoint, exclude=init.init_exclude,
+        ema=state.ema, use_ema_weights=init.init_from_ema)
+  except ValueError as e:
+    raise ConfigError('init_checkpoint', str(e).removeprefix(
+        'load_initial_weights: ')) from None
+  logging.info('Initialized %d variables from %s (%s)%s.',
+               len(report.loaded), report.path, report.source_format,
+               '; classifier re-initialized: ' + report.head_reason
+               if report.head_reinitialized else '')
+  return report
 
 
 def export_model(cfg: ExperimentConfig, state: ModelState,
@@ -174,6 +202,7 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
           cfg.train.model_dir, cfg.total_train_steps, eval_timeout)
     else:
       trainer = build_trainer(cfg, strategy, state, role=role)
+      maybe_initialize(cfg, state)
       with trainer.summary_writer.as_default(step=state.step):
         tf.summary.text('run/startup', summary)
       evaluator = (build_evaluator(cfg, strategy, state, role=role)

@@ -70,7 +70,9 @@ define_flags()
 def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
   """Turns parsed flags into a validated ExperimentConfig."""
   values = {s.name: f[s.name].value for s in config_lib.flag_settings()}
-  values['weight_decay_exclude'] = tuple(values['weight_decay_exclude'])
+  for s in config_lib.flag_settings():
+    if s.type is tuple:  # absl lists -> the config's tuples.
+      values[s.name] = tuple(values[s.name])
   return config_lib.ExperimentConfig.from_settings(**values)
 
 
@@ -124,6 +126,7 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
   batches and BN groups on a known replica count) were checked when `cfg`
   was built.
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import run_dir  # pylint: disable=g-import-not-at-top
   run_dir.check_writable(cfg.train.model_dir)
@@ -132,6 +135,11 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
   run_dir.check_resumable(cfg)
   if cfg.train.export_dir:
     run_dir.check_export_dir(cfg.train.export_dir)
+  init = cfg.train.init.init_checkpoint
+  if init and not any(tf.io.gfile.exists(p) for p in (init, init + '.index')):
+    raise config_lib.ConfigError(
+        'init_checkpoint', f'{init} does not exist (expected a checkpoint '
+        'prefix, a model_dir or a Keras weights file)')
 
 
 def dry_run(cfg: config_lib.ExperimentConfig) -> None:

@@ -38,11 +38,6 @@ PLACEHOLDERS = {'flag'}
 # main.py) that the recipe docs compare ours with.
 PAPER_CODE = {'batch_norm_batch_size', 'lars_weight_decay'}
 PAPER_DOCS = {'recipes.md', 'reproducing_the_paper.md'}
-# Flags that docs/fine_tuning.md describes and main.py does not define yet
-# (issue 17: init_checkpoint.load_initial_weights exists, its flags are
-# wired next). test_pending_flags_are_not_defined_yet fails once they are:
-# then delete this set.
-PENDING = {'fine_tuning.md': {'init_checkpoint', 'init_exclude'}}
 
 
 def _main_flags():
@@ -84,16 +79,10 @@ def test_the_sources_are_read():
 def test_every_flag_in_the_docs_exists(path):
   known = (_main_flags() | _launch_flags() | THIRD_PARTY | PLACEHOLDERS
            | (PAPER_CODE if path.name in PAPER_DOCS else set())
-           | PENDING.get(path.name, set())
            | _argparse_flags((REPO / 'efficientnet_tpu' / 'tools').glob('*.py'))
            | _argparse_flags((REPO / 'benchmarks').glob('*.py')))
   unknown = [f'--{name}' for name in _mentioned(path) if name not in known]
   assert not unknown, f'{path.relative_to(REPO)} mentions unknown flags: {unknown}'
-
-
-def test_pending_flags_are_not_defined_yet():
-  defined = set().union(*PENDING.values()) & _main_flags()
-  assert not defined, f'defined now, remove from PENDING: {sorted(defined)}'
 
 
 def test_trainer_docs_name_only_trainer_flags():

@@ -9,6 +9,7 @@ and that our input normalization is the one the Keras weights expect.
 """
 
 import logging
+import os
 
 import h5py
 import keras
@@ -376,3 +377,73 @@ def test_input_normalization_check_agrees_with_keras_layers(
                      atol=1e-5)
   ok, note = init_checkpoint.check_input_normalization(mean, variance)
   assert ok == same == matches, note
+
+
+# ---- the command line: --init_checkpoint on a new and a resumed run --------
+def _cli(capsys, *args):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import main as main_lib  # pylint: disable=g-import-not-at-top
+  smoke = os.path.join(os.path.dirname(main_lib.presets_lib.__file__),
+                       'cpu_smoke.cfg')
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(['efficientnet-tpu-train', f'--flagfile={smoke}',
+                 '--train_steps=2', '--iterations_per_loop=2',
+                 '--mode=train', '--lr_warmup_epochs=0', *args])
+    rc = main_lib.main(['efficientnet-tpu-train'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  return rc, capsys.readouterr()
+
+
+def _latest_weights(model_dir):
+  reader = tf.train.load_checkpoint(model_dir)
+  return {k: reader.get_tensor(k)
+          for k in reader.get_variable_to_shape_map()
+          if k.startswith('model/') and 'OPTIMIZER_SLOT' not in k}
+
+
+def test_cli_fine_tunes_from_a_run_and_resumes_without_reloading(
+    tmp_path, capsys, monkeypatch):
+  source = tmp_path / 'source'
+  rc, _ = _cli(capsys, f'--model_dir={source}', '--seed=1')
+  assert rc == 0
+  loads = []
+  real = init_checkpoint.load_initial_weights
+  monkeypatch.setattr(init_checkpoint, 'load_initial_weights',
+                      lambda *a, **k: loads.append(a[1]) or real(*a, **k))
+  # The new run starts from the source's weights: its first update is a
+  # small step away from them (LR ~0), not from a fresh initialization.
+  target = tmp_path / 'target'
+  rc, out = _cli(capsys, f'--model_dir={target}', '--seed=2',
+                 f'--init_checkpoint={source}', '--base_learning_rate=1e-12')
+  assert rc == 0, out.err
+  assert loads == [str(source)]
+  src, got = _latest_weights(str(source)), _latest_weights(str(target))
+  kernels = [k for k in src if 'kernel/.ATTRIBUTES' in k]
+  assert len(kernels) > 10
+  for k in kernels:
+    np.testing.assert_allclose(got[k], src[k], atol=1e-6)
+  # Resumed (a checkpoint exists): the init checkpoint is not read again.
+  rc, out = _cli(capsys, f'--model_dir={target}', '--seed=2',
+                 f'--init_checkpoint={source}', '--train_steps=4',
+                 '--base_learning_rate=1e-12')
+  assert rc == 0, out.err
+  assert loads == [str(source)]
+
+
+def test_cli_bad_init_checkpoint_is_one_line(tmp_path, capsys):
+  rc, out = _cli(capsys, f'--model_dir={tmp_path / "a"}',
+                 f'--init_checkpoint={tmp_path / "missing.h5"}')
+  assert rc == 2
+  assert out.err.startswith('error: --init_checkpoint: ') and (
+      out.err.count('\n') == 1), out.err
+  # Weights of another architecture: named, nothing trained or written.
+  source = tmp_path / 'wide'
+  assert _cli(capsys, f'--model_dir={source}', '--width_coefficient=0.2')[0] == 0
+  rc, out = _cli(capsys, f'--model_dir={tmp_path / "b"}',
+                 f'--init_checkpoint={source}')
+  assert rc == 2
+  assert out.err.startswith('error: --init_checkpoint: ') and (
+      'shape' in out.err and out.err.count('\n') == 1), out.err
+  assert not tf.train.latest_checkpoint(str(tmp_path / 'b'))
