@@ -66,14 +66,17 @@ def build_evaluator(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                     role: Optional[distribute.ClusterRole] = None
                     ) -> evaluation.Evaluator:
   """An Evaluator of `state` on the configured eval set (or `input_fn`)."""
-  num_steps = contract.num_eval_steps(cfg.data.num_eval_images,
-                                      cfg.train.eval_batch_size)
-  if cfg.train.eval_steps:
-    num_steps = min(num_steps, cfg.train.eval_steps)
   if input_fn is None:
+    # TFRecord eval counts its files (cached in the model dir, where
+    # check_data_files put them) and is then sharded by file.
     input_fn = pipeline.make_input_fn(
         cfg.data, cfg.model.num_label_classes, cfg.model.image_size, False,
-        cfg.train.eval_batch_size)
+        cfg.train.eval_batch_size, count_cache_dir=cfg.train.model_dir)
+  num_steps = contract.eval_steps(
+      input_fn, distribute.num_input_pipelines(strategy),
+      cfg.data.num_eval_images, cfg.train.eval_batch_size)
+  if cfg.train.eval_steps:
+    num_steps = min(num_steps, cfg.train.eval_steps)
   return evaluation.Evaluator(cfg, strategy, state, input_fn, num_steps,
                               role or distribute.cluster_role(cfg.distribute))
 

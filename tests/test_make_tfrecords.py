@@ -9,8 +9,10 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_tpu.config import DataConfig
+from efficientnet_tpu.data import dataset_info
 from efficientnet_tpu.data import pipeline as data_pipeline
 from efficientnet_tpu.tools import make_tfrecords
+from tests.test_input_pipeline import write_split
 
 SYNSETS = ['n02000000', 'n01000000', 'n03000000']  # Deliberately unsorted.
 # Sorted synsets get labels 1..N.
@@ -212,3 +214,112 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                               '--no_progress']) == 2
   assert '--train_shards' in capsys.readouterr().err
   assert make_tfrecords.main(['--output_dir', str(tmp_path / 'o')]) == 2
+
+
+def _labels(path):
+  return [f['image/class/label'].int64_list.value[0]
+          for f in _records([path])]
+
+
+def test_conversion_writes_dataset_info(folder, tmp_path):
+  root, labels, expected = folder
+  texts = tmp_path / 'synset_words.txt'
+  texts.write_text('n01000000 first class\nn03000000\tthird class\n')
+  written = make_tfrecords.convert(
+      str(tmp_path / 'out'), input_dir=str(root), val_labels=str(labels),
+      train_shards=4, validation_shards=3, num_threads=2,
+      synset_texts=str(texts), progress=False)
+  info = dataset_info.read(str(tmp_path / 'out'))
+  assert info.label_base == 1 and info.num_classes == 3
+  assert [(c.label, c.synset, c.text) for c in info.classes] == [
+      (1, 'n01000000', 'first class'), (2, 'n02000000', ''),
+      (3, 'n03000000', 'third class')]
+  assert info.class_names() == ['first class', 'n02000000', 'third class']
+  for split, paths in written.items():
+    # Counts and sizes as TF's reader and the filesystem see them.
+    assert info.file_counts(split) == {
+        os.path.basename(p): dataset_info.FileInfo(
+            sum(1 for _ in tf.data.TFRecordDataset(p)), os.path.getsize(p))
+        for p in paths}
+    assert info.num_records(split) == len(expected[split])
+    assert info.splits[split].num_classes == len(
+        {l for p in paths for l in _labels(p)})
+
+
+def test_default_shard_counts():
+  # ImageNet's standard layout.
+  assert make_tfrecords.default_num_shards(1_281_167, 'train') == 1024
+  assert make_tfrecords.default_num_shards(50_000, 'validation') == 128
+  assert make_tfrecords.default_num_shards(3000, 'train') == 3
+  assert make_tfrecords.default_num_shards(3000, 'validation') == 12
+  for n in range(1, 6):
+    assert make_tfrecords.default_num_shards(n, 'train') == 1
+    assert make_tfrecords.default_num_shards(n, 'validation') == 1
+
+
+def test_cli_prints_counts_per_split(folder, tmp_path, capsys):
+  root, labels, expected = folder
+  out = tmp_path / 'out'
+  assert make_tfrecords.main(['--input_dir', str(root), '--val_labels',
+                              str(labels), '--output_dir', str(out),
+                              '--no_progress']) == 0
+  # Defaults: one shard per split for 15 / 7 images.
+  assert sorted(os.listdir(out)) == [
+      dataset_info.FILENAME, 'train-00000-of-00001',
+      'validation-00000-of-00001']
+  printed = capsys.readouterr().out.splitlines()
+  assert printed == [
+      f'train: 15 images, 3 classes, 1 files in {out}',
+      f'validation: 7 images, 3 classes, 1 files in {out}',
+      f'3 classes (labels from 1); {out / dataset_info.FILENAME}']
+
+
+def test_index_describes_existing_shards(tmp_path, capsys):
+  """Shards in the standard layout written without the converter."""
+  train = write_split(str(tmp_path), 'train', [4, 0, 3],
+                      lambda f, j: 1 + (f * 4 + j) % 6)
+  val = write_split(str(tmp_path), 'validation', [2, 3],
+                    lambda f, j: 2 + (f + j) % 3)
+  assert make_tfrecords.main(['--index', str(tmp_path),
+                              '--num_threads', '2']) == 0
+  out = capsys.readouterr()
+  # A plain-text progress line on stderr, ending with the totals.
+  assert '\rindex: 5/5 files (100%), 12 records' in out.err
+  assert out.out.splitlines()[:2] == [
+      f'train: 7 images, {len(set(train))} classes, 3 files in {tmp_path}',
+      f'validation: 5 images, {len(set(val))} classes, 2 files in '
+      f'{tmp_path}']
+  info = dataset_info.read(str(tmp_path))
+  assert info.label_base == 1 and info.num_classes == max(train + val)
+  # write_split's records hold synset n%08d of their label, and no text.
+  assert [(c.label, c.synset, c.text) for c in info.classes] == [
+      (l, f'n{l:08d}', '') for l in range(1, max(train + val) + 1)]
+  for name, fi in info.file_counts('train').items():
+    path = os.path.join(tmp_path, name)
+    assert fi == dataset_info.FileInfo(len(_labels(path)),
+                                       os.path.getsize(path))
+  assert info.num_records('validation') == len(val)
+  assert info.splits['validation'].num_classes == len(set(val))
+
+
+def test_index_zero_based_labels_and_errors(tmp_path):
+  write_split(str(tmp_path / 'zero'), 'validation', [3],
+              lambda f, j: j)
+  info = make_tfrecords.index(str(tmp_path / 'zero'), 2, progress=False)
+  assert info.label_base == 0 and info.num_classes == 3
+  assert dataset_info.read(str(tmp_path / 'zero')) == info
+  # One label, two synsets.
+  bad = tmp_path / 'bad'
+  write_split(str(bad), 'train', [1])
+  path = os.path.join(bad, 'train-00001-of-00002')
+  with tf.io.TFRecordWriter(path) as w:
+    w.write(make_tfrecords.make_example(b'x', 'a.JPEG', 1, 1, 1,
+                                        'other').SerializeToString())
+  with pytest.raises(make_tfrecords.ConversionError,
+                     match="label 1 has synset .* and 'other'"):
+    make_tfrecords.index(str(bad), 2, progress=False)
+  with pytest.raises(make_tfrecords.ConversionError,
+                     match='expected train-. or validation-. TFRecord'):
+    make_tfrecords.index(str(tmp_path / 'empty'), 2, progress=False)
+  assert make_tfrecords.main(['--index', str(bad), '--output_dir',
+                              str(tmp_path)]) == 2

@@ -8,7 +8,12 @@ Modules, each importing only those listed before it (no import cycle):
 * `augment`, then `preprocessing`: per-image crop, resize, flip and
   augmentation on the host; `preprocessing.normalize` runs on device.
 * `checks`: payload / label / pixel validation and skipping of bad records.
-* `tfrecord`: TFRecord files: listing, record counts (cached), reading.
+* `dataset_info`: `dataset_info.json`, a TFRecord data set's description
+  of itself (counts per split and file, classes, label base).
+* `eval_shards`: which eval files each pipeline reads when eval is sharded
+  by file.
+* `tfrecord`: TFRecord files: listing, record counts (dataset_info.json or
+  cached), reading.
 * `tfds`: the tensorflow-datasets source.
 * `synthetic`: the synthetic source and its input function.
 * `pipeline`: the entry points `make_input_fn` (dispatch on the source),

@@ -9,8 +9,10 @@ yields per-replica batches of `b = ctx.get_per_replica_batch_size(global)`:
 * training: `{'images': [b, s, s, 3] uint8, 'labels': [b] int32}`, batched
   with `drop_remainder=True` and repeated forever;
 * eval: the same plus `'mask': [b] float32` (1 real, 0 padding), exactly
-  `num_eval_steps` batches per replica, so that across all pipelines every
-  eval example is seen exactly once with mask 1 (`batch_eval_examples`).
+  `eval_steps(input_fn, ...)` batches per replica (`num_eval_steps`, or more
+  when eval is sharded by file: see `eval_shards`), so that across all
+  pipelines every eval example is seen exactly once with mask 1
+  (`batch_eval_examples`).
 
 Images are RGB 0..255, cropped, resized, flipped and augmented, but not
 normalized: the train / eval step applies `preprocessing.normalize` (the
@@ -32,6 +34,20 @@ InputFn = Callable[[Optional[tf.distribute.InputContext]], tf.data.Dataset]
 def num_eval_steps(num_eval_images: int, global_batch_size: int) -> int:
   """Eval batches per replica so that the global eval covers every image."""
   return math.ceil(num_eval_images / global_batch_size)
+
+
+def eval_steps(input_fn: InputFn, num_input_pipelines: int,
+               num_eval_images: int, global_batch_size: int) -> int:
+  """Eval batches per replica that `input_fn` yields on this many hosts.
+
+  An eval input function sharded by file carries its own count (the
+  fullest host's, see `eval_shards.plan`) as `input_fn.eval_steps(hosts)`;
+  for any other it is `num_eval_steps`.
+  """
+  steps_fn = getattr(input_fn, 'eval_steps', None)
+  if steps_fn is not None:
+    return steps_fn(num_input_pipelines)
+  return num_eval_steps(num_eval_images, global_batch_size)
 
 
 def batch_eval_examples(examples: tf.data.Dataset, per_replica_batch: int,

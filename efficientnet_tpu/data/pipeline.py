@@ -18,6 +18,7 @@ import tensorflow as tf
 from efficientnet_tpu.config import ConfigError, DataConfig
 from efficientnet_tpu.data import checks
 from efficientnet_tpu.data import contract
+from efficientnet_tpu.data import eval_shards
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data import stream
 from efficientnet_tpu.data import synthetic
@@ -34,7 +35,9 @@ def make_input_fn(data_cfg: DataConfig, num_classes: int, image_size: int,
   Every source yields the element spec of `contract`. Training input
   continues the stream of a run resumed at `start_step` (see
   `stream.resumable_stream`; TFRecord counts that place it are cached in
-  `count_cache_dir`).
+  `count_cache_dir`). TFRecord eval input is sharded by file when the eval
+  files' record counts are known (see `build_input_fn`): run
+  `contract.eval_steps(input_fn, ...)` eval steps.
   """
   if data_cfg.data == 'synthetic':
     return synthetic.synthetic_input_fn(data_cfg, num_classes, image_size,
@@ -145,10 +148,16 @@ def build_input_fn(data_cfg: DataConfig,
       continues where it stopped (see `stream.resumable_stream`).
     count_cache_dir: where the record counts that place a resumed stream
       are cached (`tfrecord.record_counts`); None: counted on every resume.
+      TFRecord eval: given, the eval files are counted (once, cached here)
+      unless dataset_info.json describes them, and eval is sharded by file;
+      None: sharded by file only if dataset_info.json gives every eval
+      file's count, else by record.
 
   Returns:
     The input function. With skip_corrupt in training, its `skipped`
-    attribute (`checks.SkippedRecords`) counts the records skipped.
+    attribute (`checks.SkippedRecords`) counts the records skipped. For
+    eval, `eval_steps(num_input_pipelines)` gives the batches per replica
+    it yields (`contract.eval_steps`).
 
   Raises:
     ConfigError: no matching files, tfds dataset not prepared, etc. Listing
@@ -165,6 +174,23 @@ def build_input_fn(data_cfg: DataConfig,
     files = tfrecord.list_files(data_cfg.data_dir, is_training)
   steps = contract.num_eval_steps(data_cfg.num_eval_images,
                                   global_batch_size)
+  counts = None
+  if not is_training and files is not None:
+    counts = _eval_file_counts(files, count_cache_dir)
+    if counts is not None:
+      _check_num_eval_images(
+          data_cfg, sum(counts),
+          f'{len(files)} {tfrecord.EVAL_PATTERN!r} files in '
+          f'{data_cfg.data_dir!r}')
+  plans = {}
+
+  def eval_plan(num_pipelines: int) -> Optional[eval_shards.EvalShardPlan]:
+    if counts is None:
+      return None
+    if num_pipelines not in plans:
+      plans[num_pipelines] = eval_shards.plan(
+          counts, data_cfg.num_eval_images, num_pipelines, global_batch_size)
+    return plans[num_pipelines]
   resize_method = data_cfg.resize_method
   max_pixels = data_cfg.max_image_pixels
   skip = is_training and data_cfg.skip_corrupt
@@ -177,9 +203,11 @@ def build_input_fn(data_cfg: DataConfig,
       ds, decode = tfds_source.read_records(data_cfg, is_training, ctx,
                                             start_step, global_batch_size)
     else:
-      ds = tfrecord.read_records(data_cfg, files, is_training, ctx,
-                                 start_step, global_batch_size,
-                                 count_cache_dir)
+      ds = tfrecord.read_records(
+          data_cfg, files, is_training, ctx, start_step, global_batch_size,
+          count_cache_dir,
+          eval_plan=None if is_training else eval_plan(
+              ctx.num_input_pipelines))
       decode = functools.partial(
           tfrecord.parse_record,
           include_background_label=data_cfg.include_background_label)
@@ -238,25 +266,51 @@ def build_input_fn(data_cfg: DataConfig,
       if skip:
         ds = ds.map(lambda example, valid: example)  # Once per batch.
     else:
-      ds = _eval_tail(ds, decode, ctx, batch, steps, image_size,
+      plan = eval_plan(ctx.num_input_pipelines)
+      if plan is None:
+        # Sharded by record: pipeline i keeps records i, i + k, ...
+        real = len(range(index, data_cfg.num_eval_images,
+                         ctx.num_input_pipelines))
+        eval_steps = steps
+      else:
+        real, eval_steps = plan.records(index), plan.steps
+      ds = _eval_tail(ds, decode, ctx, batch, eval_steps, real, image_size,
                       resize_method, is_tfds, data_cfg, num_classes)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(is_training, private_threadpool_size,
                                     data_cfg.deterministic))
 
   input_fn.skipped = skipped
+  if not is_training:
+    input_fn.eval_steps = lambda num_pipelines: (
+        steps if counts is None else eval_plan(num_pipelines).steps)
   return input_fn
 
 
+def _eval_file_counts(files, count_cache_dir: Optional[str]):
+  """Record counts of the eval files, in order, when known; else None.
+
+  Known: from dataset_info.json, or counted (once, cached) when there is a
+  cache dir. The choice depends only on the arguments and the data dir, so
+  every host makes the same one and runs the same eval steps.
+  """
+  if count_cache_dir is not None:
+    by_file = tfrecord.record_counts(files, count_cache_dir)
+  else:
+    by_file = tfrecord.described_counts(files)
+    if len(by_file) < len(files):
+      return None
+  return [by_file[f] for f in files]
+
+
 def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
-               batch: int, steps: int, image_size: int, resize_method: str,
-               is_tfds: bool, data_cfg: DataConfig,
+               batch: int, steps: int, expected_real: int, image_size: int,
+               resize_method: str, is_tfds: bool, data_cfg: DataConfig,
                num_classes: Optional[int] = None) -> tf.data.Dataset:
-  """Decodes, pads with masked examples and batches exactly `steps` times."""
-  num, index = ctx.num_input_pipelines, ctx.input_pipeline_id
-  replicas_per_pipeline = ctx.num_replicas_in_sync // num
-  # This pipeline's share of the examples when sharded by example.
-  expected_real = len(range(index, data_cfg.num_eval_images, num))
+  """Decodes, pads with masked examples and batches exactly `steps` times
+  (per replica); `expected_real`: this pipeline's share of the examples."""
+  replicas_per_pipeline = (ctx.num_replicas_in_sync //
+                           ctx.num_input_pipelines)
 
   def eval_map(*record):
     image_bytes, label, source = decode(*record)

@@ -3,16 +3,16 @@
 The standard sharded layout (`train-*`, `validation-*` files of serialized
 `Example`s, written by efficientnet-tpu-make-tfrecords). Training shards
 files across input pipelines (each host reads only its own files). Evaluation
-must see every image exactly once whatever the host count, and per-file
-record counts are unknown without reading the files, so each eval pipeline
-reads all validation files in a fixed order and keeps every k-th record
-(before any decoding).
+must see every image exactly once whatever the host count: with the record
+count of every eval file known, each eval pipeline reads only its own files
+(`eval_shards.plan`); otherwise each reads all validation files in a fixed
+order and keeps every k-th record (before any decoding).
 
 A corrupt TFRecord frame stops a file: with `skip_corrupt` training reads on
 from the next file (the rest of the file counts as one bad record, see
 `checks`); otherwise, and always for eval, it raises an error naming the
-file. Record counts come from the frame headers alone and are cached per
-run (`record_counts`).
+file. Record counts come from `dataset_info.json` beside the files, else
+from the frame headers alone, cached per run (`record_counts`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import tensorflow as tf
 
 from efficientnet_tpu import fileio
 from efficientnet_tpu.config import ConfigError, DataConfig
+from efficientnet_tpu.data import dataset_info
+from efficientnet_tpu.data import eval_shards
 from efficientnet_tpu.data import stream
 
 TRAIN_PATTERN = 'train-*'
@@ -172,15 +174,45 @@ COUNTS_FILE = 'record_counts.json'
 _COUNTS_FORMAT = 1
 
 
+def described_counts(files: List[str],
+                     sizes: Optional[List[int]] = None) -> Dict[str, int]:
+  """{file: record count} that `dataset_info.json` beside `files` gives.
+
+  Only files it lists (by basename, in any split) with the byte size they
+  have now: a shard rewritten since the data set was indexed is left out.
+
+  Raises:
+    ConfigError: a dataset_info.json is malformed (one line naming it).
+  """
+  if sizes is None:
+    sizes = file_sizes(files)
+  infos, out = {}, {}
+  for f, size in zip(files, sizes):
+    directory, name = os.path.split(f)
+    if directory not in infos:
+      try:
+        info = dataset_info.read(directory)
+      except ValueError as e:
+        raise ConfigError('data_dir', str(e)) from None
+      infos[directory] = {} if info is None else {
+          n: fi for s in info.splits.values() for n, fi in s.files.items()}
+    entry = infos[directory].get(name)
+    if entry is not None and entry.bytes == size:
+      out[f] = entry.records
+  return out
+
+
 def record_counts(files: List[str], cache_dir: Optional[str] = None,
                   create_cache_dir: bool = False,
                   tolerate_corrupt: bool = False) -> Dict[str, int]:
   """{file: record count} of TFRecord files, counted once and cached.
 
-  Counting ImageNet's validation split (before an evaluating run) or a
-  host's training files (to place a resumed run in its input stream) means
-  walking gigabytes, maybe on GCS, so the per-file counts are kept in
-  `cache_dir/record_counts.json`,
+  Files that `dataset_info.json` in their directory describes (same name
+  and byte size) take its count (`described_counts`): nothing is counted
+  or cached for them. Others: counting ImageNet's validation split (before
+  an evaluating run) or a host's training files (to place a resumed run in
+  its input stream) means walking gigabytes, maybe on GCS, so the per-file
+  counts are kept in `cache_dir/record_counts.json`,
   keyed by path and byte size. A file whose size differs from the cached
   one is counted again; the cache is then rewritten (atomically, so
   concurrent hosts never see half a file). The data dir is not used for the
@@ -197,21 +229,26 @@ def record_counts(files: List[str], cache_dir: Optional[str] = None,
     The count of every file in `files`.
 
   Raises:
-    ConfigError: a file is corrupt, truncated or unreadable (one line
-      naming it).
+    ConfigError: a file is corrupt, truncated or unreadable, or a
+      dataset_info.json is malformed (one line naming it).
   """
   sizes = file_sizes(files)
+  counts = described_counts(files, sizes)
+  if len(counts) == len(files):
+    return counts
   path = os.path.join(cache_dir, COUNTS_FILE) if cache_dir else None
   cached = _read_counts(path) if path else {}
-  counts, todo = {}, []
+  todo = []
   for f, size in zip(files, sizes):
+    if f in counts:
+      continue
     entry = cached.get(f)
     if entry is not None and entry['bytes'] == size:
       counts[f] = entry['records']
     else:
       todo.append((f, size))
   if not todo:
-    return counts
+    return {f: counts[f] for f in files}
   start = time.time()
   logging.info('Counting the records of %d files (once: the counts are '
                'cached in %s)', len(todo), path)
@@ -320,13 +357,29 @@ def parse_record(record: tf.Tensor, filename: tf.Tensor,
 def read_records(data_cfg: DataConfig, files: List[str], is_training: bool,
                  ctx: tf.distribute.InputContext, start_step: int = 0,
                  global_batch_size: int = 0,
-                 count_cache_dir: Optional[str] = None) -> tf.data.Dataset:
+                 count_cache_dir: Optional[str] = None,
+                 eval_plan: Optional[eval_shards.EvalShardPlan] = None
+                ) -> tf.data.Dataset:
   """This pipeline's share of `files`: (record, filename) pairs for eval;
   for training (position, (record, filename)) from the resumable stream,
   `position` counting this pipeline's records since the run's first step.
-  Parse the records with `parse_record`."""
+  Parse the records with `parse_record`. Eval with an `eval_plan` reads
+  only this pipeline's files (sharded by file), else every file, keeping
+  every k-th record (sharded by record)."""
   num, index = ctx.num_input_pipelines, ctx.input_pipeline_id
   strict = not (is_training and data_cfg.skip_corrupt)
+  if not is_training and eval_plan is not None:
+    mine = eval_plan.files[index]
+    names = [files[i] for i, _ in mine]
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(names, tf.string),
+         tf.constant(file_sizes(names), tf.int64),
+         tf.constant([n for _, n in mine], tf.int64)))
+    # The last file used may be taken in part (num_eval_images).
+    return ds.interleave(lambda f, size, take: _read_tfrecord_file(
+        f, size).take(take), cycle_length=max(1, min(16, len(names))),
+                         num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=True)
   if not is_training:
     # Same order on every host, so sharding by example is exact.
     ds = tf.data.Dataset.from_tensor_slices(

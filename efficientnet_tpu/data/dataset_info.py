@@ -1,0 +1,201 @@
+"""`dataset_info.json`: a TFRecord data set's description of itself.
+
+Written beside the shards by efficientnet-tpu-make-tfrecords (at the end of
+a conversion, or with `--index DIR` for shards that already exist). It
+holds, per split, the record count and each file's record count and byte
+size (keyed by basename), the classes (label -> synset -> human text where
+known) and the label base: 1 when labels in the records start at 1 (the
+standard ImageNet TFRecords, where 0 is background), else 0.
+
+The per-file byte sizes let a reader trust a count only for the file it
+was taken from: a shard rewritten since has another size and is counted
+again (`tfrecord.record_counts`).
+
+  {"format": 1, "label_base": 1,
+   "classes": [{"label": 1, "synset": "n01440764", "text": "tench"}, ...],
+   "splits": {"validation": {"num_records": 50000, "num_classes": 1000,
+                             "files": {"validation-00000-of-00128":
+                                       {"records": 391, "bytes": 52428800},
+                                       ...}},
+              "train": {...}}}
+
+Local paths and any tf.io.gfile filesystem (gs://...) work alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+
+from efficientnet_tpu import fileio
+
+FILENAME = 'dataset_info.json'
+FORMAT = 1
+# Split name -> the TFRecord file prefix (`train-*`, `validation-*`).
+SPLITS = ('train', 'validation')
+
+
+@dataclasses.dataclass(frozen=True)
+class FileInfo:
+  """One TFRecord shard: its records and its size in bytes."""
+  records: int
+  bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassInfo:
+  """One class: its label in the records, synset and text ('' if unknown)."""
+  label: int
+  synset: str = ''
+  text: str = ''
+
+
+@dataclasses.dataclass
+class SplitInfo:
+  """One split: its shards by basename and the distinct labels it holds."""
+  files: Dict[str, FileInfo]
+  num_classes: int = 0
+
+  @property
+  def num_records(self) -> int:
+    return sum(f.records for f in self.files.values())
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+  """What `dataset_info.json` holds.
+
+  Attributes:
+    splits: 'train' / 'validation' -> `SplitInfo`.
+    classes: one per label, label_base, label_base + 1, ... in order.
+    label_base: the smallest label a record may hold: 1 (0 is background)
+      or 0.
+  """
+  splits: Dict[str, SplitInfo]
+  classes: List[ClassInfo]
+  label_base: int = 1
+
+  @property
+  def num_classes(self) -> int:
+    """Classes in the records (background, if label_base is 1, not counted)."""
+    return len(self.classes)
+
+  def num_records(self, split: str) -> int:
+    """Records of `split`; 0 for a split not described."""
+    info = self.splits.get(split)
+    return info.num_records if info else 0
+
+  def class_names(self) -> List[str]:
+    """Text (else synset, else the label) of class i = label - label_base."""
+    return [c.text or c.synset or str(c.label) for c in self.classes]
+
+  def file_counts(self, split: str) -> Dict[str, FileInfo]:
+    """basename -> `FileInfo` of `split`'s shards (empty if not described)."""
+    info = self.splits.get(split)
+    return dict(info.files) if info else {}
+
+
+def path(data_dir: str) -> str:
+  return os.path.join(data_dir, FILENAME)
+
+
+def to_json(info: DatasetInfo) -> str:
+  """The file's text: keys sorted, so equal infos give equal files."""
+  return json.dumps({
+      'format': FORMAT,
+      'label_base': info.label_base,
+      'num_classes': info.num_classes,
+      'classes': [dataclasses.asdict(c) for c in info.classes],
+      'splits': {
+          name: {'num_records': s.num_records, 'num_classes': s.num_classes,
+                 'files': {f: dataclasses.asdict(fi)
+                           for f, fi in sorted(s.files.items())}}
+          for name, s in sorted(info.splits.items())},
+  }, indent=1, sort_keys=True) + '\n'
+
+
+def write(data_dir: str, info: DatasetInfo) -> str:
+  """Writes `data_dir/dataset_info.json` atomically; returns its path."""
+  _validate(info, path(data_dir))
+  target = path(data_dir)
+  fileio.write_atomically(target, to_json(info))
+  return target
+
+
+def read(data_dir: str) -> Optional[DatasetInfo]:
+  """The `DatasetInfo` of `data_dir`, or None if it has no dataset_info.json.
+
+  Raises:
+    ValueError: one line naming the file, when its content is malformed
+      (not JSON, missing or mistyped fields, counts that do not add up).
+  """
+  target = path(data_dir)
+  try:
+    with tf.io.gfile.GFile(target, 'r') as f:
+      text = f.read()
+  except tf.errors.NotFoundError:
+    return None
+  try:
+    return _parse(json.loads(text), target)
+  except KeyError as e:
+    raise ValueError(f'{target}: malformed (missing field {e})') from None
+  except (ValueError, TypeError, AttributeError) as e:
+    message = ' '.join(str(e).split()) or type(e).__name__
+    if not message.startswith(target):
+      message = f'{target}: malformed ({message})'
+    raise ValueError(message) from None
+
+
+def _parse(data, where: str) -> DatasetInfo:
+  if not isinstance(data, dict):
+    raise ValueError(f'{where}: expected a JSON object')
+  if data.get('format') != FORMAT:
+    raise ValueError(f'{where}: expected "format": {FORMAT}, got '
+                     f'{data.get("format")!r}')
+  splits = {}
+  for name, s in data['splits'].items():
+    files = {str(f): FileInfo(records=_int(e['records'], f'{name} {f} records'),
+                              bytes=_int(e['bytes'], f'{name} {f} bytes'))
+             for f, e in s['files'].items()}
+    split = SplitInfo(files=files,
+                      num_classes=_int(s.get('num_classes', 0),
+                                       f'{name} num_classes'))
+    if 'num_records' in s and s['num_records'] != split.num_records:
+      raise ValueError(f'{where}: split {name!r} has num_records '
+                       f'{s["num_records"]!r} but its files hold '
+                       f'{split.num_records}')
+    splits[str(name)] = split
+  classes = [ClassInfo(label=_int(c['label'], 'class label'),
+                       synset=str(c.get('synset', '')),
+                       text=str(c.get('text', '')))
+             for c in data['classes']]
+  info = DatasetInfo(splits=splits, classes=classes,
+                     label_base=data['label_base'])
+  if 'num_classes' in data and data['num_classes'] != info.num_classes:
+    raise ValueError(f'{where}: num_classes {data["num_classes"]!r} but '
+                     f'{info.num_classes} classes listed')
+  _validate(info, where)
+  return info
+
+
+def _int(value, what: str) -> int:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    raise ValueError(f'expected a non-negative integer for {what}, got '
+                     f'{value!r}')
+  return value
+
+
+def _validate(info: DatasetInfo, where: str) -> None:
+  if info.label_base not in (0, 1) or isinstance(info.label_base, bool):
+    raise ValueError(f'{where}: label_base must be 0 or 1, got '
+                     f'{info.label_base!r}')
+  labels = [c.label for c in info.classes]
+  want = list(range(info.label_base, info.label_base + len(labels)))
+  if labels != want:
+    raise ValueError(f'{where}: classes must have the labels '
+                     f'{info.label_base}..{info.label_base + len(labels) - 1} '
+                     f'in order')
