@@ -118,6 +118,6 @@ def test_record_counts_take_dataset_info_first(tmp_path, monkeypatch):
   cached = json.loads((cache / tfrecord.COUNTS_FILE).read_text())['files']
   assert sorted(cached) == [files[1], files[2]]
   (tmp_path / 'd' / dataset_info.FILENAME).write_text('{')
-  with pytest.raises(ValueError, match=r'^--data_dir: .*dataset_info.json: '
+  with pytest.raises(ValueError, match=r'^data_dir: .*dataset_info.json: '
                      'malformed'):
     tfrecord.record_counts(files, str(cache))

@@ -184,7 +184,7 @@ def test_known_counts_below_num_eval_images_fail_up_front(pod_dir):
   data_dir, sizes = pod_dir
   cfg = DataConfig(data='tfrecord', data_dir=str(data_dir),
                    num_eval_images=sum(sizes) + 1)
-  with pytest.raises(ConfigError, match=rf'^--num_eval_images: '
+  with pytest.raises(ConfigError, match=rf'^num_eval_images: '
                      rf'{sum(sizes) + 1} requested but the eval split has '
                      rf'{sum(sizes)} records'):
     data_pipeline.build_input_fn(cfg, SIZE, False, 8)
