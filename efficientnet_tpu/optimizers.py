@@ -1,9 +1,10 @@
-"""Optimizers: LARS for large batches, TF1-style RMSProp, momentum and SGD.
+"""Optimizers: LARS and LAMB for large batches, TF1-style RMSProp, momentum
+and SGD.
 
 Weight decay is applied exactly once:
 
-* LARS applies it itself (inside the trust ratio and the update), so
-  `optimizer_applies_weight_decay` is True and `l2_loss` returns 0.
+* LARS and LAMB apply it themselves (inside the trust ratio and the update),
+  so `optimizer_applies_weight_decay` is True and `l2_loss` returns 0.
 * For rmsprop / momentum / sgd the training loop adds `l2_loss` to the loss
   (the TPU-EN convention `weight_decay * sum(tf.nn.l2_loss(w))`).
 
@@ -21,6 +22,7 @@ given in `build`).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Optional, Sequence
 
@@ -174,6 +176,154 @@ class LARS(keras.optimizers.Optimizer):
     return config
 
 
+def _bias_correction(beta: float, t: tf.Tensor) -> tf.Tensor:
+  """1 - beta**t in float32, accurate where beta is close to 1.
+
+  As -expm1(t * log(beta)): in float32, 1 - 0.999**t loses ~4 digits to
+  cancellation (a 6e-5 relative error in v_hat at t = 1).
+  """
+  if beta == 0.0:
+    return tf.ones_like(t)
+  return -tf.math.expm1(t * math.log(beta))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LAMB(keras.optimizers.Optimizer):
+  """Layer-wise Adaptive Moments for Batch training (You et al. 2019).
+
+  Algorithm 2 of "Large Batch Optimization for Deep Learning: Training BERT
+  in 76 minutes" (arXiv 1904.00962), with bias correction and phi(x) = x.
+  For each variable `w` with (all-reduced) gradient `g`, learning rate `lr`
+  and step t = 1, 2, ...:
+
+      m = beta_1 * m + (1 - beta_1) * g
+      v = beta_2 * v + (1 - beta_2) * g**2
+      r = (m / (1 - beta_1**t)) / (sqrt(v / (1 - beta_2**t)) + epsilon)
+      r += weight_decay * w
+      trust_ratio = ||w|| / ||r||     (1.0 where ||w|| == 0 or ||r|| == 0)
+      w -= lr * trust_ratio * r
+
+  Variables whose path matches any regex in `exclude_from_adaptation` (by
+  default BN gamma / beta and biases, as for LARS and in the paper's
+  practice) get neither weight decay nor the trust ratio: `w -= lr * r`
+  without the decay term (plain Adam). Moments, norms and the update are
+  computed in float32 whatever the variable dtype.
+
+  Why not `keras.optimizers.Lamb` (Keras 3.15): its `weight_decay` is the
+  base class's decoupled decay, `w -= lr * weight_decay * w` applied by
+  `Optimizer._apply_weight_decay` BEFORE `update_step` and outside the trust
+  ratio, whose ||r|| then lacks the decay term; its exclusions
+  (`exclude_from_weight_decay`) match `variable.name` ("gamma", not the
+  layer path) and only turn the decay off, never the trust ratio. Here the
+  decay is applied once, inside `r`, as in the paper; the base-class
+  `weight_decay` stays None (`get_config` still reports this one).
+  """
+
+  def __init__(self,
+               learning_rate=0.001,
+               beta_1: float = 0.9,
+               beta_2: float = 0.999,
+               epsilon: float = 1e-6,
+               weight_decay: float = 0.0,
+               exclude_from_adaptation: Optional[Sequence[str]] = (
+                   DEFAULT_WEIGHT_DECAY_EXCLUDE),
+               name: str = 'lamb',
+               **kwargs):
+    """Takes the paper's hyperparameters.
+
+    Args:
+      learning_rate: a float or a LearningRateSchedule.
+      beta_1: decay of the first moment, in [0, 1).
+      beta_2: decay of the second moment, in [0, 1).
+      epsilon: added to sqrt(v_hat), > 0 (the paper's BERT runs: 1e-6).
+      weight_decay: decay added to the update before the trust ratio, >= 0.
+      exclude_from_adaptation: regexes searched in variable paths
+        (`variable_path`); matching variables get no decay and no trust
+        ratio.
+      name: the optimizer's name.
+      **kwargs: further `keras.optimizers.Optimizer` arguments (not
+        `weight_decay`, which this class applies itself).
+    """
+    super().__init__(learning_rate=learning_rate, weight_decay=None,
+                     name=name, **kwargs)
+    for value, arg in ((beta_1, 'beta_1'), (beta_2, 'beta_2')):
+      if not 0.0 <= value < 1.0:
+        raise ValueError(f'{arg}: expected a value in [0, 1), got {value!r}')
+    if not epsilon > 0:
+      raise ValueError(f'epsilon: expected a value > 0, got {epsilon!r}')
+    if not weight_decay >= 0:
+      raise ValueError(f'weight_decay: expected a value >= 0, got '
+                       f'{weight_decay!r}')
+    self.beta_1 = float(beta_1)
+    self.beta_2 = float(beta_2)
+    self.epsilon = float(epsilon)
+    self.lamb_weight_decay = float(weight_decay)
+    self.exclude_from_adaptation = tuple(exclude_from_adaptation or ())
+    self._exclude_res = _compile_patterns(self.exclude_from_adaptation,
+                                          'exclude_from_adaptation')
+
+  def build(self, var_list):
+    """Creates the moment slots and records, per variable, whether to adapt."""
+    if self.built:
+      return
+    super().build(var_list)
+    self._momentums, self._velocities = self.add_optimizer_variables(
+        var_list, ['momentum', 'velocity'])
+    self._adapt = tuple(
+        not any(p.search(variable_path(v)) for p in self._exclude_res)
+        for v in var_list)
+
+  def excluded_paths(self):
+    """Paths of the variables that get plain Adam (for logging)."""
+    return [variable_path(v) for v, a in
+            zip(self._trainable_variables, self._adapt) if not a]
+
+  def update_step(self, gradient, variable, learning_rate):
+    index = self._get_variable_index(variable)
+    if isinstance(gradient, tf.IndexedSlices):
+      gradient = tf.convert_to_tensor(gradient)
+    w = tf.cast(tf.convert_to_tensor(variable), tf.float32)
+    g = tf.cast(gradient, tf.float32)
+    lr = tf.cast(learning_rate, tf.float32)
+    # `iterations` is incremented after all updates of a step.
+    t = tf.cast(self.iterations + 1, tf.float32)
+
+    m_slot = self._momentums[index]
+    v_slot = self._velocities[index]
+    m = (self.beta_1 * tf.cast(tf.convert_to_tensor(m_slot), tf.float32) +
+         (1.0 - self.beta_1) * g)
+    v = (self.beta_2 * tf.cast(tf.convert_to_tensor(v_slot), tf.float32) +
+         (1.0 - self.beta_2) * tf.square(g))
+    self.assign(m_slot, m)
+    self.assign(v_slot, v)
+    m_hat = m / _bias_correction(self.beta_1, t)
+    v_hat = v / _bias_correction(self.beta_2, t)
+    r = m_hat / (tf.sqrt(v_hat) + self.epsilon)
+
+    if self._adapt[index]:
+      if self.lamb_weight_decay:
+        r += self.lamb_weight_decay * w
+      w_norm = tf.norm(w)
+      r_norm = tf.norm(r)
+      ratio = tf.where(
+          tf.logical_and(w_norm > 0.0, r_norm > 0.0),
+          w_norm / tf.where(r_norm > 0.0, r_norm, 1.0), 1.0)
+      self.assign_sub(variable, (lr * ratio) * r)
+    else:
+      self.assign_sub(variable, lr * r)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        'beta_1': self.beta_1,
+        'beta_2': self.beta_2,
+        'epsilon': self.epsilon,
+        'weight_decay': self.lamb_weight_decay,
+        'exclude_from_adaptation': list(self.exclude_from_adaptation),
+    })
+    return config
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class RMSpropTF1(keras.optimizers.RMSprop):
   """Keras RMSprop with the TF1 `tf.train.RMSPropOptimizer` initial state.
@@ -244,9 +394,39 @@ def build_optimizer(opt_cfg: OptimizerConfig,
                    f'sgd, got {name!r}')
 
 
+def build_lamb(learning_rate,
+               *,
+               beta_1: float = 0.9,
+               beta_2: float = 0.999,
+               epsilon: float = 1e-6,
+               weight_decay: float = 0.0,
+               exclude: Sequence[str] = DEFAULT_WEIGHT_DECAY_EXCLUDE
+              ) -> LAMB:
+  """The `LAMB` optimizer of a run.
+
+  Args:
+    learning_rate: a float or a LearningRateSchedule (see schedules.py).
+    beta_1: first-moment decay (the paper: 0.9).
+    beta_2: second-moment decay (the paper: 0.999).
+    epsilon: added to sqrt(v_hat) (the paper's BERT runs: 1e-6).
+    weight_decay: decay inside the update, before the trust ratio (the
+      paper's BERT runs: 0.01); `l2_loss` must then add nothing, which
+      `optimizer_applies_weight_decay` ensures for optimizer 'lamb'.
+    exclude: regexes on variable paths that get neither decay nor trust
+      ratio (the weight_decay_exclude setting).
+
+  Returns:
+    The optimizer; build it under `strategy.scope()` and call
+    `.build(trainable_variables)` there before the first `strategy.run`.
+  """
+  return LAMB(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+              weight_decay=weight_decay, exclude_from_adaptation=exclude)
+
+
 def optimizer_applies_weight_decay(opt_cfg: OptimizerConfig) -> bool:
-  """True when the optimizer itself decays weights (LARS): no L2 loss term."""
-  return opt_cfg.optimizer == 'lars'
+  """True when the optimizer itself decays weights (LARS, LAMB): no L2 loss
+  term."""
+  return opt_cfg.optimizer in ('lars', 'lamb')
 
 
 def l2_loss(opt_cfg: OptimizerConfig, variables) -> tf.Tensor:
@@ -255,8 +435,8 @@ def l2_loss(opt_cfg: OptimizerConfig, variables) -> tf.Tensor:
   Returns `weight_decay * sum(||w||^2) / 2` over `variables` (pass the
   model's trainable variables) whose path matches none of
   `opt_cfg.weight_decay_exclude` (TPU-EN: `wd * sum(tf.nn.l2_loss(w))`),
-  computed in float32; 0.0 when the optimizer applies decay itself (LARS) or
-  weight_decay is 0.
+  computed in float32; 0.0 when the optimizer applies decay itself (LARS,
+  LAMB) or weight_decay is 0.
 
   Distributed convention: Keras all-reduces gradients with SUM over replicas,
   so in `strategy.run` each replica must minimize

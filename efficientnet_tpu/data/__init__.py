@@ -7,6 +7,9 @@ Modules, each importing only those listed before it (no import cycle):
 * `stream`: the resumable training stream (epoch orders, element seeds).
 * `augment`, then `preprocessing`: per-image crop, resize, flip and
   augmentation on the host; `preprocessing.normalize` runs on device.
+* `mixing`: mixup and CutMix of a replica's normalized batch, on device
+  in the train step (stateless draws; soft labels for
+  `losses.soft_cross_entropy`).
 * `checks`: payload / label / pixel validation and skipping of bad records.
 * `dataset_info`: `dataset_info.json`, a TFRecord data set's description
   of itself (counts per split and file, classes, label base).
