@@ -36,7 +36,7 @@ MODEL_TABLE = {
 
 MODES = ('train', 'eval', 'train_and_eval')
 STRATEGIES = ('cpu', 'gpu', 'tpu', 'multi_worker')
-OPTIMIZERS = ('lars', 'rmsprop', 'momentum', 'sgd')
+OPTIMIZERS = ('lars', 'lamb', 'rmsprop', 'momentum', 'sgd')
 LR_SCHEDULES = ('poly', 'exponential', 'cosine', 'constant')
 LR_SCALINGS = ('linear', 'none')
 AUGMENTATIONS = ('none', 'randaugment', 'autoaugment')
@@ -508,6 +508,22 @@ class LarsConfig(Section):
 
 
 @dataclasses.dataclass
+class LambConfig(Section):
+  """LAMB (You et al. 2019, arXiv 1904.00962), used with `optimizer=lamb`."""
+  TITLE: ClassVar[str] = 'Optimizer: LAMB'
+  lamb_beta_1: float = setting(0.9, 'LAMB first-moment decay.')
+  lamb_beta_2: float = setting(0.999, 'LAMB second-moment decay.')
+  lamb_epsilon: float = setting(1e-6, 'LAMB epsilon added to sqrt(v_hat).')
+
+  def __post_init__(self):
+    for name in ('lamb_beta_1', 'lamb_beta_2'):
+      value = getattr(self, name)
+      _check(0 <= value < 1, name, 'a value in [0, 1)', value)
+    _check(self.lamb_epsilon > 0, 'lamb_epsilon', 'a value > 0',
+           self.lamb_epsilon)
+
+
+@dataclasses.dataclass
 class RMSPropConfig(Section):
   """TF1-style RMSProp of the original recipe, with `optimizer=rmsprop`."""
   TITLE: ClassVar[str] = 'Optimizer: RMSProp'
@@ -527,20 +543,31 @@ class OptimizerConfig(Section):
   settings are subsections."""
   TITLE: ClassVar[str] = 'Optimization'
   optimizer: str = setting('rmsprop', 'Optimizer.', choices=OPTIMIZERS)
-  momentum: float = setting(0.9, 'Momentum (LARS, RMSProp, momentum).')
+  momentum: float = setting(0.9, 'Momentum (LARS, RMSProp, momentum; '
+                            'LAMB uses --lamb_beta_1).')
   nesterov: bool = setting(False, 'Nesterov momentum (LARS, momentum).')
   weight_decay: float = setting(
-      1e-5, 'Weight decay, applied once: by LARS itself, or as an L2 loss '
-      'term for the other optimizers.')
+      1e-5, 'Weight decay, applied once: by LARS or LAMB itself, or as an '
+      'L2 loss term for the other optimizers.')
   weight_decay_exclude: Tuple[str, ...] = setting(
       DEFAULT_WEIGHT_DECAY_EXCLUDE, 'Regexes on variable paths excluded '
-      'from weight decay and LARS adaptation.')
+      'from weight decay and LARS / LAMB adaptation.')
   label_smoothing: float = setting(0.1, 'Label smoothing.')
+  mixup_alpha: float = setting(
+      0.0, 'Mixup: images and labels of a replica\'s batch mixed with its '
+      'reverse, lam ~ Beta(alpha, alpha); 0 = off (timm uses 0.1-0.8).')
+  cutmix_alpha: float = setting(
+      0.0, 'CutMix: a box of the partner image pasted in, labels weighted by '
+      'its area, lam ~ Beta(alpha, alpha); 0 = off (usually 1.0).')
+  mixup_switch_prob: float = setting(
+      0.5, 'With both --mixup_alpha and --cutmix_alpha: probability of CutMix '
+      'for a batch.')
   moving_average_decay: float = setting(
       0.9999, 'EMA decay of the weights used for evaluation and export; 0 '
       'disables EMA.')
   schedule: ScheduleConfig = section(ScheduleConfig)
   lars: LarsConfig = section(LarsConfig)
+  lamb: LambConfig = section(LambConfig)
   rmsprop: RMSPropConfig = section(RMSPropConfig)
 
   def __post_init__(self):
@@ -553,6 +580,12 @@ class OptimizerConfig(Section):
            'a value in [0, 1)', self.label_smoothing)
     _check(0 <= self.moving_average_decay < 1, 'moving_average_decay',
            'a value in [0, 1) (0 disables EMA)', self.moving_average_decay)
+    for name in ('mixup_alpha', 'cutmix_alpha'):
+      value = getattr(self, name)
+      _check(0 <= value < float('inf'), name, 'a finite value >= 0 (0 = off)',
+             value)
+    _check(0 <= self.mixup_switch_prob <= 1, 'mixup_switch_prob',
+           'a value in [0, 1]', self.mixup_switch_prob)
     self.weight_decay_exclude = tuple(self.weight_decay_exclude)
     _check_regexes('weight_decay_exclude', self.weight_decay_exclude)
 
@@ -663,6 +696,11 @@ class ExperimentConfig(Section):
   model: ModelConfig = section(ModelConfig)
   optimizer: OptimizerConfig = section(OptimizerConfig)
   train: TrainConfig = section(TrainConfig)
+
+  @property
+  def mixes(self) -> bool:
+    """Mixup or CutMix is on (soft labels in the train step)."""
+    return self.optimizer.mixup_alpha > 0 or self.optimizer.cutmix_alpha > 0
 
   def __post_init__(self):
     if self.data.include_background_label is None:

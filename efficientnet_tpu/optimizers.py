@@ -365,7 +365,8 @@ def build_optimizer(opt_cfg: OptimizerConfig,
 
   Returns:
     lars: `LARS` (momentum, nesterov, lars_eeta, weight_decay, lars_epsilon,
-      weight_decay_exclude); rmsprop: `RMSpropTF1` (rho=rmsprop_decay,
+      weight_decay_exclude); lamb: `LAMB` (lamb_beta_1, lamb_beta_2,
+      lamb_epsilon, weight_decay, weight_decay_exclude); rmsprop: `RMSpropTF1` (rho=rmsprop_decay,
       momentum, epsilon=rmsprop_epsilon; TPU-EN: 0.9 / 0.9 / 1e-3);
       momentum: Keras SGD with momentum (and nesterov); sgd: plain SGD.
     Build it under `strategy.scope()` and call `.build(trainable_variables)`
@@ -378,6 +379,12 @@ def build_optimizer(opt_cfg: OptimizerConfig,
                 weight_decay=opt_cfg.weight_decay,
                 epsilon=opt_cfg.lars.lars_epsilon,
                 exclude_from_adaptation=opt_cfg.weight_decay_exclude)
+  if name == 'lamb':
+    lamb = opt_cfg.lamb
+    return build_lamb(learning_rate, beta_1=lamb.lamb_beta_1,
+                      beta_2=lamb.lamb_beta_2, epsilon=lamb.lamb_epsilon,
+                      weight_decay=opt_cfg.weight_decay,
+                      exclude=opt_cfg.weight_decay_exclude)
   if name == 'rmsprop':
     return RMSpropTF1(learning_rate, rho=float(opt_cfg.rmsprop.rmsprop_decay),
                       momentum=float(opt_cfg.momentum),
@@ -390,8 +397,8 @@ def build_optimizer(opt_cfg: OptimizerConfig,
                                 name='momentum')
   if name == 'sgd':
     return keras.optimizers.SGD(learning_rate, momentum=0.0, name='sgd')
-  raise ValueError(f'optimizer: expected one of lars, rmsprop, momentum, '
-                   f'sgd, got {name!r}')
+  raise ValueError(f'optimizer: expected one of lars, lamb, rmsprop, '
+                   f'momentum, sgd, got {name!r}')
 
 
 def build_lamb(learning_rate,

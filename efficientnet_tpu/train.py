@@ -27,6 +27,7 @@ from efficientnet_tpu import optimizers
 from efficientnet_tpu import replicated
 from efficientnet_tpu import run_dir
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
+from efficientnet_tpu.data import mixing
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data.contract import InputFn
 from efficientnet_tpu.state import ModelState
@@ -198,15 +199,28 @@ class Trainer:
     return preprocessing.normalize(images, self.input_dtype, self._on_tpu)
 
   # ---- the replicated train loop ----------------------------------------
-  def _forward_backward(self, images: tf.Tensor, labels: tf.Tensor):
-    """One replica's loss, logits and gradients (XLA-compiled when on)."""
+  def _forward_backward(self, images: tf.Tensor, labels: tf.Tensor,
+                        seed: tf.Tensor):
+    """One replica's loss, logits and gradients (XLA-compiled when on).
+
+    `seed` ([2] int64, per replica and step) draws Mixup / CutMix.
+    """
     cfg = self.cfg
+    opt = cfg.optimizer
     variables = self.model.trainable_variables
     with tf.GradientTape() as tape:
-      logits = self.model(self.normalize(images), training=True)
-      per_example = losses.smoothed_cross_entropy(
-          labels, logits, cfg.model.num_label_classes,
-          cfg.optimizer.label_smoothing)
+      x = self.normalize(images)
+      if cfg.mixes:
+        x, targets = mixing.mix_batch(
+            x, labels, cfg.model.num_label_classes, opt.mixup_alpha,
+            opt.cutmix_alpha, opt.mixup_switch_prob, opt.label_smoothing,
+            seed=seed)
+      logits = self.model(x, training=True)
+      if cfg.mixes:
+        per_example = losses.soft_cross_entropy(targets, logits)
+      else:
+        per_example = losses.smoothed_cross_entropy(
+            labels, logits, cfg.model.num_label_classes, opt.label_smoothing)
       loss = tf.reduce_sum(per_example) / cfg.train.train_batch_size
       # Gradients are summed over replicas: each adds 1/R of the L2 term.
       loss += optimizers.l2_loss(cfg.optimizer, variables) / self.num_replicas
@@ -219,10 +233,16 @@ class Trainer:
 
   def _replica_train_step(self, batch: Dict[str, tf.Tensor]) -> None:
     labels = batch['labels']
-    loss, logits, grads = self._forward_backward_fn(batch['images'], labels)
     # Outside any compiled function: the optimizer's ONLY_FIRST_REPLICA
     # `iterations` update needs merge_call (see resolve_jit_compile).
     step = self.optimizer.iterations
+    # Stateless draws per (seed, step, replica): a resumed run mixes as an
+    # uninterrupted one would.
+    seed = mixing.replica_seed(
+        self.cfg.data.seed, step,
+        tf.distribute.get_replica_context().replica_id_in_sync_group)
+    loss, logits, grads = self._forward_backward_fn(batch['images'], labels,
+                                                    seed)
     self.optimizer.apply_gradients(zip(grads,
                                        self.model.trainable_variables))
     if self.ema is not None:
