@@ -258,8 +258,12 @@ class DataConfig(Section):
   data: Optional[str] = setting(
       None, "Data source: 'synthetic', 'tfrecord' or 'tfds:NAME'. Default: "
       'tfrecord when --data_dir is set, else synthetic.')
-  num_train_images: int = setting(1281167, 'Images in the train split.')
-  num_eval_images: int = setting(50000, 'Images in the eval split.')
+  num_train_images: Optional[int] = setting(
+      None, 'Images in the train split (epochs, the LR schedule). Default: '
+      "from dataset_info.json beside the shards, else ImageNet's 1281167.")
+  num_eval_images: Optional[int] = setting(
+      None, 'Images evaluated: the first ones of the eval split. Default: '
+      "the whole split, from dataset_info.json, else ImageNet's 50000.")
   augment_name: str = setting(
       'none', 'Training augmentation after the random crop.',
       choices=AUGMENTATIONS)
@@ -292,10 +296,21 @@ class DataConfig(Section):
   # pure noise.
   synthetic_learnable: bool = setting(True, 'Learnable synthetic labels.',
                                       flag=False)
+  # Where the counts came from: 'dataset_info.json', 'settings' or
+  # 'ImageNet defaults' (recorded in config.json).
+  counts_from: Optional[str] = setting(None, 'Source of the counts.',
+                                       flag=False)
 
   def __post_init__(self):
     if self.data is None:
       self.data = 'tfrecord' if self.data_dir else 'synthetic'
+    unset = self.num_train_images is None or self.num_eval_images is None
+    if self.num_train_images is None:
+      self.num_train_images = 1281167
+    if self.num_eval_images is None:
+      self.num_eval_images = 50000
+    if self.counts_from is None:
+      self.counts_from = 'ImageNet defaults' if unset else 'settings'
     ok = (self.data in ('synthetic', 'tfrecord') or
           (self.data.startswith('tfds:') and len(self.data) > 5))
     _check(ok, 'data', "'synthetic', 'tfrecord' or 'tfds:NAME'", self.data)
@@ -344,9 +359,10 @@ class ModelConfig(Section):
   TITLE: ClassVar[str] = 'Model'
   model_name: str = setting('efficientnet-b0', 'EfficientNet variant.',
                             choices=tuple(MODEL_TABLE))
-  num_label_classes: int = setting(
-      1000, 'Classes; 1001 keeps label 0 as background (labels in the '
-      'records are 1-based).')
+  num_label_classes: Optional[int] = setting(
+      None, 'Classes; 1001 keeps label 0 as background (labels in the '
+      'records are 1-based). Default: from dataset_info.json beside the '
+      "shards, else ImageNet's 1000.")
   image_size: Optional[int] = setting(
       None, "Input resolution; default: the model's (224 for B0 ... 600 for "
       'B7).')
@@ -377,6 +393,8 @@ class ModelConfig(Section):
                                'this.', flag=False)
 
   def __post_init__(self):
+    if self.num_label_classes is None:
+      self.num_label_classes = 1000
     _choice(self.model_name, 'model_name', tuple(MODEL_TABLE))
     w, d, r, p = MODEL_TABLE[self.model_name]
     if self.width_coefficient is None:

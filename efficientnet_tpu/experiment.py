@@ -153,7 +153,8 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
       f'Precision: {"bfloat16" if m.use_bfloat16 else "float32"}; XLA: '
       f'{"on" if distribute.resolve_jit_compile(strategy, cfg.train.jit_compile) else "off"}',
       f'Data: {source}: {data.num_train_images} train / '
-      f'{data.num_eval_images} eval images, {m.num_label_classes} classes',
+      f'{data.num_eval_images} eval images, {m.num_label_classes} classes '
+      f'(counts: {data.counts_from})',
       f'Model: {m.model_name} (width {m.width_coefficient:g}, depth '
       f'{m.depth_coefficient:g}, {m.image_size} px): '
       f'{state.model.count_params() / 1e6:.2f}M parameters, '

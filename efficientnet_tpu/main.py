@@ -69,10 +69,13 @@ define_flags()
 
 def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
   """Turns parsed flags into a validated ExperimentConfig."""
+  from efficientnet_tpu.data import dataset_info  # pylint: disable=g-import-not-at-top
   values = {s.name: f[s.name].value for s in config_lib.flag_settings()}
   for s in config_lib.flag_settings():
     if s.type is tuple:  # absl lists -> the config's tuples.
       values[s.name] = tuple(values[s.name])
+  given = frozenset(s.name for s in all_flags() if f[s.name].present)
+  values = dataset_info.resolve_counts(values, given)
   return config_lib.ExperimentConfig.from_settings(**values)
 
 

@@ -121,3 +121,64 @@ def test_record_counts_take_dataset_info_first(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r'^data_dir: .*dataset_info.json: '
                      'malformed'):
     tfrecord.record_counts(files, str(cache))
+
+
+# ---- the trainer's defaults come from the description ----------------------
+def _config(*args):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import main as main_lib  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  main_lib.define_flags(fv)
+  fv(['prog', '--model_dir=/tmp/unused', '--lr_warmup_epochs=0', *args])
+  return main_lib.config_from_flags(fv)
+
+
+def test_counts_default_from_dataset_info_and_explicit_ones_must_agree(
+    tmp_path):
+  from efficientnet_tpu.config import ConfigError  # pylint: disable=g-import-not-at-top
+  info = _info()
+  dataset_info.write(str(tmp_path), info)
+  want = (info.num_records('train'), info.num_records('validation'),
+          len(info.classes))
+  cfg = _config(f'--data_dir={tmp_path}')
+  assert (cfg.data.num_train_images, cfg.data.num_eval_images,
+          cfg.model.num_label_classes) == want
+  assert cfg.data.counts_from == 'dataset_info.json'
+  # Explicit values that agree, a background class, or fewer eval images.
+  cfg = _config(f'--data_dir={tmp_path}', f'--num_train_images={want[0]}',
+                f'--num_label_classes={want[2] + 1}',
+                f'--num_eval_images={want[1] - 1}')
+  assert cfg.model.num_label_classes == want[2] + 1
+  assert cfg.data.include_background_label is (want[2] + 1 == 1001)
+  assert cfg.data.num_eval_images == want[1] - 1
+  for flag, value in (('num_train_images', want[0] + 1),
+                      ('num_label_classes', want[2] + 2),
+                      ('num_eval_images', want[1] + 1)):
+    with pytest.raises(ConfigError) as e:
+      _config(f'--data_dir={tmp_path}', f'--{flag}={value}')
+    assert e.value.setting == flag and 'disagrees with' in str(e.value)
+    assert '\n' not in str(e.value)
+
+
+def test_without_dataset_info_imagenet_counts_and_a_log_line(tmp_path,
+                                                              caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  with caplog.at_level(logging.INFO):
+    cfg = _config(f'--data_dir={tmp_path}')
+  assert (cfg.data.num_train_images, cfg.data.num_eval_images,
+          cfg.model.num_label_classes) == (1281167, 50000, 1000)
+  assert cfg.data.counts_from == 'ImageNet defaults'
+  assert 'No dataset_info.json' in caplog.text
+  assert _config('--num_train_images=64').data.counts_from == (
+      'ImageNet defaults')  # The eval count was not given.
+
+
+def test_zero_based_labels_are_refused(tmp_path):
+  from efficientnet_tpu.config import ConfigError  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  info = _info()
+  info = dataclasses.replace(info, label_base=0, classes=[
+      dataclasses.replace(c, label=c.label - 1) for c in info.classes])
+  dataset_info.write(str(tmp_path), info)
+  with pytest.raises(ConfigError, match='^data_dir: .*0-based labels'):
+    _config(f'--data_dir={tmp_path}')

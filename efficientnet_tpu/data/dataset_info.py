@@ -199,3 +199,87 @@ def _validate(info: DatasetInfo, where: str) -> None:
     raise ValueError(f'{where}: classes must have the labels '
                      f'{info.label_base}..{info.label_base + len(labels) - 1} '
                      f'in order')
+
+
+# Settings a data set's description gives, and ImageNet's values when there
+# is none (the defaults of TPU-EN's flags).
+IMAGENET_COUNTS = {'num_train_images': 1281167, 'num_eval_images': 50000,
+                   'num_label_classes': 1000}
+
+
+def counts(info: DatasetInfo) -> Dict[str, int]:
+  """The settings `info` gives (a split it does not describe: absent)."""
+  out = {'num_label_classes': info.num_classes}
+  for name, split in (('num_train_images', 'train'),
+                      ('num_eval_images', 'validation')):
+    if info.num_records(split):
+      out[name] = info.num_records(split)
+  return out
+
+
+def resolve_counts(settings: Dict, given: frozenset) -> Dict:
+  """Fills the data set's sizes from data_dir/dataset_info.json.
+
+  Args:
+    settings: flat settings (`ExperimentConfig.from_settings` keywords);
+      the three counts of `IMAGENET_COUNTS` may be None (unset).
+    given: names set explicitly (on the command line or in a flagfile).
+
+  Returns:
+    `settings` with the counts filled: from dataset_info.json when the
+    TFRecord data set has one, else ImageNet's (logged), and `counts_from`
+    saying which.
+
+  Raises:
+    ConfigError: an explicit count disagrees with the description (a
+      smaller --num_eval_images is allowed: the first records are
+      evaluated), the description is malformed, or its labels are 0-based.
+  """
+  # A module-level import would make config <- data <- config a cycle.
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu.config import ConfigError  # pylint: disable=g-import-not-at-top
+  settings = dict(settings)
+  data_dir = settings.get('data_dir')
+  source = settings.get('data') or ('tfrecord' if data_dir else 'synthetic')
+  info = None
+  if source == 'tfrecord' and data_dir:
+    try:
+      info = read(data_dir)
+    except ValueError as e:
+      raise ConfigError('data_dir', str(e)) from None
+  if info is None:
+    missing = [k for k in IMAGENET_COUNTS if settings.get(k) is None]
+    if missing and source == 'tfrecord':
+      logging.info('No %s in %s: %s default to ImageNet\'s (%s).', FILENAME,
+                   data_dir, ', '.join(missing),
+                   ', '.join(str(IMAGENET_COUNTS[k]) for k in missing))
+    for k in missing:
+      settings[k] = IMAGENET_COUNTS[k]
+    settings.setdefault('counts_from', 'ImageNet defaults' if missing
+                        else 'settings')
+    return settings
+  if info.label_base == 0:
+    raise ConfigError('data_dir', f'{path(data_dir)} describes 0-based '
+                      'labels; the pipeline reads 1-based labels (0 = '
+                      'background), as efficientnet-tpu-make-tfrecords '
+                      'writes them')
+  described = counts(info)
+  for name, value in described.items():
+    mine = settings.get(name)
+    if mine is None or name not in given:
+      settings[name] = value
+      continue
+    ok = (mine <= value if name == 'num_eval_images' else
+          mine in (value, value + 1) if name == 'num_label_classes' else
+          mine == value)
+    if not ok:
+      raise ConfigError(name, f'{mine} disagrees with {path(data_dir)} '
+                        f'({value}); leave it out to use the description')
+  for k in IMAGENET_COUNTS:
+    if settings.get(k) is None:
+      settings[k] = IMAGENET_COUNTS[k]
+  settings['counts_from'] = FILENAME
+  logging.info('%s: %d train / %d eval images, %d classes.', path(data_dir),
+               settings['num_train_images'], settings['num_eval_images'],
+               settings['num_label_classes'])
+  return settings
