@@ -34,7 +34,7 @@ MODEL_TABLE = {
     'efficientnet-b7': (2.0, 3.1, 600, 0.5),
 }
 
-MODES = ('train', 'eval', 'train_and_eval')
+MODES = ('train', 'eval', 'train_and_eval', 'export')
 STRATEGIES = ('cpu', 'gpu', 'tpu', 'multi_worker')
 OPTIMIZERS = ('lars', 'lamb', 'rmsprop', 'momentum', 'sgd')
 LR_SCHEDULES = ('poly', 'exponential', 'cosine', 'constant')
@@ -642,7 +642,9 @@ class TrainConfig(Section):
       None, 'Directory (local or gs://) for checkpoints, summaries and the '
       'resolved config. An existing run there is resumed, never '
       'overwritten.')
-  mode: str = setting('train', 'What to run.', choices=MODES)
+  mode: str = setting(
+      'train', 'What to run. eval and export read the run\'s settings from '
+      'model_dir/config.json: flags given override them.', choices=MODES)
   train_batch_size: int = setting(2048, 'Global training batch.')
   eval_batch_size: int = setting(1024, 'Global eval batch.')
   train_steps: Optional[int] = setting(
@@ -663,8 +665,12 @@ class TrainConfig(Section):
       'the latest and exit.')
   keep_checkpoint_max: int = setting(5, 'Checkpoints kept.')
   export_dir: Optional[str] = setting(
-      None, 'Write a SavedModel serving JPEG bytes here after training / '
-      'evaluation.')
+      None, 'Write a SavedModel serving encoded images here after training '
+      '/ evaluation (required by --mode=export).')
+  checkpoint_path: Optional[str] = setting(
+      None, '--mode=eval / export: the checkpoint to use, a prefix (e.g. '
+      'model_dir/ckpt-1000) or best (the best evaluated one, model_dir/best); '
+      'default: the latest (eval: each new one with --eval_timeout).')
   jit_compile: str = setting(
       'auto', 'XLA. auto: TPU compiles every step (always); GPU and CPU off. '
       'true (GPU, or one CPU replica): the forward and backward pass '
@@ -704,6 +710,9 @@ class TrainConfig(Section):
     _check(self.keep_checkpoint_max >= 1, 'keep_checkpoint_max',
            'an integer >= 1', self.keep_checkpoint_max)
     _choice(self.jit_compile, 'jit_compile', JIT_COMPILE)
+    if self.mode == 'export':
+      _check(bool(self.export_dir), 'export_dir',
+             'a directory with `mode=export`', self.export_dir)
 
 
 @dataclasses.dataclass

@@ -171,7 +171,9 @@ class Evaluator:
 
 
 def continuous_eval(state: ModelState, evaluator: Evaluator, model_dir: str,
-                    total_steps: int, timeout: int) -> Dict[str, float]:
+                    total_steps: int, timeout: int,
+                    checkpoint_path: Optional[str] = None
+                    ) -> Dict[str, float]:
   """Evaluates each new checkpoint in model_dir until training has ended.
 
   Args:
@@ -181,6 +183,8 @@ def continuous_eval(state: ModelState, evaluator: Evaluator, model_dir: str,
     total_steps: the training's last step: its checkpoint ends the wait.
     timeout: seconds to wait for a new checkpoint before giving up; 0 means
       evaluate what is there now and return.
+    checkpoint_path: evaluate only this one (see
+      `run_dir.resolve_checkpoint`: a prefix, or 'best').
 
   Returns:
     The metrics of the last checkpoint evaluated.
@@ -189,7 +193,9 @@ def continuous_eval(state: ModelState, evaluator: Evaluator, model_dir: str,
     ConfigError: no checkpoint was evaluated.
   """
   metrics: Dict[str, float] = {}
-  if timeout <= 0:
+  if checkpoint_path:
+    paths = [run_dir.resolve_checkpoint(model_dir, checkpoint_path)]
+  elif timeout <= 0:
     paths = [tf.train.latest_checkpoint(model_dir)]
     paths = [p for p in paths if p]
   else:

@@ -29,6 +29,7 @@ from efficientnet_tpu import schedules
 from efficientnet_tpu import train
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import contract
+from efficientnet_tpu.data import dataset_info
 from efficientnet_tpu.data import pipeline
 from efficientnet_tpu.state import ModelState, build_model_state
 
@@ -118,9 +119,42 @@ def maybe_initialize(cfg: ExperimentConfig, state: ModelState):
 
 def export_model(cfg: ExperimentConfig, state: ModelState,
                  export_dir: str) -> str:
-  """Exports `state`'s model (EMA weights when on) as a SavedModel."""
+  """Exports `state`'s model (EMA weights when on) as a SavedModel.
+
+  Class ids follow the data set's labels and carry its class names
+  (`serving_labels`).
+  """
+  offset, names = serving_labels(cfg)
   return export.export_saved_model(state.model, state.ema, cfg.model,
-                                   cfg.data.resize_method, export_dir)
+                                   cfg.data.resize_method, export_dir,
+                                   offset, names)
+
+
+def serving_labels(cfg: ExperimentConfig):
+  """(label_offset, class names) of the model's outputs in the data set.
+
+  TFRecords hold 1-based labels: output i is label i + 1, or label i with
+  a background class (1001 outputs; output 0 is 'background'). tfds labels
+  are 0-based: output i is label i, or i - 1 with a background class.
+  Names come from dataset_info.json; without it, the label as text.
+  """
+  data, n = cfg.data, cfg.model.num_label_classes
+  background = data.include_background_label
+  if data.data == 'tfrecord':
+    offset = 0 if background else 1
+  elif data.data.startswith('tfds:'):
+    offset = -1 if background else 0
+  else:
+    offset = 0
+  names = [str(i + offset) for i in range(n)]
+  info = (dataset_info.read(data.data_dir)
+          if data.data == 'tfrecord' and data.data_dir else None)
+  if info is not None:
+    by_label = dict(zip((c.label for c in info.classes), info.class_names()))
+    names = [by_label.get(i + offset, names[i]) for i in range(n)]
+    if background:
+      names[0] = 'background'
+  return offset, names
 
 
 def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
@@ -200,10 +234,19 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
                    'training task does not.')
     summary = startup_summary(cfg, strategy, state, mode)
     logging.info('Starting:\n  %s', summary.replace('\n', '\n  '))
-    if mode == 'eval':
+    if mode == 'export':
+      path = run_dir.resolve_checkpoint(cfg.train.model_dir,
+                                        cfg.train.checkpoint_path)
+      if path is None:
+        raise ConfigError('model_dir', f'no checkpoint in '
+                          f'{cfg.train.model_dir} to export; point it at a '
+                          'training run')
+      metrics = {'step': state.restore(path)}
+    elif mode == 'eval':
       metrics = evaluation.continuous_eval(
           state, build_evaluator(cfg, strategy, state, role=role),
-          cfg.train.model_dir, cfg.total_train_steps, eval_timeout)
+          cfg.train.model_dir, cfg.total_train_steps, eval_timeout,
+          cfg.train.checkpoint_path)
     else:
       trainer = build_trainer(cfg, strategy, state, role=role)
       maybe_initialize(cfg, state)

@@ -7,8 +7,13 @@ dropped, grayscale replicated) and given the same center crop and resize
 (`preprocessing.preprocess_for_serving`). A row that does not decode (bad
 or truncated bytes, an empty string, animated WebP, another format) does
 not fail the batch: it comes back with `valid = False`, `classes` and
-`top_5_classes` -1 and all-zero `logits` and `probabilities`. An empty
-batch gives empty outputs.
+`top_5_classes` -1, `class_names` '' and all-zero `logits` and
+`probabilities`. An empty batch gives empty outputs.
+
+`classes` and `top_5_classes` are in the data set's label convention (the
+1-based labels of ImageNet TFRecords: model index + `label_offset`),
+`class_names` the data set's names for them (dataset_info.json), and
+`top_5_probabilities` the softmax of the top 5.
 
 The exported model is rebuilt without any distribution strategy (local batch
 norm: inference uses the moving statistics anyway) and given the trained
@@ -20,6 +25,7 @@ SavedModel at `export_dir`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
@@ -33,11 +39,21 @@ from efficientnet_tpu.data import preprocessing
 class ServingModule(tf.Module):
   """`serve(image_bytes: string[N])`: per-row predictions and `valid`."""
 
-  def __init__(self, model, image_size: int, resize_method: str):
+  def __init__(self, model, image_size: int, resize_method: str,
+               label_offset: int = 0,
+               class_names: Optional[Sequence[str]] = None):
     super().__init__(name='efficientnet_serving')
     self.model = model
     self.image_size = image_size
     self.resize_method = resize_method
+    self.label_offset = int(label_offset)
+    num_classes = model.output_shape[-1]
+    if class_names is None:
+      class_names = [str(i + self.label_offset) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+      raise ValueError(f'class_names: expected {num_classes} names (one per '
+                       f'output), got {len(class_names)}')
+    self.class_names = tf.constant(list(class_names), tf.string)
 
   def _decode(self, image_bytes):
     """(indices int32[M], images uint8[M, S, S, 3]) of the rows that decode.
@@ -71,7 +87,10 @@ class ServingModule(tf.Module):
     images = preprocessing.normalize(images, tf.float32)
     logits = tf.cast(self.model(images, training=False), tf.float32)
     num_classes = logits.shape[-1]
-    top_5 = tf.math.top_k(logits, k=min(5, num_classes)).indices
+    probabilities = tf.nn.softmax(logits)
+    top_5_probabilities, top_5 = tf.math.top_k(probabilities,
+                                               k=min(5, num_classes))
+    best = tf.argmax(logits, axis=-1, output_type=tf.int32)
     rows = indices[:, tf.newaxis]
 
     def scatter(values, fill, shape):
@@ -80,16 +99,22 @@ class ServingModule(tf.Module):
 
     return {
         'logits': scatter(logits, 0, [num, num_classes]),
-        'probabilities': scatter(tf.nn.softmax(logits), 0, [num, num_classes]),
-        'classes': scatter(tf.argmax(logits, axis=-1, output_type=tf.int32),
-                           -1, [num]),
-        'top_5_classes': scatter(top_5, -1, [num, top_5.shape[-1]]),
+        'probabilities': scatter(probabilities, 0, [num, num_classes]),
+        # Ids in the data set's label convention (see label_offset).
+        'classes': scatter(best + self.label_offset, -1, [num]),
+        'class_names': scatter(tf.gather(self.class_names, best), '', [num]),
+        'top_5_classes': scatter(top_5 + self.label_offset, -1,
+                                 [num, top_5.shape[-1]]),
+        'top_5_probabilities': scatter(top_5_probabilities, 0,
+                                       [num, top_5.shape[-1]]),
         'valid': scatter(tf.ones_like(indices, tf.bool), False, [num]),
     }
 
 
 def export_saved_model(model, ema, model_cfg: ModelConfig,
-                       resize_method: str, export_dir: str) -> str:
+                       resize_method: str, export_dir: str,
+                       label_offset: int = 0,
+                       class_names: Optional[Sequence[str]] = None) -> str:
   """Exports `model` (its EMA averages if `ema`) to `export_dir`.
 
   Args:
@@ -98,6 +123,9 @@ def export_saved_model(model, ema, model_cfg: ModelConfig,
     model_cfg: the architecture, to rebuild the model for serving.
     resize_method: the eval resize of the serving signature.
     export_dir: a new or empty directory.
+    label_offset: added to the model's class index to give the data set's
+      label (1 for 1-based TFRecord labels without a background class).
+    class_names: one name per model output (default: the label as text).
 
   Returns:
     `export_dir`.
@@ -114,7 +142,8 @@ def export_saved_model(model, ema, model_cfg: ModelConfig,
     return (v if average is None else average).numpy()
 
   serving_model.set_weights([value(v) for v in model.weights])
-  module = ServingModule(serving_model, model_cfg.image_size, resize_method)
+  module = ServingModule(serving_model, model_cfg.image_size, resize_method,
+                         label_offset, class_names)
   tmp_dir = export_dir.rstrip('/') + '.tmp'
   if tf.io.gfile.exists(tmp_dir):
     tf.io.gfile.rmtree(tmp_dir)

@@ -75,8 +75,43 @@ def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
     if s.type is tuple:  # absl lists -> the config's tuples.
       values[s.name] = tuple(values[s.name])
   given = frozenset(s.name for s in all_flags() if f[s.name].present)
+  if values['mode'] in ('eval', 'export') and values['model_dir']:
+    values = inherit_run_settings(values, given)
   values = dataset_info.resolve_counts(values, given)
   return config_lib.ExperimentConfig.from_settings(**values)
+
+
+# What --mode=eval / export do not take from the run's config.json: the
+# cluster they run on, what to do and where to write.
+NOT_INHERITED = frozenset(
+    {s.name for s in config_lib.DistributeConfig.settings()} |
+    {'mode', 'model_dir', 'export_dir', 'checkpoint_path', 'eval_timeout',
+     'dry_run'} | config_lib.InitConfig.setting_names())
+
+
+def inherit_run_settings(values: dict, given: frozenset) -> dict:
+  """The settings of the run in model_dir, under the flags given.
+
+  `--mode=eval` and `export` need only `--model_dir`: the model, EMA,
+  image size, classes and data come from model_dir/config.json; flags given
+  explicitly win (logged; architecture changes are refused later, as on
+  resume). Without config.json the flags are used as they are.
+  """
+  from efficientnet_tpu import run_dir  # pylint: disable=g-import-not-at-top
+  previous = run_dir.read_config(values['model_dir'])
+  if previous is None:
+    return values
+  values = dict(values)
+  for name, value in config_lib.settings_from_dict(previous).items():
+    if name in NOT_INHERITED:
+      continue
+    if name in given:
+      if values.get(name) != value:
+        logging.info('--%s=%s overrides %r of %s/config.json.', name,
+                     values.get(name), value, values['model_dir'])
+      continue
+    values[name] = value
+  return values
 
 
 def flag_error_line(e: config_lib.ConfigError) -> str:
@@ -133,8 +168,11 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
   from efficientnet_tpu.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import run_dir  # pylint: disable=g-import-not-at-top
   run_dir.check_writable(cfg.train.model_dir)
-  data_pipeline.check_data_files(cfg.data, cfg.train.mode,
-                                 cfg.train.model_dir)
+  if cfg.train.mode != 'export':
+    data_pipeline.check_data_files(cfg.data, cfg.train.mode,
+                                   cfg.train.model_dir)
+  if cfg.train.checkpoint_path:
+    run_dir.resolve_checkpoint(cfg.train.model_dir, cfg.train.checkpoint_path)
   run_dir.check_resumable(cfg)
   if cfg.train.export_dir:
     run_dir.check_export_dir(cfg.train.export_dir)

@@ -157,6 +157,31 @@ def append_eval_result(model_dir: str, record: dict) -> None:
                           + '\n')
 
 
+def resolve_checkpoint(model_dir: str,
+                       checkpoint_path: Optional[str]) -> Optional[str]:
+  """The checkpoint `checkpoint_path` names: None -> the latest (None if
+  there is none), 'best' -> the archived best, else a checkpoint prefix.
+
+  Raises:
+    ConfigError: 'best' without an archive, or a prefix that is no
+      checkpoint.
+  """
+  if not checkpoint_path:
+    return tf.train.latest_checkpoint(model_dir)
+  if checkpoint_path == 'best':
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, BEST_DIRNAME))
+    if path is None:
+      raise ConfigError('checkpoint_path', f'best: no {BEST_DIRNAME}/ '
+                        f'checkpoint in {model_dir} (it is kept by '
+                        '`mode=train_and_eval` evaluations)')
+    return path
+  if not tf.io.gfile.exists(checkpoint_path + '.index'):
+    raise ConfigError('checkpoint_path', f'{checkpoint_path} is no '
+                      'checkpoint (expected a prefix like model_dir/ckpt-100 '
+                      'whose .index file exists, or best)')
+  return checkpoint_path
+
+
 def best_top_1(model_dir: str) -> float:
   """The top-1 of the archived best checkpoint; -1 if there is none."""
   path = os.path.join(model_dir, BEST_DIRNAME, BEST_FILENAME)
