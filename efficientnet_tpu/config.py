@@ -822,6 +822,8 @@ def settings_from_dict(d: dict) -> Dict[str, Any]:
 
   def collect(node):
     for k, v in node.items():
+      if k == 'resolved':  # What the settings came to (run_dir.write_config).
+        continue
       if isinstance(v, dict):
         collect(v)
       else:

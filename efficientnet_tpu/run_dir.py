@@ -114,16 +114,23 @@ def check_resumable(cfg: ExperimentConfig) -> None:
         '`model_dir` (existing runs are resumed, never overwritten)')
 
 
-def write_config(cfg: ExperimentConfig, step: int) -> str:
-  """Writes the resolved config, never replacing a different one.
+def write_config(cfg: ExperimentConfig, step: int,
+                 resolved: Optional[dict] = None) -> str:
+  """Writes the config, never replacing a different one.
 
-  The first run's config stays in config.json; a resumed run with other
-  settings is recorded as config-step{step}.json. Returns the path.
+  The settings as given, and under "resolved" what they came to on this
+  run's devices (`train.resolved_values`: total steps, replicas, BN group,
+  peak LR, XLA, ...). The first run's config stays in config.json; a
+  resumed run with other settings (or on another slice) is recorded as
+  config-step{step}.json. Returns the path.
   """
   model_dir = cfg.train.model_dir
   tf.io.gfile.makedirs(model_dir)
   path = os.path.join(model_dir, CONFIG_FILENAME)
-  text = cfg.to_json()
+  record = cfg.to_dict()
+  if resolved is not None:
+    record['resolved'] = resolved
+  text = json.dumps(record, indent=2, sort_keys=True)
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
       if f.read() == text:

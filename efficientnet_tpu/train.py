@@ -56,6 +56,25 @@ def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
   }
 
 
+def resolved_values(cfg: ExperimentConfig,
+                    strategy: tf.distribute.Strategy) -> dict:
+  """What the settings come to on `strategy` (config.json's "resolved")."""
+  plan = replica_plan(cfg, strategy.num_replicas_in_sync)
+  xla = ('whole step (TPU)' if distribute.is_tpu(strategy) else
+         'forward and backward' if distribute.resolve_jit_compile(
+             strategy, cfg.train.jit_compile) else 'off')
+  return dict(
+      plan, replicas=strategy.num_replicas_in_sync,
+      input_pipelines=distribute.num_input_pipelines(strategy),
+      train_epochs=cfg.total_train_steps / cfg.steps_per_epoch,
+      peak_learning_rate=cfg.peak_learning_rate,
+      warmup_steps=cfg.optimizer.schedule.warmup_steps(cfg.steps_per_epoch),
+      xla=xla, num_train_images=cfg.data.num_train_images,
+      num_eval_images=cfg.data.num_eval_images,
+      num_label_classes=cfg.model.num_label_classes,
+      counts_from=cfg.data.counts_from)
+
+
 def check_num_replicas(cfg: ExperimentConfig,
                        strategy: tf.distribute.Strategy) -> dict:
   """The replica plan of `strategy`; refuses a --num_replicas it lacks."""
@@ -319,7 +338,8 @@ class Trainer:
     """
     self.restore()
     if self.is_writer:
-      run_dir.write_config(self.cfg, self.global_step)
+      run_dir.write_config(self.cfg, self.global_step,
+                           resolved_values(self.cfg, self.strategy))
     step = self.global_step
     interval = self.cfg.eval_interval_steps
     metrics: Dict[str, float] = {}

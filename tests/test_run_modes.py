@@ -76,6 +76,17 @@ def test_eval_needs_only_model_dir_and_matches_the_runs_own_eval(
   config = json.load(open(os.path.join(model_dir, 'config.json')))
   assert config['data']['counts_from'] == 'dataset_info.json'
   assert config['model']['num_label_classes'] == CLASSES
+  # What the settings came to: 24 train images in batches of 8 on one CPU
+  # replica, a constant LR, no XLA.
+  resolved = config['resolved']
+  assert resolved['total_steps'] == 4 and resolved['replicas'] == 1
+  assert resolved['steps_per_epoch'] == 3.0
+  assert resolved['train_epochs'] == pytest.approx(4 / 3)
+  assert resolved['per_replica_train_batch'] == 8
+  assert resolved['bn_group_size'] == 1 and resolved['xla'] == 'off'
+  assert resolved['peak_learning_rate'] == pytest.approx(0.016 * 8 / 256)
+  assert (resolved['num_train_images'], resolved['num_eval_images']) == (24,
+                                                                         10)
   last = _eval_results(model_dir)[-1]
   rc, out = _run(capsys, f'--model_dir={model_dir}', '--mode=eval')
   assert rc == 0, out.err
