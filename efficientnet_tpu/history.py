@@ -3,8 +3,9 @@
 Two JSON-lines files in model_dir, each appended by one process:
 
   history.jsonl        one line per training loop, by the train writer:
-                       {"kind": "train", "step", "epoch", "wall_time",
-                        "total_steps", "metrics": {...}}
+                       {"kind": "train", "step", "start_step", "epoch",
+                        "wall_time", "session_start", "total_steps",
+                        "metrics": {...}}
   eval_results.jsonl   one line per evaluation, by the eval writer
                        (`run_dir.append_eval_result`): the eval metrics
                        with "step", "epoch", "wall_time" and "checkpoint"
@@ -40,7 +41,8 @@ _EVAL_FIELDS = ('step', 'epoch', 'wall_time', 'checkpoint')
 
 
 def append_train(model_dir: str, step: int, epoch: float,
-                 metrics: Dict[str, float], total_steps: int,
+                 metrics: Dict[str, float], *, start_step: int,
+                 total_steps: int, session_start: float,
                  wall_time: Optional[float] = None) -> dict:
   """Appends one training loop's record to model_dir/history.jsonl.
 
@@ -51,7 +53,12 @@ def append_train(model_dir: str, step: int, epoch: float,
     step: the global step after the loop.
     epoch: step / steps per epoch.
     metrics: the loop's metrics (`train.Trainer.train_loop`).
+    start_step: the global step before the loop (`latest` drops what a
+      resumed run redoes from there).
     total_steps: the run's last step, for the progress in a report.
+    session_start: when this process started training (seconds since the
+      Unix epoch): the same in all its records, so a report can tell the
+      processes of a resumed run apart.
     wall_time: seconds since the Unix epoch; None: now.
 
   Returns:
@@ -60,8 +67,10 @@ def append_train(model_dir: str, step: int, epoch: float,
   record = {
       'kind': TRAIN,
       'step': int(step),
+      'start_step': int(start_step),
       'epoch': float(epoch),
       'wall_time': time.time() if wall_time is None else float(wall_time),
+      'session_start': float(session_start),
       'total_steps': int(total_steps),
       'metrics': {k: float(v) for k, v in metrics.items()},
   }
@@ -125,14 +134,16 @@ def latest(records: List[dict]) -> List[dict]:
 
   A killed run resumes at its last checkpoint and redoes the steps after
   it, logging them again (perhaps at other steps, with another
-  iterations_per_loop). So a record supersedes every earlier record of its
-  kind at the same or a later step: the last record per (kind, step) is
+  iterations_per_loop). So a training loop's record supersedes every
+  earlier one after its `start_step`, and an evaluation's every earlier
+  one at the same or a later step: the last record per (kind, step) is
   kept, and steps that only the killed run reached are dropped.
   """
   kept: Dict[str, List[dict]] = {}
   for record in records:
     of_kind = kept.setdefault(record['kind'], [])
-    while of_kind and of_kind[-1]['step'] >= record['step']:
+    redone_after = record.get('start_step', record['step'] - 1)
+    while of_kind and of_kind[-1]['step'] > redone_after:
       of_kind.pop()
     of_kind.append(record)
   order = {id(r): i for i, r in enumerate(records)}

@@ -348,7 +348,7 @@ class Trainer:
       next_eval = min(self.total_steps, (step // interval + 1) * interval)
       num_steps = min(self.cfg.train.iterations_per_loop, next_eval - step)
       metrics = self.train_loop(num_steps)
-      step = self.global_step
+      loop_start, step = step, self.global_step
       metrics['epoch'] = step / self.steps_per_epoch
       # Wall time of this process, checkpoints and evaluations included;
       # the ETA extrapolates it without the one-time tracing.
@@ -360,8 +360,10 @@ class Trainer:
       logging.info(progress_line(step, self.total_steps, metrics))
       self.write_summaries(metrics, step)
       if self.is_writer:
-        history.append_train(self.cfg.train.model_dir, step,
-                             metrics['epoch'], metrics, self.total_steps)
+        history.append_train(
+            self.cfg.train.model_dir, step, metrics['epoch'], metrics,
+            start_step=loop_start, total_steps=self.total_steps,
+            session_start=start)
       checkpoint_path = self.save_checkpoint()
       if evaluator is not None and (step == next_eval and
                                     step < self.total_steps):

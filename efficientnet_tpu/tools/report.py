@@ -28,12 +28,17 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
 
+# A console tool: TF's C++ start-up lines would bury its one-line errors.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf
 
 from efficientnet_tpu import fileio
 from efficientnet_tpu import history
 from efficientnet_tpu import run_dir
 from efficientnet_tpu.config import ExperimentConfig
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 PLOTS = ('loss', 'accuracy', 'learning_rate', 'throughput', 'eval_accuracy')
 
@@ -81,18 +86,14 @@ def _describe_model(config: Optional[dict]) -> Dict[str, object]:
 
 
 def _wall_time(train_records: List[dict]) -> Dict[str, float]:
-  """Seconds of training summed over the processes that trained (a
-  process's last `elapsed_s`; a smaller one starts a new process)."""
-  sessions, last, total = 0, None, 0.0
+  """Seconds of training summed over the processes that trained: each
+  process's last `elapsed_s` (its records share a `session_start`)."""
+  last: Dict[float, float] = {}
   for record in train_records:
     elapsed = record['metrics'].get('elapsed_s')
-    if elapsed is None:
-      continue
-    if last is None or elapsed <= last:
-      sessions += 1
-      total += last or 0.0
-    last = elapsed
-  return {'wall_time_s': total + (last or 0.0), 'sessions': sessions}
+    if elapsed is not None:
+      last[record.get('session_start')] = elapsed
+  return {'wall_time_s': sum(last.values()), 'sessions': len(last)}
 
 
 def _eval_point(record: dict) -> Dict[str, object]:
