@@ -56,6 +56,7 @@ setuptools.setup(
             'efficientnet-tpu-train=efficientnet_tpu.main:run',
             'efficientnet-tpu-make-tfrecords='
             'efficientnet_tpu.tools.make_tfrecords:run',
+            'efficientnet-tpu-report=efficientnet_tpu.tools.report:run',
         ],
     },
 )

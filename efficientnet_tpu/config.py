@@ -679,6 +679,9 @@ class TrainConfig(Section):
       False, 'Print the resolved config, the replica plan (with '
       '--num_replicas off CPU) and LR schedule, plot it to '
       'model_dir/lr_schedule.png, and exit.')
+  summary_images: int = setting(
+      8, 'Images of the first training batch shown in TensorBoard '
+      '(train/input_images, one grid) at the start of training; 0: none.')
   init: InitConfig = section(InitConfig)
 
   def __post_init__(self):
@@ -709,6 +712,8 @@ class TrainConfig(Section):
            self.eval_timeout)
     _check(self.keep_checkpoint_max >= 1, 'keep_checkpoint_max',
            'an integer >= 1', self.keep_checkpoint_max)
+    _check(self.summary_images >= 0, 'summary_images', 'an integer >= 0',
+           self.summary_images)
     _choice(self.jit_compile, 'jit_compile', JIT_COMPILE)
     if self.mode == 'export':
       _check(bool(self.export_dir), 'export_dir',

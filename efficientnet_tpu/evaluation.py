@@ -24,6 +24,7 @@ from efficientnet_tpu import distribute
 from efficientnet_tpu import losses
 from efficientnet_tpu import replicated
 from efficientnet_tpu import run_dir
+from efficientnet_tpu import summaries
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data.contract import InputFn
@@ -139,11 +140,14 @@ class Evaluator:
                  '(%d images in %.1f s)', step, metrics['top_1_accuracy'],
                  metrics['top_5_accuracy'], metrics['loss'],
                  metrics['num_examples'], metrics['eval_time_s'])
-    replicated.write_scalars(self.summary_writer, metrics, step)
+    summaries.write_scalars(self.summary_writer, metrics, step,
+                            summaries.EVAL_TAGS)
     if self.is_writer:
+      # Also the run's eval history (`history.read`).
       run_dir.append_eval_result(
           self.cfg.train.model_dir,
-          dict(metrics, step=step, checkpoint=checkpoint_path))
+          dict(metrics, step=step, checkpoint=checkpoint_path,
+               epoch=step / self.cfg.steps_per_epoch, wall_time=time.time()))
     self._maybe_archive_best(step, metrics)
     return metrics
 

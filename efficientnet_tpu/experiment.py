@@ -58,7 +58,8 @@ def build_trainer(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
     state = build_model_state(cfg, strategy, plan['bn_group_size'])
   return train.Trainer(cfg, strategy, state,
                        input_for_step or train_input(cfg),
-                       role or distribute.cluster_role(cfg.distribute))
+                       role or distribute.cluster_role(cfg.distribute),
+                       summary_images=cfg.train.summary_images)
 
 
 def build_evaluator(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,

@@ -29,3 +29,20 @@ def write_atomically(path: str, content: Union[str, bytes]) -> None:
     except tf.errors.OpError:
       pass
     raise
+
+
+def append_line(path: str, line: str) -> None:
+  """Adds `line` (and a newline) at the end of `path`, creating it.
+
+  gfile has no append mode on every filesystem (gs:// has none), so the
+  file is read and rewritten atomically: a reader sees it with or without
+  the line, never half of it. One process may append to a file: two
+  appending at once can lose a line (the last rename wins).
+  """
+  old = ''
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      old = f.read()
+  if old and not old.endswith('\n'):
+    old += '\n'
+  write_atomically(path, old + line + '\n')

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Dict
-
 import tensorflow as tf
 
 
@@ -40,11 +38,3 @@ def replicated_loop(strategy, replica_step):
 
   return loop
 
-
-def write_scalars(writer, metrics: Dict[str, float], step: int,
-                  prefix: str = '') -> None:
-  """Writes `metrics` as TensorBoard scalars at `step` and flushes."""
-  with writer.as_default(step=step):
-    for name, value in metrics.items():
-      tf.summary.scalar(prefix + name, value)
-  writer.flush()

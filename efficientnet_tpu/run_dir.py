@@ -5,7 +5,9 @@
                          config-stepN.json beside it)
   ckpt-N.*, checkpoint   training checkpoints (tf.train.CheckpointManager)
   train/, eval/          TensorBoard event files
-  eval_results.jsonl     one line per evaluation
+  eval_results.jsonl     one line per evaluation (the eval writer)
+  history.jsonl          one line per training loop (the train writer;
+                         `history` reads both files)
   best/, best_eval.json  the checkpoint with the best eval top-1
   record_counts.json     cached TFRecord counts (data.tfrecord)
   .lock                  the training run's lock (run_lock)
@@ -153,15 +155,10 @@ def worker_dir(task, model_dir: str, is_writer: bool) -> str:
 
 
 def append_eval_result(model_dir: str, record: dict) -> None:
-  """Adds one line to eval_results.jsonl (rewritten atomically: gfile has
-  no append mode on every filesystem)."""
-  path = os.path.join(model_dir, RESULTS_FILENAME)
-  old = ''
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      old = f.read()
-  fileio.write_atomically(path, old + json.dumps(record, sort_keys=True)
-                          + '\n')
+  """Adds one line to eval_results.jsonl (only the eval writer appends:
+  see `fileio.append_line`)."""
+  fileio.append_line(os.path.join(model_dir, RESULTS_FILENAME),
+                     json.dumps(record, sort_keys=True))
 
 
 def resolve_checkpoint(model_dir: str,

@@ -22,10 +22,12 @@ from absl import logging
 import tensorflow as tf
 
 from efficientnet_tpu import distribute
+from efficientnet_tpu import history
 from efficientnet_tpu import losses
 from efficientnet_tpu import optimizers
 from efficientnet_tpu import replicated
 from efficientnet_tpu import run_dir
+from efficientnet_tpu import summaries
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import mixing
 from efficientnet_tpu.data import preprocessing
@@ -111,7 +113,8 @@ class Trainer:
 
   def __init__(self, cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                state: ModelState, train_input: Callable[[int], InputFn],
-               role: distribute.ClusterRole = distribute.ClusterRole()):
+               role: distribute.ClusterRole = distribute.ClusterRole(),
+               summary_images: int = 8):
     """Takes what one training run needs.
 
     Args:
@@ -121,7 +124,12 @@ class Trainer:
       train_input: start step -> the training input function; the stream
         continues there after a resume (see `data.stream`).
       role: this process's writer roles and task.
+      summary_images: how many images of the first training batch `train`
+        shows in TensorBoard (`summaries.INPUT_IMAGES_TAG`); 0: none.
     """
+    if summary_images < 0:
+      raise ValueError(f'summary_images: expected an integer >= 0, got '
+                       f'{summary_images}')
     self.cfg = cfg
     self.strategy = strategy
     self.state = state
@@ -139,9 +147,12 @@ class Trainer:
     self.input_dtype = tf.bfloat16 if cfg.model.use_bfloat16 else tf.float32
     self._on_tpu = distribute.is_tpu(strategy)
     self.is_writer = role.is_train_writer
+    self.summary_images = summary_images
 
     with strategy.scope():
       self._loss_sum = replicated.sum_variable('train_loss_sum')
+      self._cross_entropy_sum = replicated.sum_variable(
+          'train_cross_entropy_sum')
       self._correct_sum = replicated.sum_variable('train_correct_sum')
       self._example_sum = replicated.sum_variable('train_example_sum')
     self._forward_backward_fn = (
@@ -268,7 +279,12 @@ class Trainer:
       self.ema.update(step)
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
                                labels), tf.float32)
+    # The plain cross entropy against the hard labels, from this step's
+    # logits: comparable with eval's, unlike the loss (smoothing, L2).
+    cross_entropy = losses.smoothed_cross_entropy(
+        labels, logits, self.cfg.model.num_label_classes, 0.0)
     self._loss_sum.assign_add(loss)
+    self._cross_entropy_sum.assign_add(tf.reduce_sum(cross_entropy))
     self._correct_sum.assign_add(tf.reduce_sum(correct))
     self._example_sum.assign_add(tf.cast(tf.size(labels), tf.float32))
 
@@ -295,17 +311,19 @@ class Trainer:
       self._train_loop_fn(self._train_iterator, tf.constant(0, tf.int32))
       compile_s = time.time() - start
       logging.info('Compiled the training step in %.1f s.', compile_s)
-    for v in (self._loss_sum, self._correct_sum, self._example_sum):
+    for v in (self._loss_sum, self._cross_entropy_sum, self._correct_sum,
+              self._example_sum):
       v.assign(0.0)
     start = time.time()
     self._train_loop_fn(self._train_iterator, num_steps_t)
     loss_sum = self._loss_sum.numpy()  # Blocks until the loop finished.
     elapsed = time.time() - start
-    examples = self._example_sum.numpy()
+    examples = max(self._example_sum.numpy(), 1)
     images_per_second = num_steps * self.cfg.train.train_batch_size / elapsed
     metrics = {
         'loss': float(loss_sum / num_steps),
-        'top_1_accuracy': float(self._correct_sum.numpy() / max(examples, 1)),
+        'cross_entropy': float(self._cross_entropy_sum.numpy() / examples),
+        'top_1_accuracy': float(self._correct_sum.numpy() / examples),
         'learning_rate': float(self.state.learning_rate(
             self.optimizer.iterations - 1)),
         'images_per_second': float(images_per_second),
@@ -322,7 +340,27 @@ class Trainer:
     return metrics
 
   def write_summaries(self, metrics: Dict[str, float], step: int) -> None:
-    replicated.write_scalars(self.summary_writer, metrics, step)
+    """One loop's metrics as TensorBoard scalars (`summaries.TRAIN_TAGS`)."""
+    summaries.write_scalars(self.summary_writer, metrics, step,
+                            summaries.TRAIN_TAGS)
+
+  def write_input_images(self, step: int) -> None:
+    """Shows the first `summary_images` images of this host's first batch
+    at `step` in TensorBoard, augmented as the steps receive them.
+
+    A second pipeline with the chief's input context rebuilds the batch
+    (the training iterator cannot be peeked without losing it); it is
+    built, read for one per-replica batch and dropped. Train writer only.
+    """
+    if not self.is_writer or not self.summary_images:
+      return
+    ctx = tf.distribute.InputContext(
+        num_input_pipelines=distribute.num_input_pipelines(self.strategy),
+        input_pipeline_id=0, num_replicas_in_sync=self.num_replicas)
+    batch = next(iter(self._train_input(step)(ctx).take(1)))
+    summaries.write_image_grid(self.summary_writer,
+                               batch['images'][:self.summary_images].numpy(),
+                               step)
 
   # ---- driver ------------------------------------------------------------
   def train(self, evaluator=None) -> Dict[str, float]:
@@ -346,12 +384,14 @@ class Trainer:
     if step >= self.total_steps:
       logging.info('Already trained to step %d (>= %d).', step,
                    self.total_steps)
+    else:
+      self.write_input_images(step)
     start, first_step, compile_s = time.time(), step, 0.0
     while step < self.total_steps:
       next_eval = min(self.total_steps, (step // interval + 1) * interval)
       num_steps = min(self.cfg.train.iterations_per_loop, next_eval - step)
       metrics = self.train_loop(num_steps)
-      step = self.global_step
+      loop_start, step = step, self.global_step
       metrics['epoch'] = step / self.steps_per_epoch
       # Wall time of this process, checkpoints and evaluations included;
       # the ETA extrapolates it without the one-time tracing.
@@ -362,6 +402,11 @@ class Trainer:
       metrics['eta_s'] = per_step * (self.total_steps - step)
       logging.info(progress_line(step, self.total_steps, metrics))
       self.write_summaries(metrics, step)
+      if self.is_writer:
+        history.append_train(
+            self.cfg.train.model_dir, step, metrics['epoch'], metrics,
+            start_step=loop_start, total_steps=self.total_steps,
+            session_start=start)
       checkpoint_path = self.save_checkpoint()
       if evaluator is not None and (step == next_eval and
                                     step < self.total_steps):

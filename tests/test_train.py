@@ -104,9 +104,9 @@ def test_four_replicas_match_one_replica_on_the_global_batch(tmp_path):
       for v, w in zip(trainer.model.variables, results[0][0]):
         v.assign(w)
     initial = _weights(trainer)
-    trainer.train_loop(2)
-    results.append((initial, _weights(trainer)))
-  (initial, one), (_, four) = results
+    metrics = trainer.train_loop(2)
+    results.append((initial, _weights(trainer), metrics))
+  (initial, one, one_metrics), (_, four, four_metrics) = results
   # Two replicas' sums differ from one device's only in float32 summation
   # order; BN over a few values per channel amplifies that a little. A bug
   # (loss not divided by the global batch, L2 applied per replica, local BN)
@@ -115,6 +115,11 @@ def test_four_replicas_match_one_replica_on_the_global_batch(tmp_path):
   mismatch = max(np.abs(a - b).max() for a, b in zip(one, four))
   assert update > 1e-2, 'weights did not move'
   assert mismatch < 2e-3 * update, (mismatch, update)
+  # The loss (with L2) and the plain cross entropy are over the global
+  # batch, whatever the replicas; the L2 term tells them apart.
+  for name in ('loss', 'cross_entropy', 'top_1_accuracy'):
+    assert four_metrics[name] == pytest.approx(one_metrics[name], rel=1e-4)
+  assert one_metrics['loss'] > one_metrics['cross_entropy'] + 1e-4
 
 
 @pytest.mark.slow
