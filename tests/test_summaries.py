@@ -70,7 +70,7 @@ def test_tags_values_and_input_images_of_a_train_and_eval_run(tmp_path):
   correct = (logits.argmax(1) == labels).mean()
   assert scalar(train, 'train/top_1_accuracy') == pytest.approx(correct)
   assert scalar(train, 'train/learning_rate') == pytest.approx(
-      cfg.optimizer.base_learning_rate)
+      cfg.optimizer.schedule.base_learning_rate)
   # Eval's cross entropy is the eval metric 'loss' (no smoothing).
   assert scalar(evals, 'eval/cross_entropy') == pytest.approx(
       metrics['eval/loss'])
