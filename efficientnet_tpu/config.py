@@ -296,6 +296,21 @@ class DataConfig(Section):
   # pure noise.
   synthetic_learnable: bool = setting(True, 'Learnable synthetic labels.',
                                       flag=False)
+  # Crops for data sets that are not ImageNet (docs/input_pipeline.md).
+  train_crop_min_area: float = setting(
+      0.08, 'Training crop: least fraction of the image area it covers '
+      '(Inception-style crop; small images such as 32 px want more, e.g. '
+      '0.25-0.35).')
+  train_crop_max_area: float = setting(
+      1.0, 'Training crop: largest fraction of the image area it covers.')
+  train_crop_min_aspect: float = setting(
+      3.0 / 4.0, 'Training crop: least width / height.')
+  train_crop_max_aspect: float = setting(
+      4.0 / 3.0, 'Training crop: largest width / height.')
+  eval_crop_fraction: Optional[float] = setting(
+      None, 'Eval (and failed training-crop fallback): the center crop '
+      'covers this fraction of the shorter side; 1.0 keeps the whole center '
+      'square. Default: S / (S + round(S / 7)), 224 / 256 at S=224.')
   # Where the counts came from: 'dataset_info.json', 'settings' or
   # 'ImageNet defaults' (recorded in config.json).
   counts_from: Optional[str] = setting(None, 'Source of the counts.',
@@ -345,6 +360,24 @@ class DataConfig(Section):
       _check(self.augment_name == 'none', 'deterministic',
              '`augment_name=none` (RandAugment and AutoAugment draw from '
              'stateful random ops)', self.augment_name)
+    for name in ('train_crop_min_area', 'train_crop_max_area'):
+      value = getattr(self, name)
+      _check(0 < value <= 1, name, 'a value in (0, 1]', value)
+    _check(self.train_crop_min_area <= self.train_crop_max_area,
+           'train_crop_min_area',
+           f'a value <= `train_crop_max_area={self.train_crop_max_area}`',
+           self.train_crop_min_area)
+    for name in ('train_crop_min_aspect', 'train_crop_max_aspect'):
+      value = getattr(self, name)
+      _check(0 < value < float('inf'), name, 'a finite value > 0', value)
+    _check(self.train_crop_min_aspect <= self.train_crop_max_aspect,
+           'train_crop_min_aspect',
+           f'a value <= `train_crop_max_aspect={self.train_crop_max_aspect}`',
+           self.train_crop_min_aspect)
+    if self.eval_crop_fraction is not None:
+      _check(0 < self.eval_crop_fraction <= 1, 'eval_crop_fraction',
+             'a value in (0, 1] (or unset for S / (S + 32) at 224)',
+             self.eval_crop_fraction)
 
 
 @dataclasses.dataclass
@@ -389,6 +422,10 @@ class ModelConfig(Section):
   use_bfloat16: bool = setting(
       False, 'bfloat16 activations (mixed precision) with float32 weights '
       'and logits.')
+  use_float16: bool = setting(
+      False, 'float16 activations (mixed precision) with float32 weights and '
+      'logits and dynamic loss scaling, for GPUs without bfloat16 (V100, '
+      'T4). Not on TPU (use --use_bfloat16).')
   depth_divisor: int = setting(8, 'Channel counts round to multiples of '
                                'this.', flag=False)
 
@@ -429,6 +466,10 @@ class ModelConfig(Section):
              'an integer >= 1', self.bn_group_batch_size)
       _check(self.bn_group_size is None, 'bn_group_batch_size',
              'not to be combined with `bn_group_size`', self.bn_group_size)
+    if self.use_float16:
+      _check(not self.use_bfloat16, 'use_float16',
+             'not to be combined with `use_bfloat16` (pick one precision)',
+             self.use_float16)
 
   def resolve_bn_group_size(self, num_replicas: int,
                             per_replica_batch: int) -> int:
@@ -739,6 +780,9 @@ class ExperimentConfig(Section):
       self.data.include_background_label = (
           self.model.num_label_classes == 1001)
     self._check_schedule()
+    if self.model.use_float16 and self.distribute.strategy == 'tpu':
+      raise ConfigError('use_float16', 'TPUs compute in bfloat16, not '
+                        'float16; use `use_bfloat16` instead')
     if self.distribute.known_num_replicas:
       self.validate_for_replicas(self.distribute.known_num_replicas)
 

@@ -128,7 +128,7 @@ def export_model(cfg: ExperimentConfig, state: ModelState,
   offset, names = serving_labels(cfg)
   return export.export_saved_model(state.model, state.ema, cfg.model,
                                    cfg.data.resize_method, export_dir,
-                                   offset, names)
+                                   offset, names, cfg.data.eval_crop_fraction)
 
 
 def serving_labels(cfg: ExperimentConfig):
@@ -171,6 +171,8 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
   source = data.data if data.data == 'synthetic' else (
       f'{data.data} from {data.data_dir}')
   m = cfg.model
+  precision = ('bfloat16' if m.use_bfloat16 else
+               'float16 (dynamic loss scale)' if m.use_float16 else 'float32')
   return '\n'.join([
       f'Run: --mode={mode}, model_dir {cfg.train.model_dir}',
       f'Strategy: {type(strategy).__name__}, '
@@ -185,7 +187,7 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
       f'Optimizer: {cfg.optimizer.optimizer}, {schedule["lr_schedule"]} '
       f'schedule, peak LR {schedule["peak_lr"]:.4g} after '
       f'{schedule["warmup_steps"]} warmup steps; LR at {lr_at}',
-      f'Precision: {"bfloat16" if m.use_bfloat16 else "float32"}; XLA: '
+      f'Precision: {precision}; XLA: '
       f'{"on" if distribute.resolve_jit_compile(strategy, cfg.train.jit_compile) else "off"}',
       f'Data: {source}: {data.num_train_images} train / '
       f'{data.num_eval_images} eval images, {m.num_label_classes} classes '

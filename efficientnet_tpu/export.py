@@ -41,11 +41,13 @@ class ServingModule(tf.Module):
 
   def __init__(self, model, image_size: int, resize_method: str,
                label_offset: int = 0,
-               class_names: Optional[Sequence[str]] = None):
+               class_names: Optional[Sequence[str]] = None,
+               crop_fraction: Optional[float] = None):
     super().__init__(name='efficientnet_serving')
     self.model = model
     self.image_size = image_size
     self.resize_method = resize_method
+    self.crop_fraction = crop_fraction
     self.label_offset = int(label_offset)
     num_classes = model.output_shape[-1]
     if class_names is None:
@@ -67,7 +69,8 @@ class ServingModule(tf.Module):
     dataset = tf.data.Dataset.from_tensor_slices((tf.range(num), image_bytes))
     dataset = dataset.map(
         lambda i, b: (i, preprocessing.preprocess_for_serving(
-            b, size, resize_method=self.resize_method)),
+            b, size, resize_method=self.resize_method,
+            crop_fraction=self.crop_fraction)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     # log_warning: the server log says why a row was dropped.
     dataset = dataset.ignore_errors(log_warning=True)
@@ -114,7 +117,8 @@ class ServingModule(tf.Module):
 def export_saved_model(model, ema, model_cfg: ModelConfig,
                        resize_method: str, export_dir: str,
                        label_offset: int = 0,
-                       class_names: Optional[Sequence[str]] = None) -> str:
+                       class_names: Optional[Sequence[str]] = None,
+                       crop_fraction: Optional[float] = None) -> str:
   """Exports `model` (its EMA averages if `ema`) to `export_dir`.
 
   Args:
@@ -126,12 +130,14 @@ def export_saved_model(model, ema, model_cfg: ModelConfig,
     label_offset: added to the model's class index to give the data set's
       label (1 for 1-based TFRecord labels without a background class).
     class_names: one name per model output (default: the label as text).
+    crop_fraction: the eval center crop (`DataConfig.eval_crop_fraction`).
 
   Returns:
     `export_dir`.
   """
   # Serving runs in float32 on any device; weights are float32 either way.
   serving_cfg = dataclasses.replace(model_cfg, use_bfloat16=False,
+                                    use_float16=False,
                                     bn_group_size=None,
                                     bn_group_batch_size=None)
   serving_model = model_lib.build_model(serving_cfg, bn_group_size=1)
@@ -143,7 +149,7 @@ def export_saved_model(model, ema, model_cfg: ModelConfig,
 
   serving_model.set_weights([value(v) for v in model.weights])
   module = ServingModule(serving_model, model_cfg.image_size, resize_method,
-                         label_offset, class_names)
+                         label_offset, class_names, crop_fraction)
   tmp_dir = export_dir.rstrip('/') + '.tmp'
   if tf.io.gfile.exists(tmp_dir):
     tf.io.gfile.rmtree(tmp_dir)

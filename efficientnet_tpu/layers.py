@@ -20,8 +20,10 @@ _PACKAGE = 'efficientnet_tpu'
 
 
 def dtype_policy(config: ModelConfig) -> str:
-  """Per-layer dtype policy: bfloat16 compute with float32 variables."""
-  return 'mixed_bfloat16' if config.use_bfloat16 else 'float32'
+  """Per-layer dtype policy: bfloat16 / float16 compute, float32 variables."""
+  if config.use_bfloat16:
+    return 'mixed_bfloat16'
+  return 'mixed_float16' if config.use_float16 else 'float32'
 
 
 def conv_kernel_initializer():

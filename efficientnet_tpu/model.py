@@ -1,10 +1,11 @@
 """EfficientNet B0-B7 as a Keras 3 functional model (compound scaling).
 
-The network takes images that are already normalized ([B, H, W, 3], float32
-or bfloat16) and returns float32 logits [B, num_classes]. With
-`use_bfloat16` every layer computes in bfloat16 with float32 variables
-('mixed_bfloat16', passed per layer; the global policy is untouched) except
-the final Dense, which is float32.
+The network takes images that are already normalized ([B, H, W, 3], float32,
+bfloat16 or float16) and returns float32 logits [B, num_classes]. With
+`use_bfloat16` (`use_float16`) every layer computes in bfloat16 (float16)
+with float32 variables ('mixed_bfloat16' / 'mixed_float16', passed per
+layer; the global policy is untouched) except the final Dense, which is
+float32.
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ def flops_per_image(config: ModelConfig) -> int:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.python.profiler import model_analyzer  # pylint: disable=g-import-not-at-top
   from tensorflow.python.profiler import option_builder  # pylint: disable=g-import-not-at-top
-  local = dataclasses.replace(config, use_bfloat16=False, bn_group_size=None,
-                              bn_group_batch_size=None)
+  local = dataclasses.replace(config, use_bfloat16=False, use_float16=False,
+                              bn_group_size=None, bn_group_batch_size=None)
   with tf.device('/cpu:0'):
     model = build_model(local, bn_group_size=1)
     size = local.image_size

@@ -35,7 +35,7 @@ BEST_DIRNAME = 'best'
 BEST_FILENAME = 'best_eval.json'
 
 # Model fields that may change on resume: they do not change the weights.
-_RESUMABLE_MODEL_FIELDS = ('use_bfloat16', 'bn_group_size',
+_RESUMABLE_MODEL_FIELDS = ('use_bfloat16', 'use_float16', 'bn_group_size',
                            'bn_group_batch_size')
 
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from efficientnet_tpu import collectives
 from efficientnet_tpu import ema as ema_lib
+from efficientnet_tpu import loss_scale as loss_scale_lib
 from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import optimizers
 from efficientnet_tpu import schedules
@@ -51,6 +52,8 @@ class ModelState:
   ema: Optional[ema_lib.ExponentialMovingAverage]
   checkpoint: tf.train.Checkpoint
   sync_replica_local_state: Callable[[], None]
+  # float16 only: the dynamic loss scale (checkpointed as 'loss_scale').
+  loss_scale: Optional[loss_scale_lib.DynamicLossScale] = None
 
   @property
   def step(self) -> int:
@@ -85,11 +88,15 @@ def build_model_state(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
     if cfg.optimizer.moving_average_decay > 0:
       ema = ema_lib.ExponentialMovingAverage(
           model.variables, cfg.optimizer.moving_average_decay)
+    loss_scale = (loss_scale_lib.DynamicLossScale()
+                  if cfg.model.use_float16 else None)
   sync = collectives.replica_mean_assigner(
       strategy, replica_local_variables(model, ema))
   items = dict(model=model, optimizer=optimizer)
   if ema is not None:
     items['ema'] = ema
+  if loss_scale is not None:
+    items['loss_scale'] = loss_scale
   # Dropout / stochastic-depth RNG state: Keras 3 seed generators are not
   # tracked by the model's checkpoint, and a resumed run must draw the
   # masks an uninterrupted one would.
@@ -99,4 +106,4 @@ def build_model_state(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
   return ModelState(model=model, optimizer=optimizer,
                     learning_rate=learning_rate, ema=ema,
                     checkpoint=tf.train.Checkpoint(**items),
-                    sync_replica_local_state=sync)
+                    sync_replica_local_state=sync, loss_scale=loss_scale)

@@ -144,7 +144,8 @@ class Trainer:
     # XLA for the forward and backward pass (TPU: the whole loop, always).
     self.jit_compile = distribute.resolve_jit_compile(strategy,
                                                       cfg.train.jit_compile)
-    self.input_dtype = tf.bfloat16 if cfg.model.use_bfloat16 else tf.float32
+    self.input_dtype = (tf.bfloat16 if cfg.model.use_bfloat16 else
+                        tf.float16 if cfg.model.use_float16 else tf.float32)
     self._on_tpu = distribute.is_tpu(strategy)
     self.is_writer = role.is_train_writer
     self.summary_images = summary_images
@@ -230,10 +231,11 @@ class Trainer:
 
   # ---- the replicated train loop ----------------------------------------
   def _forward_backward(self, images: tf.Tensor, labels: tf.Tensor,
-                        seed: tf.Tensor):
+                        seed: tf.Tensor, scale: Optional[tf.Tensor] = None):
     """One replica's loss, logits and gradients (XLA-compiled when on).
 
-    `seed` ([2] int64, per replica and step) draws Mixup / CutMix.
+    `seed` ([2] int64, per replica and step) draws Mixup / CutMix. `scale`
+    (float16): the loss scale; the gradients returned are unscaled.
     """
     cfg = self.cfg
     opt = cfg.optimizer
@@ -254,11 +256,14 @@ class Trainer:
       loss = tf.reduce_sum(per_example) / cfg.train.train_batch_size
       # Gradients are summed over replicas: each adds 1/R of the L2 term.
       loss += optimizers.l2_loss(cfg.optimizer, variables) / self.num_replicas
+      scaled = loss if scale is None else loss * scale
     # The optimizer all-reduces these; TF's differentiable all_reduce then
     # walks the whole multi-replica graph at trace time, once per call. The
     # gradients need no gradient of their own: stopping it cuts the trace of
     # a tiny model on 8 CPU replicas from ~2 minutes to under one.
-    grads = [tf.stop_gradient(g) for g in tape.gradient(loss, variables)]
+    grads = [tf.stop_gradient(g) for g in tape.gradient(scaled, variables)]
+    if scale is not None:
+      grads = [g / scale for g in grads]
     return loss, tf.cast(logits, tf.float32), grads
 
   def _replica_train_step(self, batch: Dict[str, tf.Tensor]) -> None:
@@ -271,10 +276,16 @@ class Trainer:
     seed = mixing.replica_seed(
         self.cfg.data.seed, step,
         tf.distribute.get_replica_context().replica_id_in_sync_group)
+    loss_scale = self.state.loss_scale
+    scale = None if loss_scale is None else tf.identity(loss_scale.scale)
     loss, logits, grads = self._forward_backward_fn(batch['images'], labels,
-                                                    seed)
-    self.optimizer.apply_gradients(zip(grads,
-                                       self.model.trainable_variables))
+                                                    seed, scale)
+    if loss_scale is None:
+      self.optimizer.apply_gradients(zip(grads,
+                                         self.model.trainable_variables))
+    else:  # Skips (and counts) a step with non-finite gradients.
+      loss_scale.apply_gradients(self.optimizer, grads,
+                                 self.model.trainable_variables)
     if self.ema is not None:
       self.ema.update(step)
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),

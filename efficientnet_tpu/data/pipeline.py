@@ -193,6 +193,9 @@ def build_input_fn(data_cfg: DataConfig,
     return plans[num_pipelines]
   resize_method = data_cfg.resize_method
   max_pixels = data_cfg.max_image_pixels
+  area_range = (data_cfg.train_crop_min_area, data_cfg.train_crop_max_area)
+  aspect_ratio_range = (data_cfg.train_crop_min_aspect,
+                        data_cfg.train_crop_max_aspect)
   skip = is_training and data_cfg.skip_corrupt
   skipped = checks.SkippedRecords() if skip else None
 
@@ -222,7 +225,9 @@ def build_input_fn(data_cfg: DataConfig,
       preprocess = lambda: preprocessing.preprocess_for_train(  # pylint: disable=g-long-lambda
           image_bytes, image_size, resize_method, data_cfg.augment_name,
           data_cfg.randaug_num_layers, data_cfg.randaug_magnitude,
-          allow_non_jpeg=is_tfds, seed=seed)
+          allow_non_jpeg=is_tfds, seed=seed, area_range=area_range,
+          aspect_ratio_range=aspect_ratio_range,
+          crop_fraction=data_cfg.eval_crop_fraction)
       if not skip:
         with tf.control_dependencies(checks.check_payload(
             image_bytes, label, source, is_tfds, num_classes, max_pixels)):
@@ -318,7 +323,8 @@ def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
         image_bytes, label, source, is_tfds, num_classes,
         data_cfg.max_image_pixels)):
       image = preprocessing.preprocess_for_eval(
-          image_bytes, image_size, resize_method, allow_non_jpeg=is_tfds)
+          image_bytes, image_size, resize_method, allow_non_jpeg=is_tfds,
+          crop_fraction=data_cfg.eval_crop_fraction)
     return {'images': image, 'labels': label}
 
   ds = ds.map(eval_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

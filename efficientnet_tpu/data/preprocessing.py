@@ -5,7 +5,9 @@ the JPEG header's shape alone (`sample_distorted_bounding_box`, area
 0.08..1, aspect 3/4..4/3, 10 attempts) and only that window is decoded
 (`decode_and_crop_jpeg`); when sampling fails the center crop used for eval
 is taken instead. Eval takes a center crop covering `size / (size + pad)` of
-the short side, `pad = round(size * (1 / 0.875 - 1))` (32 at 224).
+the short side, `pad = round(size * (1 / 0.875 - 1))` (32 at 224). Data sets
+that are not ImageNet set the area and aspect ranges and the eval crop
+fraction (`crop_fraction`) themselves.
 
 The host pipeline emits uint8 images (4x fewer bytes to copy, batch and
 send to the accelerator than float32); `normalize` (mean/std and the cast
@@ -40,10 +42,21 @@ def crop_padding(image_size: int) -> int:
   return int(round(image_size * (1.0 / CENTER_CROP_FRACTION - 1.0)))
 
 
-def center_crop_window(image_shape: tf.Tensor, image_size: int) -> tf.Tensor:
-  """[offset_y, offset_x, h, w] of the padded center crop (int32)."""
+def center_crop_window(image_shape: tf.Tensor, image_size: int,
+                       crop_fraction: Optional[float] = None) -> tf.Tensor:
+  """[offset_y, offset_x, h, w] of the center crop (int32).
+
+  The square covers `crop_fraction` of the shorter side; None is the
+  ImageNet rule `image_size / (image_size + crop_padding(image_size))`.
+  """
   height, width = image_shape[0], image_shape[1]
-  scale = image_size / (image_size + crop_padding(image_size))
+  if crop_fraction is None:
+    scale = image_size / (image_size + crop_padding(image_size))
+  elif 0 < crop_fraction <= 1:
+    scale = float(crop_fraction)
+  else:
+    raise ValueError(f'crop_fraction: expected a value in (0, 1], got '
+                     f'{crop_fraction!r}')
   crop = tf.cast(scale * tf.cast(tf.minimum(height, width), tf.float32),
                  tf.int32)
   crop = tf.maximum(crop, 1)
@@ -59,7 +72,8 @@ def random_crop_window(image_shape: tf.Tensor,
                                                                   4. / 3),
                        min_object_covered: float = 0.1,
                        max_attempts: int = 10,
-                       seed: Optional[Tuple[int, int]] = None) -> tf.Tensor:
+                       seed: Optional[Tuple[int, int]] = None,
+                       crop_fraction: Optional[float] = None) -> tf.Tensor:
   """Samples an Inception-style crop window, center crop if sampling fails.
 
   Args:
@@ -68,6 +82,7 @@ def random_crop_window(image_shape: tf.Tensor,
     area_range, aspect_ratio_range, min_object_covered, max_attempts: as in
       `tf.image.sample_distorted_bounding_box`.
     seed: optional stateless seed (2 ints); None uses the stateful op.
+    crop_fraction: of the center-crop fallback (see `center_crop_window`).
 
   Returns:
     int32 [offset_y, offset_x, height, width], always inside the image.
@@ -88,7 +103,9 @@ def random_crop_window(image_shape: tf.Tensor,
   # eval center crop (as the TPU reference does). A cond computes the
   # fallback only when needed (rare): ~20 us less per image than tf.where.
   failed = tf.reduce_all(tf.equal(size[:2], image_shape[:2]))
-  return tf.cond(failed, lambda: center_crop_window(image_shape, image_size),
+  return tf.cond(failed,
+                 lambda: center_crop_window(image_shape, image_size,
+                                            crop_fraction),
                  lambda: tf.concat([begin[:2], size[:2]], 0))
 
 
@@ -186,7 +203,12 @@ def preprocess_for_train(image_bytes: tf.Tensor,
                          randaug_num_layers: int = 2,
                          randaug_magnitude: float = 10.0,
                          allow_non_jpeg: bool = False,
-                         seed: Optional[tf.Tensor] = None) -> tf.Tensor:
+                         seed: Optional[tf.Tensor] = None,
+                         area_range: Tuple[float, float] = (0.08, 1.0),
+                         aspect_ratio_range: Tuple[float, float] = (
+                             3. / 4, 4. / 3),
+                         crop_fraction: Optional[float] = None
+                        ) -> tf.Tensor:
   """Random crop + flip + resize (+ augmentation): uint8 [S, S, 3].
 
   Not normalized: the train step calls `normalize` on device.
@@ -195,6 +217,10 @@ def preprocess_for_train(image_bytes: tf.Tensor,
     seed: optional stateless seed [2] for the crop and the flip: the same
       seed gives the same crop and flip whatever thread or run computes it
       (RandAugment / AutoAugment still draw from stateful ops).
+    area_range, aspect_ratio_range: of the crop (fraction of the image area,
+      width / height); the defaults are the ImageNet recipe's.
+    crop_fraction: of the center crop taken when sampling fails (see
+      `center_crop_window`).
   """
   crop_seed = flip_seed = None
   if seed is not None:
@@ -202,7 +228,10 @@ def preprocess_for_train(image_bytes: tf.Tensor,
         tf.random.experimental.stateless_split(seed, 2))
   image = decode_and_crop(
       image_bytes,
-      lambda shape: random_crop_window(shape, image_size, seed=crop_seed),
+      lambda shape: random_crop_window(
+          shape, image_size, area_range=area_range,
+          aspect_ratio_range=aspect_ratio_range, seed=crop_seed,
+          crop_fraction=crop_fraction),
       allow_non_jpeg)
   # Flipping the uint8 crop before resizing equals flipping the output (the
   # resize kernels are mirror-symmetric) and moves 4x fewer bytes.
@@ -217,10 +246,13 @@ def preprocess_for_train(image_bytes: tf.Tensor,
 def preprocess_for_eval(image_bytes: tf.Tensor,
                         image_size: int,
                         resize_method: str = 'bicubic',
-                        allow_non_jpeg: bool = False) -> tf.Tensor:
-  """Center crop + resize: uint8 [S, S, 3], not normalized."""
+                        allow_non_jpeg: bool = False,
+                        crop_fraction: Optional[float] = None) -> tf.Tensor:
+  """Center crop (`center_crop_window`) + resize: uint8 [S, S, 3], not
+  normalized."""
   image = decode_and_crop(
-      image_bytes, lambda shape: center_crop_window(shape, image_size),
+      image_bytes,
+      lambda shape: center_crop_window(shape, image_size, crop_fraction),
       allow_non_jpeg)
   return _static_shape(resize(image, image_size, resize_method), image_size)
 
@@ -304,7 +336,9 @@ def decode_rgb(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 def preprocess_for_serving(image_bytes: tf.Tensor, image_size: int,
-                           resize_method: str = 'bicubic') -> tf.Tensor:
+                           resize_method: str = 'bicubic',
+                           crop_fraction: Optional[float] = None
+                          ) -> tf.Tensor:
   """`preprocess_for_eval` for JPEG, PNG, GIF, BMP and still WebP bytes.
 
   JPEGs take exactly the eval path (fused center-crop decode); the other
@@ -314,11 +348,12 @@ def preprocess_for_serving(image_bytes: tf.Tensor, image_size: int,
   """
   def jpeg():
     return decode_and_crop(
-        image_bytes, lambda shape: center_crop_window(shape, image_size))
+        image_bytes,
+        lambda shape: center_crop_window(shape, image_size, crop_fraction))
 
   def other():
     image = decode_rgb(image_bytes)
-    w = center_crop_window(tf.shape(image), image_size)
+    w = center_crop_window(tf.shape(image), image_size, crop_fraction)
     return tf.slice(image, [w[0], w[1], 0], [w[2], w[3], 3])
 
   image = tf.cond(_is_jpeg(image_bytes), jpeg, other)
