@@ -263,7 +263,7 @@ def test_group_size_must_divide_replicas(strategy):
     return strategy.run(lambda x: layer(x, training=True), args=(x,))
 
   # Raised at trace time; autograph wraps it in a StagingError.
-  with pytest.raises(Exception, match='--bn_group_size: expected a divisor'):
+  with pytest.raises(Exception, match='group_size: expected a divisor'):
     step(per_replica(strategy, _data(np.random.default_rng(0))))
 
 
