@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -55,6 +55,20 @@ def _compile_patterns(patterns: Iterable[str], name: str):
       raise ValueError(f'{name}: expected valid regular expressions, got '
                        f'{pattern!r} ({e})') from None
   return compiled
+
+
+def adaptation_mask(var_list, exclude_res) -> Tuple[bool, ...]:
+  """Per variable of `var_list`: True unless a regex matches its path.
+
+  LARS and LAMB adapt (trust ratio, weight decay) only these.
+  """
+  return tuple(not any(p.search(variable_path(v)) for p in exclude_res)
+               for v in var_list)
+
+
+def excluded_paths(variables, mask) -> List[str]:
+  """The paths of the variables `mask` leaves out (for logging)."""
+  return [variable_path(v) for v, a in zip(variables, mask) if not a]
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -122,14 +136,11 @@ class LARS(keras.optimizers.Optimizer):
     super().build(var_list)
     self._momentums = self.add_optimizer_variables(var_list, 'momentum')
     # Indexed like var_list, which is how _get_variable_index numbers them.
-    self._adapt = tuple(
-        not any(p.search(variable_path(v)) for p in self._exclude_res)
-        for v in var_list)
+    self._adapt = adaptation_mask(var_list, self._exclude_res)
 
   def excluded_paths(self):
     """Paths of the variables that get plain momentum SGD (for logging)."""
-    return [variable_path(v) for v, a in
-            zip(self._trainable_variables, self._adapt) if not a]
+    return excluded_paths(self._trainable_variables, self._adapt)
 
   def update_step(self, gradient, variable, learning_rate):
     index = self._get_variable_index(variable)
@@ -269,14 +280,11 @@ class LAMB(keras.optimizers.Optimizer):
     super().build(var_list)
     self._momentums, self._velocities = self.add_optimizer_variables(
         var_list, ['momentum', 'velocity'])
-    self._adapt = tuple(
-        not any(p.search(variable_path(v)) for p in self._exclude_res)
-        for v in var_list)
+    self._adapt = adaptation_mask(var_list, self._exclude_res)
 
   def excluded_paths(self):
     """Paths of the variables that get plain Adam (for logging)."""
-    return [variable_path(v) for v, a in
-            zip(self._trainable_variables, self._adapt) if not a]
+    return excluded_paths(self._trainable_variables, self._adapt)
 
   def update_step(self, gradient, variable, learning_rate):
     index = self._get_variable_index(variable)

@@ -230,12 +230,18 @@ def test_lars_get_config_round_trip():
   assert cfg['weight_decay'] == 2e-4
   clone = optimizers.LARS.from_config(cfg)
   assert clone.get_config() == cfg
+  assert_round_trip(opt, optimizers.LARS, seed=5)
+
+
+def assert_round_trip(opt, cls, seed):
+  """Keras serialization gives `cls` with the same config and updates."""
+  cfg = opt.get_config()
   restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
-  assert isinstance(restored, optimizers.LARS)
+  assert isinstance(restored, cls)
   assert restored.get_config() == cfg
-  # Keras' own decoupled decay must stay off: LARS decays inside its update.
+  # Keras' own decoupled decay must stay off: ours decay inside the update.
   assert restored.weight_decay is None
-  rng = np.random.default_rng(5)
+  rng = np.random.default_rng(seed)
   m1, m2 = _model(), _model()
   m2.set_weights(m1.get_weights())
   grads = _random_grads(m1, 2, rng)
