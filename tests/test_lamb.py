@@ -8,6 +8,7 @@ import tensorflow as tf
 from efficientnet_tpu import optimizers
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
 from tests.helpers import cpu_replicas
+from tests.test_optimizers import _apply, _model, _random_grads  # pylint: disable=protected-access
 from tests.test_optimizers import assert_round_trip
 
 DEFAULT_EXCLUDE = (r'(^|/)gamma$', r'(^|/)beta$', r'(^|/)bias$')
@@ -38,28 +39,6 @@ def np_lamb(weights, grads_per_step, lrs, *, beta_1, beta_2, eps, wd, adapt):
       else:
         w[i] = w[i] - lr * r
   return w
-
-
-def _model(kernel_init='glorot_uniform'):
-  """Dense 'fc' (kernel, bias) + BatchNormalization 'bn' (gamma, beta)."""
-  inputs = keras.Input((3,))
-  x = keras.layers.Dense(4, name='fc', kernel_initializer=kernel_init,
-                         bias_initializer='ones')(inputs)
-  x = keras.layers.BatchNormalization(name='bn')(x)
-  return keras.Model(inputs, x, name='net')
-
-
-def _random_grads(model, steps, rng):
-  return [[rng.normal(size=v.shape).astype(np.float32)
-           for v in model.trainable_variables] for _ in range(steps)]
-
-
-def _apply(opt, model, grads_per_step):
-  opt.build(model.trainable_variables)
-  for grads in grads_per_step:
-    opt.apply_gradients(zip([tf.constant(g) for g in grads],
-                            model.trainable_variables))
-  return [v.numpy() for v in model.trainable_variables]
 
 
 def _assert_close(got, want, **kw):
