@@ -97,7 +97,7 @@ def read_tf_config() -> Optional[dict]:
     multi_worker_util._validate_cluster_spec(  # pylint: disable=protected-access
         cluster, task['type'], int(task['index']))
   except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise ConfigError('TF_CONFIG: expected JSON with cluster.worker (and '
+    raise ConfigError('TF_CONFIG', 'expected JSON with cluster.worker (and '
                       'optionally chief / evaluator) and task.type / '
                       f'task.index, got {raw!r} ({e})') from None
   return tf_config
