@@ -183,6 +183,6 @@ def test_startup_summary_describes_the_run(tmp_path):
   assert f'{trainer.model.count_params() / 1e6:.2f}M parameters' in (
       lines['Model'])
   peak = schedules.build_learning_rate_schedule(
-      cfg.optimizer, 32, cfg.steps_per_epoch, 4).peak_learning_rate
+      cfg.optimizer.schedule, 32, cfg.steps_per_epoch, 4).peak_learning_rate
   assert f'peak LR {peak:.4g}' in lines['Optimizer']
   assert lines['Precision'] == 'float32; XLA: off'
