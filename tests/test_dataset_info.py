@@ -182,3 +182,14 @@ def test_zero_based_labels_are_refused(tmp_path):
   dataset_info.write(str(tmp_path), info)
   with pytest.raises(ConfigError, match='^data_dir: .*0-based labels'):
     _config(f'--data_dir={tmp_path}')
+
+
+def test_an_unreadable_description_is_a_one_line_error(tmp_path):
+  """A bucket the machine cannot reach (here: a directory in the file's
+  place) fails naming the file, not with TF's stack."""
+  from efficientnet_tpu.config import ConfigError  # pylint: disable=g-import-not-at-top
+  os.makedirs(tmp_path / dataset_info.FILENAME)
+  with pytest.raises(ConfigError) as e:
+    _config(f'--data_dir={tmp_path}')
+  assert e.value.setting == 'data_dir' and '\n' not in str(e.value)
+  assert dataset_info.FILENAME in str(e.value)

@@ -113,9 +113,9 @@ def test_tpu_flag_implies_tpu_strategy():
   assert cfg.distribute.strategy == 'tpu' and cfg.distribute.tpu == 'local'
 
 
-def test_data_defaults_to_tfrecord_with_data_dir():
+def test_data_defaults_to_tfrecord_with_data_dir(tmp_path):
   FLAGS.unparse_flags()
-  FLAGS(['efficientnet-tpu-train', '--data_dir=gs://b/imagenet',
+  FLAGS(['efficientnet-tpu-train', f'--data_dir={tmp_path}',
          '--model_dir=/tmp/x', '--num_label_classes=1001'])
   cfg = main_lib.config_from_flags(FLAGS)
   assert cfg.data.data == 'tfrecord'

@@ -131,7 +131,8 @@ def read(data_dir: str) -> Optional[DatasetInfo]:
 
   Raises:
     ValueError: one line naming the file, when its content is malformed
-      (not JSON, missing or mistyped fields, counts that do not add up).
+      (not JSON, missing or mistyped fields, counts that do not add up), or
+      it cannot be read (permissions, an unreachable bucket).
   """
   target = path(data_dir)
   try:
@@ -139,6 +140,9 @@ def read(data_dir: str) -> Optional[DatasetInfo]:
       text = f.read()
   except tf.errors.NotFoundError:
     return None
+  except tf.errors.OpError as e:
+    first = (e.message.strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f'{target}: could not read it ({first})') from None
   try:
     return _parse(json.loads(text), target)
   except KeyError as e:
