@@ -312,16 +312,12 @@ def test_trainer_mixes_per_replica_and_steps_with_lamb(tmp_path):
   from efficientnet_tpu import optimizers  # pylint: disable=g-import-not-at-top
   plain, m0, w0 = _train_weights(tmp_path, 'plain')
   assert isinstance(plain.optimizer, optimizers.LAMB)
-  mixed, m1, w1 = _train_weights(tmp_path, 'mixed', mixup_alpha=0.4,
-                                 cutmix_alpha=1.0)
-  again, m2, w2 = _train_weights(tmp_path, 'again', mixup_alpha=0.4,
-                                 cutmix_alpha=1.0)
+  _, m1, w1 = _train_weights(tmp_path, 'mixed', mixup_alpha=0.4,
+                             cutmix_alpha=1.0)
   for m in (m0, m1):
     assert np.isfinite(m['loss'])
   # Same seed and data, mixed images: other updates (the mixing is wired
-  # into the step), and the same ones again (stateless per-step draws).
+  # into the step). Same seed, same draws: test_same_seed_same_result_...
   assert m1['loss'] != m0['loss']
   assert any(not np.array_equal(a, b) for a, b in zip(w0, w1))
-  assert m2['loss'] == m1['loss']
-  for a, b in zip(w1, w2):
-    np.testing.assert_array_equal(a, b)
+  assert all(np.isfinite(w).all() for w in w1)
