@@ -163,7 +163,7 @@ def test_counts_default_from_dataset_info_and_explicit_ones_must_agree(
 def test_without_dataset_info_imagenet_counts_and_a_log_line(tmp_path,
                                                               caplog):
   import logging  # pylint: disable=g-import-not-at-top
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     cfg = _config(f'--data_dir={tmp_path}')
   assert (cfg.data.num_train_images, cfg.data.num_eval_images,
           cfg.model.num_label_classes) == (1281167, 50000, 1000)
