@@ -25,6 +25,14 @@ def per_replica(strategy, arrays):
       lambda ctx: tf.constant(arrays[ctx.replica_id_in_sync_group]))
 
 
+def split_batch(strategy, array):
+  """A global batch split evenly over the replicas, in replica order."""
+  n = strategy.num_replicas_in_sync
+  size = len(array) // n
+  return per_replica(strategy, [array[i * size:(i + 1) * size]
+                                for i in range(n)])
+
+
 def local_values(strategy, value):
   """The per-replica components of a distributed value, as numpy arrays."""
   return [np.asarray(v) for v in strategy.experimental_local_results(value)]

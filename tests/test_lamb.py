@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from efficientnet_tpu import optimizers
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
-from tests.helpers import cpu_replicas
+from tests.helpers import cpu_replicas, split_batch
 from tests.test_optimizers import _apply, _model, _random_grads  # pylint: disable=protected-access
 from tests.test_optimizers import assert_round_trip
 
@@ -231,8 +231,6 @@ def _train(strategy, init_weights, xs, ys):
     model.set_weights(init_weights)
     opt = optimizers.build_lamb(0.05, weight_decay=0.01)
     opt.build(model.trainable_variables)
-  n = strategy.num_replicas_in_sync
-  per_replica = GLOBAL_BATCH // n
 
   @tf.function
   def train_step(x, y):
@@ -247,14 +245,7 @@ def _train(strategy, init_weights, xs, ys):
     strategy.run(step_fn, args=(x, y))
 
   for x, y in zip(xs, ys):
-    def shard(ctx, a):
-      i = ctx.replica_id_in_sync_group
-      return a[i * per_replica:(i + 1) * per_replica]
-    dx = strategy.experimental_distribute_values_from_function(
-        lambda ctx, x=x: shard(ctx, x))
-    dy = strategy.experimental_distribute_values_from_function(
-        lambda ctx, y=y: shard(ctx, y))
-    train_step(dx, dy)
+    train_step(split_batch(strategy, x), split_batch(strategy, y))
   return ([v.numpy() for v in model.trainable_variables],
           int(opt.iterations.numpy()))
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from efficientnet_tpu import optimizers
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
-from tests.helpers import cpu_replicas
+from tests.helpers import cpu_replicas, split_batch
 
 DEFAULT_EXCLUDE = (r'(^|/)gamma$', r'(^|/)beta$', r'(^|/)bias$')
 
@@ -334,7 +334,6 @@ def _train(strategy, init_weights, xs, ys, opt_cfg, lr):
     opt = optimizers.build_optimizer(opt_cfg, lr)
     opt.build(model.trainable_variables)
   n = strategy.num_replicas_in_sync
-  per_replica = GLOBAL_BATCH // n
 
   @tf.function
   def train_step(x, y):
@@ -350,14 +349,7 @@ def _train(strategy, init_weights, xs, ys, opt_cfg, lr):
     strategy.run(step_fn, args=(x, y))
 
   for x, y in zip(xs, ys):
-    def shard(ctx, a):
-      i = ctx.replica_id_in_sync_group
-      return a[i * per_replica:(i + 1) * per_replica]
-    dx = strategy.experimental_distribute_values_from_function(
-        lambda ctx, x=x: shard(ctx, x))
-    dy = strategy.experimental_distribute_values_from_function(
-        lambda ctx, y=y: shard(ctx, y))
-    train_step(dx, dy)
+    train_step(split_batch(strategy, x), split_batch(strategy, y))
   return [v.numpy() for v in model.trainable_variables], int(opt.iterations.numpy())
 
 
