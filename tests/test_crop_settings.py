@@ -13,6 +13,7 @@ import tensorflow as tf
 from efficientnet_tpu.config import ConfigError, DataConfig
 from efficientnet_tpu.data import pipeline as data_pipeline
 from efficientnet_tpu.data import preprocessing
+from tests.test_input_pipeline import _example  # pylint: disable=protected-access
 
 
 def _jpeg_bytes(array):
@@ -113,17 +114,6 @@ def test_eval_crop_fraction_one_keeps_the_whole_center_square():
   np.testing.assert_array_equal(half.numpy(), [10, 22, 20, 20])
   with pytest.raises(ValueError, match='crop_fraction'):
     preprocessing.center_crop_window(tf.constant([40, 64, 3]), 16, 1.5)
-
-
-def _example(image_bytes, label):
-  feature = {
-      'image/encoded': tf.train.Feature(
-          bytes_list=tf.train.BytesList(value=[image_bytes])),
-      'image/class/label': tf.train.Feature(
-          int64_list=tf.train.Int64List(value=[label])),
-  }
-  return tf.train.Example(features=tf.train.Features(
-      feature=feature)).SerializeToString()
 
 
 def test_pipeline_threads_the_crop_settings(tmp_path):
