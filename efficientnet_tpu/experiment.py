@@ -91,6 +91,23 @@ def evaluator_for(trainer: train.Trainer,
                          input_fn, trainer.role)
 
 
+@contextlib.contextmanager
+def _init_checkpoint_errors():
+  """init_checkpoint's ValueErrors as ConfigErrors naming the setting."""
+  try:
+    yield
+  except ValueError as e:
+    raise ConfigError('init_checkpoint', str(e).removeprefix(
+        'load_initial_weights: ')) from None
+
+
+def check_init_checkpoint(cfg: ExperimentConfig) -> None:
+  """Fails before any work when `init_checkpoint` names no weights."""
+  if cfg.train.init.init_checkpoint:
+    with _init_checkpoint_errors():
+      init_checkpoint.resolve_source(cfg.train.init.init_checkpoint)
+
+
 def maybe_initialize(cfg: ExperimentConfig, state: ModelState):
   """Loads `init_checkpoint` into a new run's state; None when resuming.
 
@@ -104,13 +121,10 @@ def maybe_initialize(cfg: ExperimentConfig, state: ModelState):
     logging.info('Resuming from model_dir: --init_checkpoint=%s is not '
                  'loaded.', init.init_checkpoint)
     return None
-  try:
+  with _init_checkpoint_errors():
     report = init_checkpoint.load_initial_weights(
         state.model, init.init_checkpoint, exclude=init.init_exclude,
         ema=state.ema, use_ema_weights=init.init_from_ema)
-  except ValueError as e:
-    raise ConfigError('init_checkpoint', str(e).removeprefix(
-        'load_initial_weights: ')) from None
   logging.info('Initialized %d variables from %s (%s)%s.',
                len(report.loaded), report.path, report.source_format,
                '; classifier re-initialized: ' + report.head_reason

@@ -147,8 +147,13 @@ _HINT = ('check that model_name (and width/depth) match the source, or '
          'leave it as initialized with exclude')
 
 
-def _resolve(path: str) -> Tuple[str, str]:
-  """(checkpoint prefix or file, format) for `path`."""
+def resolve_source(path: str) -> Tuple[str, str]:
+  """(checkpoint prefix or file, format) for `path`.
+
+  Raises:
+    ValueError: `path` is no checkpoint (prefix or directory with one) and
+      no HDF5 weights file.
+  """
   if tf.io.gfile.isdir(path):
     latest = tf.train.latest_checkpoint(path)
     if latest is None:
@@ -438,7 +443,7 @@ def load_initial_weights(model, path: str, exclude: Iterable[str] = (),
       the first such variable or layer.
   """
   patterns = [re.compile(p) for p in exclude]
-  resolved, fmt = _resolve(path)
+  resolved, fmt = resolve_source(path)
   entries = _model_entries(model)
   if fmt == FORMAT_CHECKPOINT:
     source = _CheckpointSource(resolved, use_ema_weights)

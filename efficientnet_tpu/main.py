@@ -164,8 +164,8 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
   batches and BN groups on a known replica count) were checked when `cfg`
   was built.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import experiment  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import run_dir  # pylint: disable=g-import-not-at-top
   run_dir.check_writable(cfg.train.model_dir)
   if cfg.train.mode != 'export':
@@ -176,11 +176,7 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
   run_dir.check_resumable(cfg)
   if cfg.train.export_dir:
     run_dir.check_export_dir(cfg.train.export_dir)
-  init = cfg.train.init.init_checkpoint
-  if init and not any(tf.io.gfile.exists(p) for p in (init, init + '.index')):
-    raise config_lib.ConfigError(
-        'init_checkpoint', f'{init} does not exist (expected a checkpoint '
-        'prefix, a model_dir or a Keras weights file)')
+  experiment.check_init_checkpoint(cfg)
 
 
 def dry_run(cfg: config_lib.ExperimentConfig) -> None:

@@ -29,9 +29,11 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from absl import logging
 import tensorflow as tf
 
 from efficientnet_tpu import fileio
+from efficientnet_tpu.config import ConfigError
 
 FILENAME = 'dataset_info.json'
 FORMAT = 1
@@ -239,9 +241,6 @@ def resolve_counts(settings: Dict, given: frozenset) -> Dict:
       smaller --num_eval_images is allowed: the first records are
       evaluated), the description is malformed, or its labels are 0-based.
   """
-  # A module-level import would make config <- data <- config a cycle.
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu.config import ConfigError  # pylint: disable=g-import-not-at-top
   settings = dict(settings)
   data_dir = settings.get('data_dir')
   source = settings.get('data') or ('tfrecord' if data_dir else 'synthetic')
