@@ -34,6 +34,11 @@ MODEL_TABLE = {
     'efficientnet-b7': (2.0, 3.1, 600, 0.5),
 }
 
+# The data set's sizes when nothing describes it: ImageNet's (the defaults of
+# TPU-EN's flags); data/dataset_info.py fills them from the data set first.
+IMAGENET_COUNTS = {'num_train_images': 1281167, 'num_eval_images': 50000,
+                   'num_label_classes': 1000}
+
 MODES = ('train', 'eval', 'train_and_eval', 'export')
 STRATEGIES = ('cpu', 'gpu', 'tpu', 'multi_worker')
 OPTIMIZERS = ('lars', 'lamb', 'rmsprop', 'momentum', 'sgd')
@@ -321,9 +326,9 @@ class DataConfig(Section):
       self.data = 'tfrecord' if self.data_dir else 'synthetic'
     unset = self.num_train_images is None or self.num_eval_images is None
     if self.num_train_images is None:
-      self.num_train_images = 1281167
+      self.num_train_images = IMAGENET_COUNTS['num_train_images']
     if self.num_eval_images is None:
-      self.num_eval_images = 50000
+      self.num_eval_images = IMAGENET_COUNTS['num_eval_images']
     if self.counts_from is None:
       self.counts_from = 'ImageNet defaults' if unset else 'settings'
     ok = (self.data in ('synthetic', 'tfrecord') or
@@ -431,7 +436,7 @@ class ModelConfig(Section):
 
   def __post_init__(self):
     if self.num_label_classes is None:
-      self.num_label_classes = 1000
+      self.num_label_classes = IMAGENET_COUNTS['num_label_classes']
     _choice(self.model_name, 'model_name', tuple(MODEL_TABLE))
     w, d, r, p = MODEL_TABLE[self.model_name]
     if self.width_coefficient is None:

@@ -33,7 +33,7 @@ from absl import logging
 import tensorflow as tf
 
 from efficientnet_tpu import fileio
-from efficientnet_tpu.config import ConfigError
+from efficientnet_tpu.config import IMAGENET_COUNTS, ConfigError
 
 FILENAME = 'dataset_info.json'
 FORMAT = 1
@@ -207,10 +207,6 @@ def _validate(info: DatasetInfo, where: str) -> None:
                      f'in order')
 
 
-# Settings a data set's description gives, and ImageNet's values when there
-# is none (the defaults of TPU-EN's flags).
-IMAGENET_COUNTS = {'num_train_images': 1281167, 'num_eval_images': 50000,
-                   'num_label_classes': 1000}
 
 
 def counts(info: DatasetInfo) -> Dict[str, int]:
