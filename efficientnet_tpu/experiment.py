@@ -26,6 +26,7 @@ from efficientnet_tpu import init_checkpoint
 from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import run_dir
 from efficientnet_tpu import schedules
+from efficientnet_tpu import stack
 from efficientnet_tpu import train
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import contract
@@ -201,6 +202,7 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
       f'Optimizer: {cfg.optimizer.optimizer}, {schedule["lr_schedule"]} '
       f'schedule, peak LR {schedule["peak_lr"]:.4g} after '
       f'{schedule["warmup_steps"]} warmup steps; LR at {lr_at}',
+      f'Stack: {stack.describe(stack.installed())}',
       f'Precision: {precision}; XLA: '
       f'{"on" if distribute.resolve_jit_compile(strategy, cfg.train.jit_compile) else "off"}',
       f'Data: {source}: {data.num_train_images} train / '

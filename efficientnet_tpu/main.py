@@ -24,6 +24,7 @@ from absl import logging
 
 from efficientnet_tpu import config as config_lib
 from efficientnet_tpu import presets as presets_lib
+from efficientnet_tpu import stack
 
 FLAGS = flags.FLAGS
 
@@ -265,6 +266,14 @@ def quiet_tf_info_noise() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    # Before any work: an older TF or Keras fails here in one line, not
+    # with an AttributeError inside the first traced step.
+    found = stack.check()
+  except stack.UnsupportedStack as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  logging.info('Stack: %s', stack.describe(found))
   quiet_tf_info_noise()
   try:
     cfg = config_from_flags(FLAGS)
