@@ -40,6 +40,7 @@ class ExponentialMovingAverage(tf.Module):
     with tf.name_scope(name):
       self.averages = [
           tf.Variable(_tf_variable(v).read_value(), trainable=False,
+                      aggregation=tf.VariableAggregation.NONE,
                       name=_tf_variable(v).name.split(':')[0]
                       .replace('/', '_'))
           for v in self._model_variables

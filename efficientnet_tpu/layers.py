@@ -122,14 +122,15 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
         shape=shape, name='beta', initializer=self.beta_initializer,
         trainable=True, autocast=False) if self.center else None
     # aggregation 'none': every replica writes its (identical) value locally.
+    # Said explicitly: Keras before 3.8 defaulted to 'mean'.
     self.moving_mean = self.add_weight(
         shape=shape, name='moving_mean',
         initializer=self.moving_mean_initializer, trainable=False,
-        autocast=False)
+        autocast=False, aggregation='none')
     self.moving_variance = self.add_weight(
         shape=shape, name='moving_variance',
         initializer=self.moving_variance_initializer, trainable=False,
-        autocast=False)
+        autocast=False, aggregation='none')
     self._reduction_axes = list(range(len(input_shape) - 1))
 
   def compute_output_shape(self, input_shape):
