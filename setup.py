@@ -20,7 +20,9 @@ def _requirements(name):
 
 
 # TensorFlow is an extra: which build a machine needs depends on its hardware,
-# and pip extras only add packages. `cpu`: tensorflow-cpu on x86-64 (the full
+# and pip extras only add packages. Without an extra, pip keeps the
+# TensorFlow a machine already has (a TPU VM runtime, an NGC container,
+# conda). `cpu`: tensorflow-cpu on x86-64 (the full
 # wheel elsewhere); `gpu`: tensorflow with the CUDA libraries from pip. TPU VM
 # runtimes ship their own TensorFlow, so they install no extra.
 _TF_CPU = ['tensorflow-cpu>=2.18; platform_machine == "x86_64"',
@@ -36,8 +38,10 @@ setuptools.setup(
                                                'benchmarks', 'benchmarks.*')),
     # The presets (absl flagfiles) load by name: --preset=NAME.
     package_data={'efficientnet_tpu.presets': ['*.cfg']},
-    # Keras 3.15 requires Python 3.11 (TensorFlow 2.21: 3.10).
-    python_requires='>=3.11',
+    # The support matrix (efficientnet_tpu/stack.py, checked at start-up):
+    # Python >= 3.10 (Cloud TPU VM images), TensorFlow >= 2.18 (from an
+    # extra or the machine's own), Keras >= 3.10 (requirements.txt).
+    python_requires='>=3.10',
     install_requires=_requirements('requirements.txt'),
     extras_require={
         'cpu': _TF_CPU,
