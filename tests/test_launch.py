@@ -166,17 +166,21 @@ def _alive(pid):
   return bool(state) and not state.startswith('Z')
 
 
-def _requirements_without_tf():
-  """requirements.txt minus what the TPU runtime provides (independently)."""
-  out = []
+def _worker_requirements(keras=None):
+  """requirements.txt as a TPU worker installs it (independently parsed):
+  without the runtime's TensorFlow and TensorBoard, Keras first (`keras`
+  replaces its line)."""
+  out, keras_line = [], None
   for line in (REPO / 'requirements.txt').read_text().splitlines():
     line = line.split('#')[0].replace(' ', '')
     if not line or line.startswith('-'):
       continue
     name = re.match(r'[A-Za-z0-9_.\-]+', line).group(0).lower()
-    if name not in ('tensorflow', 'tensorflow-cpu', 'keras', 'tensorboard'):
+    if name == 'keras':
+      keras_line = line
+    elif name not in ('tensorflow', 'tensorflow-cpu', 'tensorboard'):
       out.append(line)
-  return out
+  return [keras or keras_line] + out
 
 
 # ---- interface -------------------------------------------------------------
@@ -342,12 +346,57 @@ def test_install_copies_the_source_and_installs_without_deps(
   pip_no_deps, pip_deps, check = [c['argv'] for c in sandbox.python_calls()]
   assert pip_no_deps == ['-m', 'pip', 'install', '--quiet', '--no-deps',
                          '--force-reinstall', str(src)]
-  expected = _requirements_without_tf()
+  expected = _worker_requirements()
   if pod:
     expected += ['google-api-python-client', 'oauth2client']
   assert pip_deps == ['-m', 'pip', 'install', '--quiet', *expected]
-  assert not any(a.startswith(('tensorflow', 'keras')) for a in pip_deps)
-  assert check[0] == '-c' and 'import' in check[1]
+  # The runtime's TPU TensorFlow and TensorBoard are never replaced; Keras
+  # is named with a floor, which pip meets by keeping a newer one.
+  assert not any(a.startswith(('tensorflow', 'tensorboard'))
+                 for a in pip_deps)
+  assert pip_deps[4].startswith('keras>=')
+  assert check == ['-m', 'efficientnet_tpu.stack']
+
+
+def test_install_local_runs_the_worker_steps_on_this_machine(sandbox):
+  """--local: the worker's three steps, here, from this checkout, with the
+  given interpreter; the dry run prints exactly what runs."""
+  python = sandbox.worker_bin / 'python3'
+  args = ['--local', f'--python={python}', '--keras=keras==3.10.0']
+  env = dict(FAKE_PYTHON_LOG=str(sandbox.root / 'python3_calls.jsonl'))
+  dry = sandbox.run('tpu_install.sh', '--dry_run', *args, env=env)
+  assert dry.returncode == 0, dry.stderr
+  printed = [shlex.split(l) for l in dry.stdout.splitlines() if l.strip()]
+  assert sandbox.python_calls() == []
+  result = sandbox.run('tpu_install.sh', *args, env=env)
+  assert result.returncode == 0, result.stderr
+  assert sandbox.logged_calls() == []  # No gcloud.
+  calls = [c['argv'] for c in sandbox.python_calls()]
+  assert printed == [[str(python), *c] for c in calls]
+  assert calls == [
+      ['-m', 'pip', 'install', '--quiet', '--no-deps', '--force-reinstall',
+       str(REPO)],
+      ['-m', 'pip', 'install', '--quiet',
+       *_worker_requirements(keras='keras==3.10.0')],
+      ['-m', 'efficientnet_tpu.stack']]
+  # The check runs outside the checkout: the installed copy is checked.
+  assert sandbox.python_calls()[-1]['cwd'] == '/'
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--local', '--keras=numpy>=2'], "--keras: expected a requirement on "
+     "keras such as 'keras>=3.10', got 'numpy>=2'"),
+    (['--local', '--repo_url=https://example.com/r.git'],
+     '--local: installs this checkout; --repo_url and --ref are for TPU '
+     'workers'),
+    (['--local', '--python=no-such-python3'],
+     "--python: 'no-such-python3' is not an executable on PATH"),
+])
+def test_install_local_refusals(sandbox, args, message):
+  result = sandbox.run('tpu_install.sh', *args)
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [f'tpu_install.sh: error: {message}']
+  assert sandbox.python_calls() == []
 
 
 def test_install_from_git(sandbox):
