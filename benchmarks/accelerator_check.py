@@ -154,6 +154,13 @@ def keras_race(tf, args, quick):
 
 def main():
   args = _parse()
+  from efficientnet_tpu import stack  # pylint: disable=g-import-not-at-top
+  try:
+    found = stack.check()
+  except stack.UnsupportedStack as e:
+    raise SystemExit(f'accelerator_check: error: {e}') from None
+  # The table is only comparable with the stack it ran on.
+  print(f'Stack: {stack.describe(found)}', flush=True)
   from efficientnet_tpu import distribute  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   gpus = tf.config.list_physical_devices('GPU')

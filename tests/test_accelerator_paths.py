@@ -7,10 +7,12 @@ rest of the suite checks against numpy and single-device runs.
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from unittest import mock
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -257,6 +259,11 @@ def test_accelerator_check_quick_mode_runs_every_check(tmp_path):
       env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2'),
       capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  # The stack it ran on heads the output, as this interpreter reports it.
+  first = out.stdout.splitlines()[0]
+  assert first.startswith(f'Stack: Python {platform.python_version()}, '
+                          f'TensorFlow {tf.__version__}'), first
+  assert first.endswith(f', Keras {keras.__version__}'), first
   result = json.loads((tmp_path / 'accelerator_check_quick.json').read_text())
   assert len(result['rows']) == 2
   for row in result['rows']:
