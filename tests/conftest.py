@@ -18,3 +18,47 @@ tf.config.set_logical_device_configuration(
 # Initialize the devices now: a later configure_cpu_devices(n) (a test that
 # builds a 1-replica strategy first) must find them fixed, not re-split them.
 assert len(tf.config.list_logical_devices('CPU')) == NUM_TEST_CPUS
+
+
+# The tests CI also runs on the floor stack (.ci/floor.sh: Python 3.10, the
+# oldest TensorFlow and Keras efficientnet_tpu supports; efficientnet_tpu/
+# stack.py): whatever uses an API that changed across the support matrix,
+# chosen among the cheapest tests that show it. A module path covers the
+# module; `path::name` a test and all its parameters. Run them with
+# `python -m pytest -m floor`.
+FLOOR = (
+    'tests/test_stack.py',
+    # Exact resume; a short smoke-sized run with checkpoints.
+    'tests/test_resume.py::test_deterministic_resume_continues_the_exact_stream',
+    'tests/test_train.py::test_trains_checkpoints_and_resumes',
+    # Group BN against the concatenated batch (Keras layer weights, the
+    # replica-local moving statistics).
+    'tests/test_layers.py::test_training_step_matches_concatenated_group_batch',
+    'tests/test_layers.py::test_moving_stats_are_replica_local_until_synchronized',
+    # LARS and LAMB against numpy, and on replicas against one device
+    # (Keras optimizer internals: slots, iterations, serialization).
+    'tests/test_optimizers.py',
+    'tests/test_lamb.py',
+    'tests/test_ema.py',
+    'tests/test_float16.py::test_overflow_on_one_replica_skips_the_step_everywhere',
+    'tests/test_float16.py::test_finite_step_applies_the_summed_gradient',
+    # Multi-worker chief + worker on localhost, and the forced GPU path.
+    'tests/test_accelerator_paths.py::test_chief_and_worker_on_localhost_only_the_chief_writes',
+    'tests/test_accelerator_paths.py::test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path',
+    # keras.applications weights into our model.
+    'tests/test_init_checkpoint.py::test_b0_weights_h5_gives_keras_logits_on_every_replica',
+    # Eval and export from model_dir; serving the export.
+    'tests/test_run_modes.py',
+    'tests/test_export.py::test_export_serves_mixed_formats_and_flags_bad_rows',
+    'tests/test_export.py::test_export_all_invalid_and_empty_batches',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config  # Unused.
+  import pytest  # pylint: disable=g-import-not-at-top
+  for item in items:
+    path, _, name = item.nodeid.partition('::')
+    test = f'{path}::{name.split("[")[0]}'
+    if path in FLOOR or test in FLOOR:
+      item.add_marker(pytest.mark.floor)
