@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple
@@ -136,6 +137,13 @@ class Section:
       TypeError: a name is no setting of this section.
     """
     values = dict(values)
+    # inf and nan parse as floats ('--base_learning_rate=inf'); no setting
+    # means them, and a run on them trains to NaN for hours.
+    floats = {s.name for s in cls.settings() if s.type is float}
+    for name, value in values.items():
+      if (name in floats and isinstance(value, (int, float)) and
+          not math.isfinite(value)):
+        raise ConfigError(name, f'expected a finite number, got {value!r}')
     kwargs = {}
     for f in dataclasses.fields(cls):
       if 'section' in f.metadata:

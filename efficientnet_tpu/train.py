@@ -14,6 +14,7 @@ it other data.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Callable, Dict, Optional
@@ -165,6 +166,7 @@ class Trainer:
         max_to_keep=cfg.train.keep_checkpoint_max,
         step_counter=state.optimizer.iterations, checkpoint_name='ckpt')
     self._train_loop_fn = None
+    self._finite_fn = None
     self._train_iterator = None
     self._skipped = None
     self._summary_writer = None
@@ -350,6 +352,47 @@ class Trainer:
       metrics['skipped_records'] = self._skipped.total
     return metrics
 
+  def weights_are_finite(self) -> bool:
+    """Whether every model weight (and EMA average) is finite.
+
+    One compiled call that reduces on the device and returns one bool,
+    whatever the number of variables and replicas.
+    """
+    if self._finite_fn is None:
+      variables = list(self.model.weights)
+      if self.ema is not None:
+        variables += list(self.ema.averages)
+
+      def all_finite():
+        return tf.reduce_all(tf.stack([
+            tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))
+            for v in variables if tf.as_dtype(v.dtype).is_floating]))
+
+      self._finite_fn = tf.function(all_finite)
+    return bool(self._finite_fn().numpy())
+
+  def check_finite(self, metrics: Dict[str, float], loop_start: int,
+                   step: int) -> None:
+    """Stops a run whose loss or weights are no longer finite.
+
+    Raises:
+      ConfigError: naming the step range, the last finite checkpoint and
+        the setting most likely to blame (the peak learning rate).
+    """
+    loss = metrics['loss']
+    if math.isfinite(loss) and self.weights_are_finite():
+      return
+    what = (f'the loss became {loss}' if not math.isfinite(loss) else
+            'the weights became non-finite')
+    latest = tf.train.latest_checkpoint(self.cfg.train.model_dir)
+    kept = (f'the last finite checkpoint, {os.path.basename(latest)}, stays '
+            'the latest' if latest else 'no checkpoint was written')
+    raise ConfigError(
+        'base_learning_rate',
+        f'training diverged: {what} in steps {loop_start + 1}-{step} '
+        f'(peak learning rate {self.cfg.peak_learning_rate:.4g}); {kept}. '
+        'Lower it, or lengthen `lr_warmup_epochs`, and rerun')
+
   def write_summaries(self, metrics: Dict[str, float], step: int) -> None:
     """One loop's metrics as TensorBoard scalars (`summaries.TRAIN_TAGS`)."""
     summaries.write_scalars(self.summary_writer, metrics, step,
@@ -403,6 +446,10 @@ class Trainer:
       num_steps = min(self.cfg.train.iterations_per_loop, next_eval - step)
       metrics = self.train_loop(num_steps)
       loop_start, step = step, self.global_step
+      # Before anything of this loop is written: a diverged run keeps its
+      # last finite checkpoint as the latest, and ends (on every worker:
+      # the loss is all-reduced, the weights are replicated).
+      self.check_finite(metrics, loop_start, step)
       metrics['epoch'] = step / self.steps_per_epoch
       # Wall time of this process, checkpoints and evaluations included;
       # the ETA extrapolates it without the one-time tracing.
