@@ -23,9 +23,9 @@ from efficientnet_tpu import distribute
 from efficientnet_tpu import evaluation
 from efficientnet_tpu import export
 from efficientnet_tpu import init_checkpoint
-from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import run_dir
 from efficientnet_tpu import schedules
+from efficientnet_tpu import sizing
 from efficientnet_tpu import stack
 from efficientnet_tpu import train
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
@@ -174,9 +174,12 @@ def serving_labels(cfg: ExperimentConfig):
 
 
 def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
-                    state: ModelState, mode: str) -> str:
+                    state: ModelState, mode: str,
+                    size: Optional[sizing.ModelSize] = None) -> str:
   """What this run is, before its first step (logged and in TensorBoard)."""
   plan = train.replica_plan(cfg, strategy.num_replicas_in_sync)
+  size = size or sizing.model_size(cfg, state.model)
+  memory = sizing.training_memory(cfg, size, plan['per_replica_train_batch'])
   schedule = schedules.describe_schedule(
       cfg.optimizer.schedule, cfg.train.train_batch_size, cfg.steps_per_epoch,
       cfg.total_train_steps)
@@ -210,8 +213,8 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
       f'(counts: {data.counts_from})',
       f'Model: {m.model_name} (width {m.width_coefficient:g}, depth '
       f'{m.depth_coefficient:g}, {m.image_size} px): '
-      f'{state.model.count_params() / 1e6:.2f}M parameters, '
-      f'{model_lib.flops_per_image(m) / 1e9:.3g} GFLOPs per image',
+      f'{", ".join(sizing.describe_size(size))}',
+      f'Memory: {memory.describe()}',
   ])
 
 
@@ -251,8 +254,17 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
       mode = 'train'
       logging.info('TF_CONFIG has an evaluator task: it evaluates; this '
                    'training task does not.')
-    summary = startup_summary(cfg, strategy, state, mode)
+    size = sizing.model_size(cfg, state.model)
+    summary = startup_summary(cfg, strategy, state, mode, size)
     logging.info('Starting:\n  %s', summary.replace('\n', '\n  '))
+    if mode in ('train', 'train_and_eval'):
+      # Before the first batch: a batch that cannot fit is one line, not a
+      # process that eats the host's memory.
+      for warning in sizing.check_fits(
+          cfg, sizing.training_memory(cfg, size,
+                                      plan['per_replica_train_batch']),
+          strategy.num_replicas_in_sync) + sizing.recipe_warnings(cfg):
+        logging.warning('%s', warning)
     if mode == 'export':
       path = run_dir.resolve_checkpoint(cfg.train.model_dir,
                                         cfg.train.checkpoint_path)

@@ -184,6 +184,7 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
   """Prints the resolved config, replica plan and schedule; plots the LR."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import schedules  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import sizing  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
   schedule = schedules.for_experiment(cfg)
   summary = dict(optimizer=cfg.optimizer.optimizer,
@@ -191,21 +192,44 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
                      cfg.optimizer.schedule, cfg.train.train_batch_size,
                      cfg.steps_per_epoch, cfg.total_train_steps))
   print(cfg.to_json())
+  size = sizing.model_size(cfg)
+  print(f'Model: {cfg.model.model_name} at {cfg.model.image_size} px: '
+        f'{", ".join(sizing.describe_size(size))}')
+  warnings = sizing.recipe_warnings(cfg)
   num_replicas = cfg.distribute.known_num_replicas
   if num_replicas:
+    plan = train_lib.replica_plan(cfg, num_replicas)
     print(f'Replicas ({num_replicas}):')
-    for k, v in train_lib.replica_plan(cfg, num_replicas).items():
+    for k, v in plan.items():
       print(f'  {k}: {v}')
+    memory = sizing.training_memory(cfg, size,
+                                    plan['per_replica_train_batch'])
+    print(f'Memory: {memory.describe()}')
+    warnings = sizing.check_fits(cfg, memory, num_replicas) + warnings
   else:
-    print('Replicas: set --num_replicas=N to resolve the per-replica batch '
-          'and BN groups of an N-replica slice')
+    print('Replicas: set --num_replicas=N to resolve the per-replica batch, '
+          'BN groups and memory of an N-replica slice')
   print('Learning-rate schedule:')
   for k, v in summary.items():
-    print(f'  {k}: {v}')
+    print(f'  {k}: {_readable(v)}')
   tf.io.gfile.makedirs(cfg.train.model_dir)
   path = os.path.join(cfg.train.model_dir, 'lr_schedule.png')
   schedules.plot_schedule(schedule, cfg.total_train_steps, path)
   print(f'  plot: {path}')
+  for warning in warnings:
+    print(f'warning: {warning}')
+
+
+def _readable(value):
+  """Floats to 4 significant digits (35.6, not 35.599998474121094), also
+  inside dicts, lists and tuples."""
+  if isinstance(value, float):
+    return float(f'{value:.4g}')
+  if isinstance(value, dict):
+    return {k: _readable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return type(value)(_readable(v) for v in value)
+  return value
 
 
 def input_error_line(e: BaseException):

@@ -99,7 +99,7 @@ def test_dry_run_prints_schedule_and_plots(tmp_path, capsys):
   rc, out = _run(capsys, f'--model_dir={tmp_path}', '--dry_run')
   assert rc == 0
   assert 'Learning-rate schedule:' in out.out
-  assert json.loads(out.out[:out.out.index('Replicas')])['model'][
+  assert json.loads(out.out[:out.out.index('\nModel: ')])['model'][
       'image_size'] == 32
   assert 'bn_group_size: 2' in out.out  # Smoke preset: 4 replicas, groups.
   assert (tmp_path / 'lr_schedule.png').stat().st_size > 1000

@@ -180,8 +180,11 @@ def test_startup_summary_describes_the_run(tmp_path):
   assert lines['Strategy'].startswith('MirroredStrategy, 4 replicas, 1 host')
   assert lines['Batch'] == ('32 global, 8 per replica; BN groups of 2 '
                             'replica(s) (16 images)')
-  assert f'{trainer.model.count_params() / 1e6:.2f}M parameters' in (
+  assert f'{trainer.model.count_params() / 1e6:.3g}M parameters' in (
       lines['Model'])
+  assert lines['Stack'].startswith('Python ')
+  assert lines['Memory'].startswith('~') and 'at 8 images per replica' in (
+      lines['Memory'])
   peak = schedules.build_learning_rate_schedule(
       cfg.optimizer.schedule, 32, cfg.steps_per_epoch, 4).peak_learning_rate
   assert f'peak LR {peak:.4g}' in lines['Optimizer']
