@@ -157,9 +157,15 @@ class Trainer:
           'train_cross_entropy_sum')
       self._correct_sum = replicated.sum_variable('train_correct_sum')
       self._example_sum = replicated.sum_variable('train_example_sum')
+    # Not autograph-converted (it has no tensor-dependent Python control
+    # flow): TF 2.18's conversion cache can hand a later Trainer's jitted
+    # method the conversion of another method of this class ("tf__normalize()
+    # takes from 1 to 2 positional arguments but 5 were given").
+    forward_backward = tf.autograph.experimental.do_not_convert(
+        self._forward_backward)
     self._forward_backward_fn = (
-        tf.function(self._forward_backward, jit_compile=True)
-        if self.jit_compile else self._forward_backward)
+        tf.function(forward_backward, jit_compile=True)
+        if self.jit_compile else forward_backward)
     self.checkpoint_manager = tf.train.CheckpointManager(
         state.checkpoint,
         run_dir.worker_dir(role.task, cfg.train.model_dir, self.is_writer),
