@@ -704,10 +704,12 @@ class TrainConfig(Section):
   train_steps: Optional[int] = setting(
       None, 'Training steps (wins over --train_epochs).')
   train_epochs: float = setting(350.0, 'Training epochs.')
-  iterations_per_loop: int = setting(
-      1251, 'Steps per host call (and per checkpoint).')
-  eval_every_epochs: float = setting(
-      0.0, 'train_and_eval: epochs between evaluations; 0 = only at the end.')
+  iterations_per_loop: Optional[int] = setting(
+      None, 'Steps per host call (one progress line and checkpoint each). '
+      'Default: one epoch, at most a 20th of the run.')
+  eval_every_epochs: Optional[float] = setting(
+      None, 'train_and_eval: epochs between evaluations; 0 = only at the '
+      'end. Default: every epoch, at most 20 evaluations per run.')
   eval_every_steps: Optional[int] = setting(
       None, 'train_and_eval: steps between evaluations (wins over '
       '--eval_every_epochs).')
@@ -752,10 +754,12 @@ class TrainConfig(Section):
     else:
       _check(self.train_epochs > 0, 'train_epochs',
              'a value > 0 (or set `train_steps`)', self.train_epochs)
-    _check(self.iterations_per_loop >= 1, 'iterations_per_loop',
-           'an integer >= 1', self.iterations_per_loop)
-    _check(self.eval_every_epochs >= 0, 'eval_every_epochs', 'a value >= 0',
-           self.eval_every_epochs)
+    if self.iterations_per_loop is not None:
+      _check(self.iterations_per_loop >= 1, 'iterations_per_loop',
+             'an integer >= 1', self.iterations_per_loop)
+    if self.eval_every_epochs is not None:
+      _check(self.eval_every_epochs >= 0, 'eval_every_epochs',
+             'a value >= 0', self.eval_every_epochs)
     if self.eval_every_steps is not None:
       _check(self.eval_every_steps >= 1, 'eval_every_steps',
              'an integer >= 1', self.eval_every_steps)
@@ -833,11 +837,32 @@ class ExperimentConfig(Section):
     return self.optimizer.schedule.peak_learning_rate(
         self.train.train_batch_size)
 
+  # Default reporting: a host loop (one progress line and checkpoint) of at
+  # most an epoch and at most a 20th of the run; an evaluation every epoch,
+  # or every 20th of the run when that is longer. A short run on small data
+  # then reports and evaluates every epoch, and a 350-epoch ImageNet run
+  # logs every epoch and evaluates every 17.5 epochs.
+  DEFAULT_REPORTS_PER_RUN: ClassVar[int] = 20
+
+  def _epoch_and_share(self) -> Tuple[int, int]:
+    total = self.total_train_steps
+    return (max(1, int(round(self.steps_per_epoch))),
+            max(1, -(-total // self.DEFAULT_REPORTS_PER_RUN)))
+
+  @property
+  def loop_steps(self) -> int:
+    """Steps per host loop: --iterations_per_loop, or its default."""
+    if self.train.iterations_per_loop is not None:
+      return self.train.iterations_per_loop
+    return min(*self._epoch_and_share(), self.total_train_steps)
+
   @property
   def eval_interval_steps(self) -> int:
     """Train steps between evaluations in train_and_eval mode."""
     if self.train.eval_every_steps:
       return self.train.eval_every_steps
+    if self.train.eval_every_epochs is None:
+      return min(max(*self._epoch_and_share()), self.total_train_steps)
     if self.train.eval_every_epochs > 0:
       return max(1, int(round(self.train.eval_every_epochs *
                               self.steps_per_epoch)))

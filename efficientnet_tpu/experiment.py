@@ -201,7 +201,10 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
       f'{plan["per_replica_train_batch"]} per replica; BN groups of '
       f'{plan["bn_group_size"]} replica(s) ({plan["bn_group_batch"]} images)',
       f'Length: {plan["steps_per_epoch"]} steps per epoch, '
-      f'{plan["total_steps"]} steps ({schedule["train_epochs"]:.4g} epochs)',
+      f'{plan["total_steps"]} steps ({schedule["train_epochs"]:.4g} epochs); '
+      f'a progress line and checkpoint every {plan["steps_per_loop"]} steps'
+      + (f', an evaluation every {plan["eval_every_steps"]}'
+         if mode == 'train_and_eval' else ''),
       f'Optimizer: {cfg.optimizer.optimizer}, {schedule["lr_schedule"]} '
       f'schedule, peak LR {schedule["peak_lr"]:.4g} after '
       f'{schedule["warmup_steps"]} warmup steps; LR at {lr_at}',

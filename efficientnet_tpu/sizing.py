@@ -158,8 +158,23 @@ def check_fits(cfg: ExperimentConfig, estimate: MemoryEstimate,
 
 
 def recipe_warnings(cfg: ExperimentConfig) -> List[str]:
-  """Where the sources behind a recipe warn about these settings."""
+  """Where the sources behind a recipe warn about these settings, and where
+  a run would stay silent for long."""
   warnings = []
+  total, loop = cfg.total_train_steps, cfg.loop_steps
+  if total >= 8 and loop * 4 > total:
+    warnings.append(
+        f'`iterations_per_loop={loop}` of {total} steps: {-(-total // loop)} '
+        'progress line(s) and checkpoint(s) in the whole run; leave it out '
+        '(one epoch, at most a 20th of the run) or lower it')
+  if (cfg.train.mode == 'train_and_eval' and total >= 8 and
+      cfg.eval_interval_steps >= total and
+      total > 2 * max(1.0, cfg.steps_per_epoch)):
+    warnings.append(
+        f'train_and_eval evaluates only at the end of {total} steps '
+        f'({total / cfg.steps_per_epoch:.3g} epochs); set '
+        '`eval_every_epochs` or leave it out (every epoch, at most 20 '
+        'evaluations)')
   batch = cfg.train.train_batch_size
   if cfg.optimizer.optimizer == 'lars' and batch < 4096:
     warnings.append(

@@ -56,6 +56,8 @@ def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
       'bn_group_batch': g * per_replica,
       'steps_per_epoch': round(cfg.steps_per_epoch, 2),
       'total_steps': cfg.total_train_steps,
+      'steps_per_loop': cfg.loop_steps,
+      'eval_every_steps': cfg.eval_interval_steps,
   }
 
 
@@ -449,7 +451,7 @@ class Trainer:
     start, first_step, compile_s = time.time(), step, 0.0
     while step < self.total_steps:
       next_eval = min(self.total_steps, (step // interval + 1) * interval)
-      num_steps = min(self.cfg.train.iterations_per_loop, next_eval - step)
+      num_steps = min(self.cfg.loop_steps, next_eval - step)
       metrics = self.train_loop(num_steps)
       loop_start, step = step, self.global_step
       # Before anything of this loop is written: a diverged run keeps its

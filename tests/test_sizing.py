@@ -143,3 +143,48 @@ def test_absurd_batch_is_refused_before_any_step(tmp_path, capsys, dry_run):
                               'per step need about ')
   assert "more than this machine's" in lines[-1]
   assert not list(model_dir.glob('ckpt-*'))
+
+
+@pytest.mark.parametrize('images,batch,epochs,loop,evals', [
+    # Small data (the fine-tuning example): a line and an eval every epoch.
+    (3000, 64, 20, 47, 47),
+    # ImageNet at 2048 for 350 epochs: a line every epoch, 20 evaluations.
+    (1281167, 2048, 350, 626, 10948),
+    # A run shorter than an epoch: 20 lines, one eval at the end.
+    (100000, 256, 0.5, 10, 195),
+])
+def test_reporting_defaults_follow_the_data(tmp_path, images, batch, epochs,
+                                            loop, evals):
+  cfg = small_config(tmp_path, data=dict(num_train_images=images),
+                     train=dict(train_batch_size=batch, train_epochs=epochs,
+                                train_steps=None, iterations_per_loop=None,
+                                mode='train_and_eval'))
+  steps_per_epoch = images / batch
+  total = round(epochs * steps_per_epoch)
+  assert cfg.total_train_steps == total
+  # A loop: at most an epoch, at most a 20th of the run.
+  assert cfg.loop_steps == loop == min(round(steps_per_epoch),
+                                       -(-total // 20), total)
+  # Evaluations: every epoch or every 20th of the run, whichever is longer.
+  assert cfg.eval_interval_steps == evals == min(
+      max(round(steps_per_epoch), -(-total // 20)), total)
+  assert sizing.recipe_warnings(cfg) == []
+
+
+def test_a_run_silent_until_its_end_is_warned_in_the_dry_run(tmp_path,
+                                                             capsys):
+  """docs/fine_tuning.md's case: ~1400 steps with a loop of 1251 and no
+  eval interval."""
+  rc, out = _run(capsys, f'--model_dir={tmp_path}', '--dry_run',
+                 '--train_steps=1406', '--iterations_per_loop=1251',
+                 '--eval_every_steps=1406',
+                 '--optimizer=momentum')
+  assert rc == 0, out.err
+  warnings = [l for l in out.out.splitlines() if l.startswith('warning:')]
+  assert warnings == [
+      'warning: `iterations_per_loop=1251` of 1406 steps: 2 progress line(s) '
+      'and checkpoint(s) in the whole run; leave it out (one epoch, at most '
+      'a 20th of the run) or lower it',
+      'warning: train_and_eval evaluates only at the end of 1406 steps '
+      '(43.9 epochs); set `eval_every_epochs` or leave it out (every epoch, '
+      'at most 20 evaluations)']
