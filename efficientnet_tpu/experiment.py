@@ -68,15 +68,16 @@ def build_evaluator(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                     role: Optional[distribute.ClusterRole] = None
                     ) -> evaluation.Evaluator:
   """An Evaluator of `state` on the configured eval set (or `input_fn`)."""
+  batch = cfg.eval_batch_size_on(strategy.num_replicas_in_sync)
   if input_fn is None:
     # TFRecord eval counts its files (cached in the model dir, where
     # check_data_files put them) and is then sharded by file.
     input_fn = pipeline.make_input_fn(
         cfg.data, cfg.model.num_label_classes, cfg.model.image_size, False,
-        cfg.train.eval_batch_size, count_cache_dir=cfg.train.model_dir)
+        batch, count_cache_dir=cfg.train.model_dir)
   num_steps = contract.eval_steps(
       input_fn, distribute.num_input_pipelines(strategy),
-      cfg.data.num_eval_images, cfg.train.eval_batch_size)
+      cfg.data.num_eval_images, batch)
   if cfg.train.eval_steps:
     num_steps = min(num_steps, cfg.train.eval_steps)
   return evaluation.Evaluator(cfg, strategy, state, input_fn, num_steps,
@@ -193,9 +194,12 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
       f'{strategy.num_replicas_in_sync} replicas, '
       f'{distribute.num_input_pipelines(strategy)} host(s) / input '
       'pipeline(s)',
-      f'Batch: {cfg.train.train_batch_size} global, '
-      f'{plan["per_replica_train_batch"]} per replica; BN groups of '
-      f'{plan["bn_group_size"]} replica(s) ({plan["bn_group_batch"]} images)',
+      (f'Batch: {cfg.train.train_batch_size} global, '
+       f'{plan["per_replica_train_batch"]} per replica; BN groups of '
+       f'{plan["bn_group_size"]} replica(s) ({plan["bn_group_batch"]} images)'
+       if cfg.trains else
+       f'Batch: eval {plan["per_replica_eval_batch"]} per replica; batch '
+       'norm with the moving statistics (no BN groups)'),
       f'Length: {plan["steps_per_epoch"]} steps per epoch, '
       f'{plan["total_steps"]} steps ({schedule["train_epochs"]:.4g} epochs)',
       f'Optimizer: {cfg.optimizer.optimizer}, {schedule["lr_schedule"]} '

@@ -219,13 +219,16 @@ def counts(info: DatasetInfo) -> Dict[str, int]:
   return out
 
 
-def resolve_counts(settings: Dict, given: frozenset) -> Dict:
+def resolve_counts(settings: Dict, given: frozenset,
+                   kept: frozenset = frozenset()) -> Dict:
   """Fills the data set's sizes from data_dir/dataset_info.json.
 
   Args:
     settings: flat settings (`ExperimentConfig.from_settings` keywords);
       the three counts of `IMAGENET_COUNTS` may be None (unset).
     given: names set explicitly (on the command line or in a flagfile).
+    kept: names whose value stands as it is: the counts of a finished run
+      that `--mode=eval` / `export` evaluate (its config.json).
 
   Returns:
     `settings` with the counts filled: from dataset_info.json when the
@@ -265,6 +268,8 @@ def resolve_counts(settings: Dict, given: frozenset) -> Dict:
   described = counts(info)
   for name, value in described.items():
     mine = settings.get(name)
+    if name in kept and mine is not None:
+      continue
     if mine is None or name not in given:
       settings[name] = value
       continue
@@ -277,7 +282,8 @@ def resolve_counts(settings: Dict, given: frozenset) -> Dict:
   for k in IMAGENET_COUNTS:
     if settings.get(k) is None:
       settings[k] = IMAGENET_COUNTS[k]
-  settings['counts_from'] = FILENAME
+  if not (set(described) <= kept and settings.get('counts_from')):
+    settings['counts_from'] = FILENAME
   logging.info('%s: %d train / %d eval images, %d classes.', path(data_dir),
                settings['num_train_images'], settings['num_eval_images'],
                settings['num_label_classes'])
