@@ -33,8 +33,10 @@ CLI_FLAGS = (
     config_lib.Setting(
         name='preset', type=str, optional=True, default=None,
         help='A preset shipped with the package, by name (command line '
-        'only): its flags apply before all others, so explicit flags win. '
-        'list: print the presets.', choices=None, title='Run', path=(),
+        'only): its flags apply before all others, so explicit flags win; '
+        "the data's dataset_info.json replaces its image and class counts, "
+        "and eval / export take the run's config.json over it. list: print "
+        'the presets.', choices=None, title='Run', path=(),
         flag=True),
 )
 
@@ -67,6 +69,20 @@ def define_flags(flag_values=FLAGS) -> None:
 define_flags()
 
 
+def explicit_settings(f=FLAGS) -> frozenset:
+  """The settings given on the command line or in the user's flagfiles.
+
+  A preset's values are defaults, not given: the run's config.json (eval,
+  export) and the data set's description (counts) take their place. The
+  preset's flagfile is the first thing `presets.expand_argv` puts on the
+  command line, so a flag it sets counts as given when it is set again.
+  """
+  preset = f['preset'].value
+  from_preset = presets_lib.flag_names(preset) if preset else frozenset()
+  return frozenset(s.name for s in all_flags()
+                   if f[s.name].present > (s.name in from_preset))
+
+
 def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
   """Turns parsed flags into a validated ExperimentConfig."""
   from efficientnet_tpu.data import dataset_info  # pylint: disable=g-import-not-at-top
@@ -74,7 +90,7 @@ def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
   for s in config_lib.flag_settings():
     if s.type is tuple:  # absl lists -> the config's tuples.
       values[s.name] = tuple(values[s.name])
-  given = frozenset(s.name for s in all_flags() if f[s.name].present)
+  given = explicit_settings(f)
   kept = frozenset()
   if values['mode'] in ('eval', 'export') and values['model_dir']:
     values, inherited = inherit_run_settings(values, given)

@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_tpu import main as main_lib
+from efficientnet_tpu import presets
 from efficientnet_tpu.data import dataset_info
 from efficientnet_tpu.tools import make_tfrecords
 from tests.test_input_pipeline import write_split
@@ -230,6 +231,30 @@ def test_a_float16_run_evaluates_in_bfloat16_on_a_tpu(trained, capsys,
   # Elsewhere the run's own precision.
   config = _dry_run_config(capsys, f'--model_dir={model_dir}', '--mode=eval')
   assert config['model']['use_float16']
+
+
+def test_a_presets_values_give_way_to_the_runs_config(trained, capsys,
+                                                      tmp_path):
+  """`--preset=cpu_smoke --mode=eval`: the preset's model and data (B0 at
+  32 px, 10 classes, synthetic) are defaults; the run's own stand."""
+  FLAGS.unparse_flags()
+  try:
+    FLAGS(presets.expand_argv([
+        'efficientnet-tpu-train', '--preset=cpu_smoke', '--mode=eval',
+        f'--model_dir={trained[0]}', '--dry_run']))
+    rc = main_lib.main(['efficientnet-tpu-train'])
+  finally:
+    FLAGS.unparse_flags()
+  out = capsys.readouterr()
+  assert rc == 0, out.err
+  config = json.loads(out.out[:out.out.index('\nReplicas')])
+  assert (config['model']['image_size'], config['model']['width_coefficient'],
+          config['model']['num_label_classes']) == (16, 0.1, CLASSES)
+  assert (config['data']['data'], config['data']['data_dir']) == (
+      'tfrecord', trained[1])
+  # The preset's hardware is this eval's own: 4 replicas, 2 images each.
+  assert config['distribute']['num_cpu_replicas'] == 4
+  assert 'per_replica_eval_batch: 2' in out.out
 
 
 def _eval_records(data_dir):

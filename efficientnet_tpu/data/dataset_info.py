@@ -223,10 +223,15 @@ def resolve_counts(settings: Dict, given: frozenset,
                    kept: frozenset = frozenset()) -> Dict:
   """Fills the data set's sizes from data_dir/dataset_info.json.
 
+  The description replaces counts that were not given (a preset's are
+  defaults: `main.explicit_settings`), saying so in the log when it changes
+  one; counts given must agree with it.
+
   Args:
     settings: flat settings (`ExperimentConfig.from_settings` keywords);
       the three counts of `IMAGENET_COUNTS` may be None (unset).
-    given: names set explicitly (on the command line or in a flagfile).
+    given: names set explicitly (on the command line or in the user's
+      flagfile).
     kept: names whose value stands as it is: the counts of a finished run
       that `--mode=eval` / `export` evaluate (its config.json).
 
@@ -271,6 +276,10 @@ def resolve_counts(settings: Dict, given: frozenset,
     if name in kept and mine is not None:
       continue
     if mine is None or name not in given:
+      if mine is not None and mine != value:
+        logging.info('%s: %s=%d (not given on the command line) replaced by '
+                     'the description\'s %d.', path(data_dir), name, mine,
+                     value)
       settings[name] = value
       continue
     ok = (mine <= value if name == 'num_eval_images' else
