@@ -698,9 +698,17 @@ class TrainConfig(Section):
       'overwritten.')
   mode: str = setting(
       'train', 'What to run. eval and export read the run\'s settings from '
-      'model_dir/config.json: flags given override them.', choices=MODES)
+      'model_dir/config.json, not its hardware (replicas, BN groups): flags '
+      'given override them.', choices=MODES)
   train_batch_size: int = setting(2048, 'Global training batch.')
   eval_batch_size: int = setting(1024, 'Global eval batch.')
+  # Eval / export of a finished run (main.inherit_run_settings): the run's
+  # eval images per replica. The eval batch then follows the replicas that
+  # evaluate (`ExperimentConfig.eval_batch_size_on`), so a device holds what
+  # it held in the run's own evaluations on any slice.
+  eval_batch_per_replica: Optional[int] = setting(
+      None, 'Eval images per replica (eval / export of a finished run).',
+      flag=False)
   train_steps: Optional[int] = setting(
       None, 'Training steps (wins over --train_epochs).')
   train_epochs: float = setting(350.0, 'Training epochs.')
@@ -748,6 +756,9 @@ class TrainConfig(Section):
            self.train_batch_size)
     _check(self.eval_batch_size >= 1, 'eval_batch_size', 'an integer >= 1',
            self.eval_batch_size)
+    if self.eval_batch_per_replica is not None:
+      _check(self.eval_batch_per_replica >= 1, 'eval_batch_per_replica',
+             'an integer >= 1', self.eval_batch_per_replica)
     if self.train_steps is not None:
       _check(self.train_steps >= 1, 'train_steps', 'an integer >= 1',
              self.train_steps)
@@ -786,6 +797,11 @@ class ExperimentConfig(Section):
   model: ModelConfig = section(ModelConfig)
   optimizer: OptimizerConfig = section(OptimizerConfig)
   train: TrainConfig = section(TrainConfig)
+
+  @property
+  def trains(self) -> bool:
+    """The mode trains: the batch and BN-group rules of its replicas apply."""
+    return self.train.mode in ('train', 'train_and_eval')
 
   @property
   def mixes(self) -> bool:
@@ -868,12 +884,35 @@ class ExperimentConfig(Section):
                               self.steps_per_epoch)))
     return self.total_train_steps
 
+  def eval_batch_size_on(self, num_replicas: int) -> int:
+    """The global eval batch on `num_replicas` replicas.
+
+    `eval_batch_size`, unless a finished run is evaluated from its model_dir
+    (`eval_batch_per_replica`): then each replica takes as many images as
+    in the run's own evaluations, whatever the replica count here.
+    """
+    per_replica = self.train.eval_batch_per_replica
+    return (per_replica * num_replicas if per_replica else
+            self.train.eval_batch_size)
+
   def validate_for_replicas(self, num_replicas: int) -> int:
-    """Checks that need the replica count; returns the BN group size."""
-    for name, batch in (('train_batch_size', self.train.train_batch_size),
-                        ('eval_batch_size', self.train.eval_batch_size)):
+    """Checks that need the replica count; returns the BN group size.
+
+    Training checks both batches and resolves the BN groups. Eval checks
+    only its eval batch and export no batch: the training batch and the BN
+    groups belong to the replicas that trained, and inference normalizes
+    with the moving statistics, in no group (size 1).
+    """
+    batches = {'eval_batch_size': self.eval_batch_size_on(num_replicas)}
+    if self.trains:
+      batches = {'train_batch_size': self.train.train_batch_size, **batches}
+    elif self.train.mode == 'export':
+      batches = {}
+    for name, batch in batches.items():
       _check(batch % num_replicas == 0, name,
              f'a multiple of the number of replicas ({num_replicas})', batch)
+    if not self.trains:
+      return 1
     return self.model.resolve_bn_group_size(
         num_replicas, self.train.train_batch_size // num_replicas)
 
@@ -924,6 +963,17 @@ def settings_from_dict(d: dict) -> Dict[str, Any]:
       flat[name] = tuple(flat[name])
   known = ExperimentConfig.setting_names()
   return {k: v for k, v in flat.items() if k in known}
+
+
+# Settings that describe the hardware a run trained on, not its model: the
+# cluster and its replicas, batch norm's groups of replicas and the XLA mode
+# of its devices. Eval and export of a finished run use their own
+# (main.inherit_run_settings); inference normalizes with the moving
+# statistics, in no group. The run's global batches are inherited, as
+# numbers, not as rules: `train_batch_size` gives its epochs, and its eval
+# batch carries over per replica (`eval_batch_per_replica`).
+TOPOLOGY_SETTINGS = DistributeConfig.setting_names() | frozenset(
+    {'bn_group_size', 'bn_group_batch_size', 'jit_compile'})
 
 
 def flag_settings() -> List[Setting]:

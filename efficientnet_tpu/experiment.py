@@ -69,15 +69,16 @@ def build_evaluator(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                     role: Optional[distribute.ClusterRole] = None
                     ) -> evaluation.Evaluator:
   """An Evaluator of `state` on the configured eval set (or `input_fn`)."""
+  batch = cfg.eval_batch_size_on(strategy.num_replicas_in_sync)
   if input_fn is None:
     # TFRecord eval counts its files (cached in the model dir, where
     # check_data_files put them) and is then sharded by file.
     input_fn = pipeline.make_input_fn(
         cfg.data, cfg.model.num_label_classes, cfg.model.image_size, False,
-        cfg.train.eval_batch_size, count_cache_dir=cfg.train.model_dir)
+        batch, count_cache_dir=cfg.train.model_dir)
   num_steps = contract.eval_steps(
       input_fn, distribute.num_input_pipelines(strategy),
-      cfg.data.num_eval_images, cfg.train.eval_batch_size)
+      cfg.data.num_eval_images, batch)
   if cfg.train.eval_steps:
     num_steps = min(num_steps, cfg.train.eval_steps)
   return evaluation.Evaluator(cfg, strategy, state, input_fn, num_steps,
@@ -176,49 +177,69 @@ def serving_labels(cfg: ExperimentConfig):
 def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                     state: ModelState, mode: str,
                     size: Optional[sizing.ModelSize] = None) -> str:
-  """What this run is, before its first step (logged and in TensorBoard)."""
+  """What this run is, before its first step (logged and in TensorBoard).
+
+  Eval and export show only what applies to them: no optimizer, schedule,
+  run length or training memory.
+  """
   plan = train.replica_plan(cfg, strategy.num_replicas_in_sync)
   size = size or sizing.model_size(cfg, state.model)
-  memory = sizing.training_memory(cfg, size, plan['per_replica_train_batch'])
-  schedule = schedules.describe_schedule(
-      cfg.optimizer.schedule, cfg.train.train_batch_size, cfg.steps_per_epoch,
-      cfg.total_train_steps)
-  lr_at = ', '.join(f'{k} {lr:.4g} (step {s})'
-                    for k, (s, lr) in schedule['lr_at'].items())
   data = cfg.data
   source = data.data if data.data == 'synthetic' else (
       f'{data.data} from {data.data_dir}')
   m = cfg.model
   precision = ('bfloat16' if m.use_bfloat16 else
                'float16 (dynamic loss scale)' if m.use_float16 else 'float32')
-  return '\n'.join([
+  lines = [
       f'Run: --mode={mode}, model_dir {cfg.train.model_dir}',
       f'Strategy: {type(strategy).__name__}, '
       f'{strategy.num_replicas_in_sync} replicas, '
       f'{distribute.num_input_pipelines(strategy)} host(s) / input '
       'pipeline(s)',
-      f'Batch: {cfg.train.train_batch_size} global, '
-      f'{plan["per_replica_train_batch"]} per replica; BN groups of '
-      f'{plan["bn_group_size"]} replica(s) ({plan["bn_group_batch"]} images)',
-      f'Length: {plan["steps_per_epoch"]} steps per epoch, '
-      f'{plan["total_steps"]} steps ({schedule["train_epochs"]:.4g} epochs); '
-      f'a progress line and checkpoint every {plan["steps_per_loop"]} steps'
-      + (f', an evaluation every {plan["eval_every_steps"]}'
-         if mode == 'train_and_eval' else ''),
-      f'Optimizer: {cfg.optimizer.optimizer}, {schedule["lr_schedule"]} '
-      f'schedule, peak LR {schedule["peak_lr"]:.4g} after '
-      f'{schedule["warmup_steps"]} warmup steps; LR at {lr_at}',
+  ]
+  if cfg.trains:
+    memory = sizing.training_memory(cfg, size,
+                                    plan['per_replica_train_batch'])
+    schedule = schedules.describe_schedule(
+        cfg.optimizer.schedule, cfg.train.train_batch_size,
+        cfg.steps_per_epoch, cfg.total_train_steps)
+    lr_at = ', '.join(f'{k} {lr:.4g} (step {s})'
+                      for k, (s, lr) in schedule['lr_at'].items())
+    lines += [
+        f'Batch: {cfg.train.train_batch_size} global, '
+        f'{plan["per_replica_train_batch"]} per replica; BN groups of '
+        f'{plan["bn_group_size"]} replica(s) ({plan["bn_group_batch"]} '
+        'images)',
+        f'Length: {plan["steps_per_epoch"]} steps per epoch, '
+        f'{plan["total_steps"]} steps ({schedule["train_epochs"]:.4g} '
+        f'epochs); a progress line and checkpoint every '
+        f'{plan["steps_per_loop"]} steps'
+        + (f', an evaluation every {plan["eval_every_steps"]}'
+           if mode == 'train_and_eval' else ''),
+        f'Optimizer: {cfg.optimizer.optimizer}, {schedule["lr_schedule"]} '
+        f'schedule, peak LR {schedule["peak_lr"]:.4g} after '
+        f'{schedule["warmup_steps"]} warmup steps; LR at {lr_at}',
+    ]
+  elif mode == 'eval':
+    lines.append(f'Batch: eval {plan["per_replica_eval_batch"]} per '
+                 'replica; batch norm with the moving statistics')
+  xla = distribute.resolve_jit_compile(strategy, cfg.train.jit_compile)
+  lines += [
       f'Stack: {stack.describe(stack.installed())}',
-      f'Precision: {precision}; XLA: '
-      f'{"on" if distribute.resolve_jit_compile(strategy, cfg.train.jit_compile) else "off"}',
-      f'Data: {source}: {data.num_train_images} train / '
-      f'{data.num_eval_images} eval images, {m.num_label_classes} classes '
-      f'(counts: {data.counts_from})',
+      f'Precision: {precision}; XLA: {"on" if xla else "off"}',
+  ]
+  if mode != 'export':
+    lines.append(
+        f'Data: {source}: {data.num_train_images} train / '
+        f'{data.num_eval_images} eval images, {m.num_label_classes} classes '
+        f'(counts: {data.counts_from})')
+  lines.append(
       f'Model: {m.model_name} (width {m.width_coefficient:g}, depth '
       f'{m.depth_coefficient:g}, {m.image_size} px): '
-      f'{", ".join(sizing.describe_size(size))}',
-      f'Memory: {memory.describe()}',
-  ])
+      f'{", ".join(sizing.describe_size(size))}')
+  if cfg.trains:
+    lines.append(f'Memory: {memory.describe()}')
+  return '\n'.join(lines)
 
 
 def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:

@@ -34,8 +34,10 @@ CLI_FLAGS = (
     config_lib.Setting(
         name='preset', type=str, optional=True, default=None,
         help='A preset shipped with the package, by name (command line '
-        'only): its flags apply before all others, so explicit flags win. '
-        'list: print the presets.', choices=None, title='Run', path=(),
+        'only): its flags apply before all others, so explicit flags win; '
+        "the data's dataset_info.json replaces its image and class counts, "
+        "and eval / export take the run's config.json over it. list: print "
+        'the presets.', choices=None, title='Run', path=(),
         flag=True),
 )
 
@@ -68,6 +70,20 @@ def define_flags(flag_values=FLAGS) -> None:
 define_flags()
 
 
+def explicit_settings(f=FLAGS) -> frozenset:
+  """The settings given on the command line or in the user's flagfiles.
+
+  A preset's values are defaults, not given: the run's config.json (eval,
+  export) and the data set's description (counts) take their place. The
+  preset's flagfile is the first thing `presets.expand_argv` puts on the
+  command line, so a flag it sets counts as given when it is set again.
+  """
+  preset = f['preset'].value
+  from_preset = presets_lib.flag_names(preset) if preset else frozenset()
+  return frozenset(s.name for s in all_flags()
+                   if f[s.name].present > (s.name in from_preset))
+
+
 def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
   """Turns parsed flags into a validated ExperimentConfig."""
   from efficientnet_tpu.data import dataset_info  # pylint: disable=g-import-not-at-top
@@ -75,34 +91,49 @@ def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
   for s in config_lib.flag_settings():
     if s.type is tuple:  # absl lists -> the config's tuples.
       values[s.name] = tuple(values[s.name])
-  given = frozenset(s.name for s in all_flags() if f[s.name].present)
+  given = explicit_settings(f)
+  kept = frozenset()
   if values['mode'] in ('eval', 'export') and values['model_dir']:
-    values = inherit_run_settings(values, given)
-  values = dataset_info.resolve_counts(values, given)
+    values, inherited = inherit_run_settings(values, given)
+    # The run's counts describe the data it evaluated: they stay, unless
+    # other data is given.
+    if not {'data', 'data_dir'} & given:
+      kept = inherited & frozenset(config_lib.IMAGENET_COUNTS)
+  values = dataset_info.resolve_counts(values, given, kept)
   return config_lib.ExperimentConfig.from_settings(**values)
 
 
 # What --mode=eval / export do not take from the run's config.json: the
-# cluster they run on, what to do and where to write.
+# hardware they run on (config.TOPOLOGY_SETTINGS), what to do and where to
+# write.
 NOT_INHERITED = frozenset(
-    {s.name for s in config_lib.DistributeConfig.settings()} |
+    config_lib.TOPOLOGY_SETTINGS |
     {'mode', 'model_dir', 'export_dir', 'checkpoint_path', 'eval_timeout',
-     'dry_run'} | config_lib.InitConfig.setting_names())
+     'dry_run', 'eval_batch_per_replica'} |
+    config_lib.InitConfig.setting_names())
 
 
-def inherit_run_settings(values: dict, given: frozenset) -> dict:
+def inherit_run_settings(values: dict, given: frozenset):
   """The settings of the run in model_dir, under the flags given.
 
   `--mode=eval` and `export` need only `--model_dir`: the model, EMA,
   image size, classes and data come from model_dir/config.json; flags given
   explicitly win (logged; architecture changes are refused later, as on
-  resume). Without config.json the flags are used as they are.
+  resume). The hardware that trained the run is not inherited
+  (`config.TOPOLOGY_SETTINGS`): its replicas, BN groups and XLA mode are no
+  constraint here. Its eval batch carries over per replica, so each device
+  evaluates as many images as it did in the run's own evaluations.
+  Without config.json the flags are used as they are.
+
+  Returns:
+    (settings, the names taken from config.json).
   """
   from efficientnet_tpu import run_dir  # pylint: disable=g-import-not-at-top
   previous = run_dir.read_config(values['model_dir'])
   if previous is None:
-    return values
+    return values, frozenset()
   values = dict(values)
+  inherited = set()
   for name, value in config_lib.settings_from_dict(previous).items():
     if name in NOT_INHERITED:
       continue
@@ -112,7 +143,52 @@ def inherit_run_settings(values: dict, given: frozenset) -> dict:
                      values.get(name), value, values['model_dir'])
       continue
     values[name] = value
-  return values
+    inherited.add(name)
+  if 'eval_batch_size' not in given:
+    _inherit_eval_batch(values, previous, inherited)
+  strategy = values.get('strategy') or ('tpu' if values.get('tpu') else 'cpu')
+  if (values.get('use_float16') and 'use_float16' not in given and
+      strategy == 'tpu'):
+    # TPUs compute in bfloat16: the nearest precision to the run's.
+    logging.info('The run trained in float16, which TPUs lack: evaluating '
+                 'in bfloat16 (--use_bfloat16).')
+    values.update(use_float16=False, use_bfloat16=True)
+  return values, frozenset(inherited)
+
+
+def _inherit_eval_batch(values: dict, previous: dict, inherited: set) -> None:
+  """Takes the run's eval batch per replica (and `eval_steps` as images).
+
+  The per-replica batch is what config.json resolved on the run's replicas,
+  or its eval batch over the replicas its settings name; a run whose
+  replica count is unknown keeps its global eval batch.
+  """
+  run = config_lib.settings_from_dict(previous)
+  run_batch = run.get('eval_batch_size')
+  per_replica = (previous.get('resolved') or {}).get('per_replica_eval_batch')
+  if per_replica is None and run_batch:
+    try:
+      replicas = config_lib.DistributeConfig(**{
+          k: v for k, v in run.items()
+          if k in config_lib.DistributeConfig.setting_names()
+      }).known_num_replicas
+    except config_lib.ConfigError:
+      replicas = None
+    if replicas and run_batch % replicas == 0:
+      per_replica = run_batch // replicas
+  if not per_replica:
+    return
+  values['eval_batch_per_replica'] = per_replica
+  if values.get('eval_steps') and 'eval_steps' in inherited and run_batch:
+    # `eval_steps` counts batches of the run's global eval batch: as images,
+    # the same number of images is evaluated on any replica count.
+    images = values['eval_steps'] * run_batch
+    if values.get('num_eval_images'):
+      images = min(images, values['num_eval_images'])
+    logging.info('eval_steps=%d of %d images: evaluating the first %d eval '
+                 'images.', values['eval_steps'], run_batch, images)
+    values.update(eval_steps=None, num_eval_images=images)
+    inherited.add('num_eval_images')
 
 
 def flag_error_line(e: config_lib.ConfigError) -> str:
@@ -202,10 +278,11 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
     print(f'Replicas ({num_replicas}):')
     for k, v in plan.items():
       print(f'  {k}: {v}')
-    memory = sizing.training_memory(cfg, size,
-                                    plan['per_replica_train_batch'])
-    print(f'Memory: {memory.describe()}')
-    warnings = sizing.check_fits(cfg, memory, num_replicas) + warnings
+    if cfg.trains:
+      memory = sizing.training_memory(cfg, size,
+                                      plan['per_replica_train_batch'])
+      print(f'Memory: {memory.describe()}')
+      warnings = sizing.check_fits(cfg, memory, num_replicas) + warnings
   else:
     print('Replicas: set --num_replicas=N to resolve the per-replica batch, '
           'BN groups and memory of an N-replica slice')

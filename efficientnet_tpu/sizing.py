@@ -160,6 +160,8 @@ def check_fits(cfg: ExperimentConfig, estimate: MemoryEstimate,
 def recipe_warnings(cfg: ExperimentConfig) -> List[str]:
   """Where the sources behind a recipe warn about these settings, and where
   a run would stay silent for long."""
+  if not cfg.trains:
+    return []
   warnings = []
   total, loop = cfg.total_train_steps, cfg.loop_steps
   if total >= 8 and loop * 4 > total:

@@ -39,9 +39,17 @@ from efficientnet_tpu.state import ModelState
 def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
   """How a run splits over `num_replicas`: batches, BN groups, steps.
 
+  Eval and export: the eval batch and local BN only (inference uses the
+  moving statistics; see `ExperimentConfig.validate_for_replicas`).
   Raises the same one-line ConfigErrors a run on that many replicas would.
   """
   g = cfg.validate_for_replicas(num_replicas)
+  per_replica_eval = cfg.eval_batch_size_on(num_replicas) // num_replicas
+  length = {'steps_per_epoch': round(cfg.steps_per_epoch, 2),
+            'total_steps': cfg.total_train_steps}
+  if not cfg.trains:
+    return {'per_replica_eval_batch': per_replica_eval, 'bn_group_size': g,
+            **length}
   per_replica = cfg.train.train_batch_size // num_replicas
   target = cfg.model.bn_group_batch_size
   if target is not None and g * per_replica != target:
@@ -50,12 +58,11 @@ def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
                  g * per_replica, ', local BN' if g == 1 else '', num_replicas)
   return {
       'per_replica_train_batch': per_replica,
-      'per_replica_eval_batch': cfg.train.eval_batch_size // num_replicas,
+      'per_replica_eval_batch': per_replica_eval,
       'bn_group_size': g,
       'bn_groups': num_replicas // g,
       'bn_group_batch': g * per_replica,
-      'steps_per_epoch': round(cfg.steps_per_epoch, 2),
-      'total_steps': cfg.total_train_steps,
+      **length,
       'steps_per_loop': cfg.loop_steps,
       'eval_every_steps': cfg.eval_interval_steps,
   }

@@ -7,6 +7,8 @@ numpy from its source.
 """
 
 import ast
+import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -170,3 +172,105 @@ def test_recipes_flags_reproduce_the_paper_codes_schedule(
   # The code decays over one more step (see docs/recipes.md): < 1e-3.
   np.testing.assert_allclose(ours, code, rtol=1e-3, atol=1e-6)
   assert ours[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+# ---- a preset on the user's data: the description's counts win ------------
+@pytest.fixture(scope='module')
+def described_data(tmp_path_factory):
+  """TFRecords with dataset_info.json: 30 train and 12 eval images of 4
+  classes (the preset cpu_smoke says 2048, 500 and 10)."""
+  from efficientnet_tpu.tools import make_tfrecords  # pylint: disable=g-import-not-at-top
+  from tests.test_input_pipeline import write_split  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp('described'))
+  label = lambda f, j: (f + j) % 4 + 1
+  write_split(data_dir, 'train', [20, 10], label)
+  write_split(data_dir, 'validation', [6, 6], label)
+  make_tfrecords.index(data_dir, num_threads=2, progress=False)
+  return data_dir
+
+
+def _dry_run(capsys, caplog, *args):
+  """`efficientnet-tpu-train ARGS --dry_run`, as main.run parses it."""
+  FLAGS.unparse_flags()
+  FLAGS(presets.expand_argv(['efficientnet-tpu-train', *args, '--dry_run',
+                             '--verbosity=0']))
+  with caplog.at_level(logging.INFO, logger='absl'):
+    rc = main_lib.main(['efficientnet-tpu-train'])
+  out = capsys.readouterr()
+  config = None
+  if rc == 0:  # The resolved config, then the replica plan.
+    config = json.loads(out.out[:out.out.index('\nReplicas')])
+  return rc, out, config
+
+
+def test_preset_on_described_data_takes_its_counts(described_data, tmp_path,
+                                                   capsys, caplog):
+  rc, out, config = _dry_run(
+      capsys, caplog, '--preset=cpu_smoke', '--data=tfrecord',
+      f'--data_dir={described_data}', f'--model_dir={tmp_path / "run"}')
+  assert rc == 0, out.err
+  assert (config['data']['num_train_images'],
+          config['data']['num_eval_images'],
+          config['model']['num_label_classes']) == (30, 12, 4)
+  assert config['data']['counts_from'] == 'dataset_info.json'
+  # The preset's other settings stand.
+  assert config['distribute']['num_cpu_replicas'] == 4
+  assert config['train']['train_steps'] == 120
+  assert ('num_eval_images=500 (not given on the command line) replaced by '
+          "the description's 12") in caplog.text
+
+
+def test_a_count_given_on_the_command_line_must_still_agree(
+    described_data, tmp_path, capsys, caplog):
+  rc, out, _ = _dry_run(
+      capsys, caplog, '--preset=cpu_smoke', '--data=tfrecord',
+      f'--data_dir={described_data}', f'--model_dir={tmp_path / "run"}',
+      '--num_train_images=2048')
+  assert rc == 2
+  assert out.err == (
+      f'error: --num_train_images: 2048 disagrees with '
+      f'{described_data}/dataset_info.json (30); leave it out to use the '
+      'description\n'), out.err
+  # Fewer eval images than described: allowed, and the log says so.
+  rc, out, config = _dry_run(
+      capsys, caplog, '--preset=cpu_smoke', '--data=tfrecord',
+      f'--data_dir={described_data}', f'--model_dir={tmp_path / "run"}',
+      '--num_eval_images=5')
+  assert rc == 0, out.err
+  assert config['data']['num_eval_images'] == 5
+  assert 'evaluating the first 5 of the 12 eval records' in caplog.text
+
+
+def test_preset_on_undescribed_data_says_that_it_narrows_the_eval(
+    tmp_path, capsys, caplog):
+  from tests.test_input_pipeline import write_split  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / 'data')
+  write_split(data_dir, 'train', [2], lambda f, j: j + 1)
+  write_split(data_dir, 'validation', [260, 250], lambda f, j: j % 10 + 1)
+  rc, out, config = _dry_run(
+      capsys, caplog, '--preset=cpu_smoke', '--data=tfrecord',
+      f'--data_dir={data_dir}', f'--model_dir={tmp_path / "run"}')
+  assert rc == 0, out.err
+  # Nothing describes the data: the preset's counts are the settings.
+  assert config['data']['num_eval_images'] == 500
+  assert config['data']['counts_from'] == 'settings'
+  assert 'evaluating the first 500 of the 510 eval records' in caplog.text
+
+
+def test_cpu_smoke_on_synthetic_data_keeps_the_presets_counts(
+    tmp_path, capsys, caplog):
+  rc, out, config = _dry_run(capsys, caplog, '--preset=cpu_smoke',
+                             f'--model_dir={tmp_path / "run"}')
+  assert rc == 0, out.err
+  assert config['data']['data'] == 'synthetic'
+  assert (config['data']['num_train_images'],
+          config['data']['num_eval_images'],
+          config['model']['num_label_classes']) == (2048, 500, 10)
+  assert config['data']['counts_from'] == 'settings'
+
+
+def test_flag_names_reads_the_preset():
+  names = presets.flag_names('cpu_smoke')
+  assert {'num_train_images', 'num_eval_images', 'bn_group_size',
+          'num_cpu_replicas'} <= names
+  assert not {'data_dir', 'model_dir', 'preset'} & names

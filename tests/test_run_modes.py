@@ -1,13 +1,18 @@
 """--mode=eval and --mode=export from model_dir alone; --checkpoint_path.
 
-A tiny train_and_eval run on TFRecords described by dataset_info.json, then
-the run directory is evaluated and exported with no other flag than the
-directory (and where to export): the settings come from config.json, and
-the export names the data set's classes in its label convention.
+A tiny train_and_eval run on 2 CPU replicas with BN groups of 2, on
+TFRecords described by dataset_info.json; then the run directory is
+evaluated and exported with no other flag than the directory (and where to
+export), on other replica counts than the run's: the settings come from
+config.json, the hardware does not (replicas, BN groups, XLA), and the
+top-1 is the run's own, as eval_results.jsonl recorded it. The export names
+the data set's classes in its label convention.
 """
 
 import json
+import logging
 import os
+import shutil
 
 from absl import flags
 import keras
@@ -16,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_tpu import main as main_lib
+from efficientnet_tpu import presets
 from efficientnet_tpu.data import dataset_info
 from efficientnet_tpu.tools import make_tfrecords
 from tests.test_input_pipeline import write_split
@@ -42,7 +48,11 @@ def _jpeg(seed):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A finished train_and_eval run: (model_dir, data_dir)."""
+  """A finished train_and_eval run: (model_dir, data_dir).
+
+  2 replicas with BN groups of 2, as a pod slice trains: an eval or export
+  on 1 replica must not inherit them as constraints.
+  """
   root = tmp_path_factory.mktemp('modes')
   data_dir = str(root / 'data')
   label = lambda f, j: (f * 7 + j) % CLASSES + 1  # 1-based, as ImageNet's.
@@ -57,7 +67,8 @@ def trained(tmp_path_factory):
          '--image_size=16', '--train_batch_size=8', '--eval_batch_size=4',
          '--train_steps=4', '--iterations_per_loop=2', '--eval_every_steps=2',
          '--optimizer=momentum', '--lr_warmup_epochs=0',
-         '--moving_average_decay=0', '--shuffle_buffer=8'])
+         '--moving_average_decay=0', '--shuffle_buffer=8',
+         '--num_cpu_replicas=2', '--bn_group_size=2'])
   try:
     assert main_lib.main(['efficientnet-tpu-train']) == 0
   finally:
@@ -76,18 +87,20 @@ def test_eval_needs_only_model_dir_and_matches_the_runs_own_eval(
   config = json.load(open(os.path.join(model_dir, 'config.json')))
   assert config['data']['counts_from'] == 'dataset_info.json'
   assert config['model']['num_label_classes'] == CLASSES
-  # What the settings came to: 24 train images in batches of 8 on one CPU
-  # replica, a constant LR, no XLA.
+  # What the settings came to: 24 train images in batches of 8 on two CPU
+  # replicas in one BN group, a constant LR, no XLA.
   resolved = config['resolved']
-  assert resolved['total_steps'] == 4 and resolved['replicas'] == 1
+  assert resolved['total_steps'] == 4 and resolved['replicas'] == 2
   assert resolved['steps_per_epoch'] == 3.0
   assert resolved['train_epochs'] == pytest.approx(4 / 3)
-  assert resolved['per_replica_train_batch'] == 8
-  assert resolved['bn_group_size'] == 1 and resolved['xla'] == 'off'
+  assert resolved['per_replica_train_batch'] == 4
+  assert resolved['per_replica_eval_batch'] == 2
+  assert resolved['bn_group_size'] == 2 and resolved['xla'] == 'off'
   assert resolved['peak_learning_rate'] == pytest.approx(0.016 * 8 / 256)
   assert (resolved['num_train_images'], resolved['num_eval_images']) == (24,
                                                                          10)
   last = _eval_results(model_dir)[-1]
+  # On 1 replica (the default), where the run's BN groups of 2 cannot be.
   rc, out = _run(capsys, f'--model_dir={model_dir}', '--mode=eval')
   assert rc == 0, out.err
   again = _eval_results(model_dir)[-1]
@@ -95,8 +108,172 @@ def test_eval_needs_only_model_dir_and_matches_the_runs_own_eval(
   assert again['step'] == last['step'] == 4
   assert again['checkpoint'] == last['checkpoint']
   assert again['num_examples'] == last['num_examples'] == 10
-  for k in ('top_1_accuracy', 'loss'):
-    assert again[k] == pytest.approx(last[k], abs=1e-6), k
+  assert again['top_1_accuracy'] == last['top_1_accuracy']
+  assert again['loss'] == pytest.approx(last['loss'], abs=1e-6)
+
+
+def test_eval_on_a_replica_count_that_divides_neither_batch(trained, capsys):
+  """3 replicas: the run's batches (train 8, eval 4) are no multiples of 3.
+
+  The eval keeps the run's 2 images per replica (6 on 3 replicas); an eval
+  batch given explicitly is still held to the replica count.
+  """
+  model_dir, _ = trained
+  last = _eval_results(model_dir)[-1]
+  rc, out = _run(capsys, f'--model_dir={model_dir}', '--mode=eval',
+                 '--num_cpu_replicas=3', '--eval_batch_size=4')
+  assert rc == 2
+  assert out.err == ('error: --eval_batch_size: expected a multiple of the '
+                     'number of replicas (3), got 4\n'), out.err
+  rc, out = _run(capsys, f'--model_dir={model_dir}', '--mode=eval',
+                 '--num_cpu_replicas=3')
+  assert rc == 0, out.err
+  again = _eval_results(model_dir)[-1]
+  assert again['step'] == last['step'] and again['num_examples'] == 10
+  assert again['top_1_accuracy'] == last['top_1_accuracy']
+  assert again['loss'] == pytest.approx(last['loss'], abs=1e-6)
+
+
+# The hardware other runs trained on, as their config.json records it: a
+# TPU v3-1024 slice (BN groups by images, XLA it cannot turn off) and two
+# machines of 8 GPUs (global BN, XLA on). Each keeps the run's 2 eval images
+# per device (`resolved`, as train.resolved_values writes it).
+OTHER_HARDWARE = {
+    'tpu_slice_1024': dict(
+        distribute=dict(strategy='tpu', tpu='my-pod', tpu_zone='z',
+                        num_replicas=1024),
+        model=dict(bn_group_size=None, bn_group_batch_size=4),
+        train=dict(train_batch_size=4096, eval_batch_size=2048,
+                   jit_compile='auto'),
+        resolved=dict(replicas=1024, per_replica_train_batch=4,
+                      per_replica_eval_batch=2, bn_group_size=1,
+                      bn_groups=1024, input_pipelines=128)),
+    'multi_worker_16_gpus': dict(
+        distribute=dict(strategy='multi_worker', num_gpus=8),
+        model=dict(bn_group_size=0, bn_group_batch_size=None),
+        train=dict(train_batch_size=64, eval_batch_size=32,
+                   jit_compile='true'),
+        resolved=dict(replicas=16, per_replica_train_batch=4,
+                      per_replica_eval_batch=2, bn_group_size=16,
+                      bn_groups=1, input_pipelines=2)),
+}
+
+
+@pytest.mark.parametrize('hardware,replicas', [('tpu_slice_1024', 3),
+                                               ('multi_worker_16_gpus', 2)])
+def test_eval_of_a_run_that_other_hardware_trained(trained, capsys, caplog,
+                                                   tmp_path, hardware,
+                                                   replicas):
+  """The run's checkpoint, with the config.json of another cluster."""
+  model_dir = _copy_with_config(trained, tmp_path, **OTHER_HARDWARE[hardware])
+  last = _eval_results(model_dir)[-1]
+  with caplog.at_level(logging.INFO, logger='absl'):
+    rc, out = _run(capsys, f'--model_dir={model_dir}', '--mode=eval',
+                   f'--num_cpu_replicas={replicas}', '--verbosity=0')
+  assert rc == 0, out.err
+  # A device evaluates the 2 images it did in the run's own evaluations.
+  assert 'Batch: eval 2 per replica' in caplog.text
+  again = _eval_results(model_dir)[-1]
+  assert again['step'] == last['step'] and again['num_examples'] == 10
+  assert again['top_1_accuracy'] == last['top_1_accuracy']
+  assert again['loss'] == pytest.approx(last['loss'], abs=1e-6)
+  export_dir = str(tmp_path / 'export')
+  rc, out = _run(capsys, f'--model_dir={model_dir}', '--mode=export',
+                 f'--export_dir={export_dir}')
+  assert rc == 0, out.err
+  assert _export_top_1(export_dir, trained[1]) == last['top_1_accuracy']
+
+
+def _copy_with_config(trained, tmp_path, **sections):
+  """A copy of the trained run whose config.json has `sections` updated."""
+  model_dir = str(tmp_path / 'run')
+  shutil.copytree(trained[0], model_dir)
+  path = os.path.join(model_dir, 'config.json')
+  config = json.load(open(path))
+  for section, values in sections.items():
+    config[section].update(values)
+  with open(path, 'w') as f:
+    json.dump(config, f)
+  return model_dir
+
+
+def _dry_run_config(capsys, *args):
+  rc, out = _run(capsys, *args, '--dry_run')
+  assert rc == 0, out.err
+  return json.loads(out.out[:out.out.index('\nReplicas')])
+
+
+def test_eval_keeps_the_runs_eval_images(trained, capsys, tmp_path):
+  """A run that evaluated 6 of the 10 described images, or its first batch
+  (`eval_steps=1` of 4 images), is evaluated on as many."""
+  model_dir = _copy_with_config(trained, tmp_path,
+                                data=dict(num_eval_images=6))
+  config = _dry_run_config(capsys, f'--model_dir={model_dir}', '--mode=eval')
+  assert config['data']['num_eval_images'] == 6
+  assert config['train']['eval_batch_per_replica'] == 2
+  shutil.rmtree(model_dir)
+  model_dir = _copy_with_config(trained, tmp_path, train=dict(eval_steps=1))
+  config = _dry_run_config(capsys, f'--model_dir={model_dir}', '--mode=eval',
+                           '--num_cpu_replicas=4')
+  assert config['data']['num_eval_images'] == 4
+  assert config['train']['eval_steps'] is None
+
+
+def test_a_float16_run_evaluates_in_bfloat16_on_a_tpu(trained, capsys,
+                                                      tmp_path):
+  model_dir = _copy_with_config(trained, tmp_path,
+                                model=dict(use_float16=True))
+  config = _dry_run_config(capsys, f'--model_dir={model_dir}', '--mode=eval',
+                           '--tpu=local')
+  assert config['model']['use_bfloat16'] and not config['model'][
+      'use_float16']
+  assert config['distribute']['strategy'] == 'tpu'
+  # Elsewhere the run's own precision.
+  config = _dry_run_config(capsys, f'--model_dir={model_dir}', '--mode=eval')
+  assert config['model']['use_float16']
+
+
+def test_a_presets_values_give_way_to_the_runs_config(trained, capsys,
+                                                      tmp_path):
+  """`--preset=cpu_smoke --mode=eval`: the preset's model and data (B0 at
+  32 px, 10 classes, synthetic) are defaults; the run's own stand."""
+  FLAGS.unparse_flags()
+  try:
+    FLAGS(presets.expand_argv([
+        'efficientnet-tpu-train', '--preset=cpu_smoke', '--mode=eval',
+        f'--model_dir={trained[0]}', '--dry_run']))
+    rc = main_lib.main(['efficientnet-tpu-train'])
+  finally:
+    FLAGS.unparse_flags()
+  out = capsys.readouterr()
+  assert rc == 0, out.err
+  config = json.loads(out.out[:out.out.index('\nReplicas')])
+  assert (config['model']['image_size'], config['model']['width_coefficient'],
+          config['model']['num_label_classes']) == (16, 0.1, CLASSES)
+  assert (config['data']['data'], config['data']['data_dir']) == (
+      'tfrecord', trained[1])
+  # The preset's hardware is this eval's own: 4 replicas, 2 images each.
+  assert config['distribute']['num_cpu_replicas'] == 4
+  assert 'per_replica_eval_batch: 2' in out.out
+
+
+def _eval_records(data_dir):
+  """(encoded image, label) of every eval record, in file order."""
+  files = sorted(tf.io.gfile.glob(os.path.join(data_dir, 'validation-*')))
+  spec = {'image/encoded': tf.io.FixedLenFeature([], tf.string),
+          'image/class/label': tf.io.FixedLenFeature([], tf.int64)}
+  records = [tf.io.parse_single_example(r, spec)
+             for r in tf.data.TFRecordDataset(files)]
+  return ([r['image/encoded'].numpy() for r in records],
+          np.array([int(r['image/class/label']) for r in records]))
+
+
+def _export_top_1(export_dir, data_dir):
+  """Top-1 of a SavedModel on the eval records' own bytes and labels."""
+  images, labels = _eval_records(data_dir)
+  serve = tf.saved_model.load(export_dir).signatures['serving_default']
+  classes = serve(image_bytes=tf.constant(images))['classes'].numpy()
+  return float(np.mean(classes == labels))
 
 
 def test_export_from_model_dir_names_classes_in_the_label_convention(
@@ -108,6 +285,9 @@ def test_export_from_model_dir_names_classes_in_the_label_convention(
                  f'--export_dir={export_dir}', '--checkpoint_path=best')
   assert rc == 0, out.err
   assert json.loads(out.out.splitlines()[-1])['step'] == best['step']
+  # Exported on 1 replica from the run of 2: the best eval's top-1 on the
+  # same images (1-based labels, as the records hold them).
+  assert _export_top_1(export_dir, data_dir) == best['top_1_accuracy']
   images = tf.constant([_jpeg(i) for i in range(3)] + [b'not an image'])
   loaded = tf.saved_model.load(export_dir)
   got = loaded.signatures['serving_default'](image_bytes=images)

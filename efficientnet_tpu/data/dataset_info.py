@@ -219,13 +219,21 @@ def counts(info: DatasetInfo) -> Dict[str, int]:
   return out
 
 
-def resolve_counts(settings: Dict, given: frozenset) -> Dict:
+def resolve_counts(settings: Dict, given: frozenset,
+                   kept: frozenset = frozenset()) -> Dict:
   """Fills the data set's sizes from data_dir/dataset_info.json.
+
+  The description replaces counts that were not given (a preset's are
+  defaults: `main.explicit_settings`), saying so in the log when it changes
+  one; counts given must agree with it.
 
   Args:
     settings: flat settings (`ExperimentConfig.from_settings` keywords);
       the three counts of `IMAGENET_COUNTS` may be None (unset).
-    given: names set explicitly (on the command line or in a flagfile).
+    given: names set explicitly (on the command line or in the user's
+      flagfile).
+    kept: names whose value stands as it is: the counts of a finished run
+      that `--mode=eval` / `export` evaluate (its config.json).
 
   Returns:
     `settings` with the counts filled: from dataset_info.json when the
@@ -265,7 +273,13 @@ def resolve_counts(settings: Dict, given: frozenset) -> Dict:
   described = counts(info)
   for name, value in described.items():
     mine = settings.get(name)
+    if name in kept and mine is not None:
+      continue
     if mine is None or name not in given:
+      if mine is not None and mine != value:
+        logging.info('%s: %s=%d (not given on the command line) replaced by '
+                     'the description\'s %d.', path(data_dir), name, mine,
+                     value)
       settings[name] = value
       continue
     ok = (mine <= value if name == 'num_eval_images' else
@@ -277,7 +291,8 @@ def resolve_counts(settings: Dict, given: frozenset) -> Dict:
   for k in IMAGENET_COUNTS:
     if settings.get(k) is None:
       settings[k] = IMAGENET_COUNTS[k]
-  settings['counts_from'] = FILENAME
+  if not (set(described) <= kept and settings.get('counts_from')):
+    settings['counts_from'] = FILENAME
   logging.info('%s: %d train / %d eval images, %d classes.', path(data_dir),
                settings['num_train_images'], settings['num_eval_images'],
                settings['num_label_classes'])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+from absl import logging
 import tensorflow as tf
 
 from efficientnet_tpu.config import ConfigError, DataConfig
@@ -79,7 +80,8 @@ def check_data_files(data_cfg: DataConfig, mode: str,
       split = tfds_source.split_name(builder, False, data_cfg)
       _check_num_eval_images(
           data_cfg, builder.info.splits[split].num_examples,
-          f'split {split!r} of {data_cfg.data} in {data_cfg.data_dir!r}')
+          f'split {split!r} of {data_cfg.data} in {data_cfg.data_dir!r}',
+          say_narrowed=True)
     return
   if mode in ('train', 'train_and_eval'):
     tfrecord.list_files(data_cfg.data_dir, is_training=True)
@@ -90,12 +92,18 @@ def check_data_files(data_cfg: DataConfig, mode: str,
     _check_num_eval_images(
         data_cfg, sum(counts.values()),
         f'{len(files)} {tfrecord.EVAL_PATTERN!r} files in '
-        f'{data_cfg.data_dir!r}')
+        f'{data_cfg.data_dir!r}', say_narrowed=True)
 
 
-def _check_num_eval_images(data_cfg: DataConfig, found: int,
-                           where: str) -> None:
+def _check_num_eval_images(data_cfg: DataConfig, found: int, where: str,
+                           say_narrowed: bool = False) -> None:
+  """Refuses more eval images than the split has; logs fewer if asked."""
   if found >= data_cfg.num_eval_images:
+    if say_narrowed and found > data_cfg.num_eval_images:
+      # A preset's or an old run's count may be what narrows it.
+      logging.info('num_eval_images=%d: evaluating the first %d of the %d '
+                   'eval records (%s).', data_cfg.num_eval_images,
+                   data_cfg.num_eval_images, found, where)
     return
   fix = (f'set `num_eval_images={found}` or less' if found else
          'write eval records or use `mode=train`')

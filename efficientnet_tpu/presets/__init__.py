@@ -6,6 +6,10 @@ the command line override the preset wherever they stand. `--preset=list`
 prints the presets, each with the first line of its header comment.
 `--flagfile=FILE` still reads any file of the same format (one
 `--flag=value` per line, full-line `#` comments).
+
+A preset's values are defaults: the data set's description
+(dataset_info.json) replaces its image and class counts, and `--mode=eval`
+/ `export` take the run's config.json over it (`main.explicit_settings`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,21 @@ def description(name: str) -> str:
   with open(path(name)) as f:
     first = f.readline().strip()
   return first.lstrip('#').strip() if first.startswith('#') else ''
+
+
+def flag_names(name: str) -> frozenset:
+  """The flags preset `name` sets (`--flag=value` lines; `--noflag` too)."""
+  names = set()
+  with open(path(name)) as f:
+    for line in f:
+      line = line.strip()
+      if not line.startswith('-'):
+        continue
+      flag = line.lstrip('-').split('=', 1)[0]
+      names.add(flag)
+      if '=' not in line and flag.startswith('no'):
+        names.add(flag[2:])
+  return frozenset(names)
 
 
 def listing() -> str:
