@@ -298,10 +298,10 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
 
 
 def _readable(value):
-  """Floats to 4 significant digits (35.6, not 35.599998474121094), also
+  """Floats to 6 significant digits (35.6, not 35.599998474121094), also
   inside dicts, lists and tuples."""
   if isinstance(value, float):
-    return float(f'{value:.4g}')
+    return float(f'{value:.6g}')
   if isinstance(value, dict):
     return {k: _readable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
