@@ -1,5 +1,6 @@
 """SavedModel export: reload it and classify encoded images."""
 
+import dataclasses
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_tpu import experiment
+from efficientnet_tpu import export
 from efficientnet_tpu.config import ConfigError
 from efficientnet_tpu.data import preprocessing
 from tests.helpers import small_config, strategy_for
@@ -196,6 +198,63 @@ def test_export_all_invalid_and_empty_batches(exported_dir, onednn):
         'valid': ['bool', [n], [False] * n],
     }
     assert out[name] == want, name
+
+
+def test_declared_pixels_reads_jpeg_png_and_gif_headers():
+  """Height x width from the header, as PIL reads the image's size; 0 for
+  formats whose header is not read."""
+  rng = np.random.default_rng(2)
+  # 300 x 2: the GIF fields' high bytes matter.
+  for h, w in ((40, 30), (2, 300), (300, 2)):
+    image = Image.fromarray(_pixels(rng, h, w))
+    for fmt in ('JPEG', 'PNG', 'GIF'):
+      data = _encode(image, fmt)
+      assert Image.open(io.BytesIO(data)).size == (w, h)
+      assert int(export.declared_pixels(tf.constant(data))) == h * w, fmt
+  for data in (_fixtures()['bmp'], _fixtures()['webp'], b'GIF8', b''):
+    assert int(export.declared_pixels(tf.constant(data))) == 0
+
+
+def test_export_serves_images_over_max_image_pixels_as_invalid(exported,
+                                                               tmp_path):
+  """With the training input's pixel limit, a larger image of any format
+  is an invalid row and does not fail the batch; the others are served as
+  without a limit."""
+  trainer, unlimited = exported
+  limit = 1000
+  cfg = dataclasses.replace(trainer.cfg, data=dataclasses.replace(
+      trainer.cfg.data, max_image_pixels=limit))
+  export_dir = str(tmp_path / 'export')
+  experiment.export_model(cfg, trainer.state, export_dir)
+  limited = tf.saved_model.load(export_dir).signatures['serving_default']
+
+  rng = np.random.default_rng(3)
+  inputs, pixels = [], []
+  # Either side of the limit in each format (1000 itself is allowed).
+  for fmt, sizes in (('JPEG', [(25, 40), (40, 26)]),
+                     ('PNG', [(30, 20), (41, 25)]),
+                     ('GIF', [(20, 50), (34, 30)]),
+                     ('BMP', [(31, 22), (32, 32)]),
+                     ('WEBP', [(27, 30), (33, 31)])):
+    for h, w in sizes:
+      inputs.append(_encode(Image.fromarray(_pixels(rng, h, w)), fmt))
+      pixels.append(h * w)
+  is_small = np.array(pixels) <= limit
+  assert is_small.sum() == 5
+
+  out = {k: v.numpy() for k, v in limited(
+      image_bytes=tf.constant(inputs)).items()}
+  want = {k: v.numpy() for k, v in unlimited(
+      image_bytes=tf.constant(inputs)).items()}
+  assert want['valid'].all()  # Every image decodes without the limit.
+  np.testing.assert_array_equal(out['valid'], is_small)
+  np.testing.assert_allclose(out['logits'][is_small],
+                             want['logits'][is_small], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out['classes'][~is_small], -1)
+  np.testing.assert_array_equal(out['top_5_classes'][~is_small], -1)
+  np.testing.assert_array_equal(out['class_names'][~is_small], b'')
+  np.testing.assert_array_equal(out['logits'][~is_small], 0.0)
+  np.testing.assert_array_equal(out['probabilities'][~is_small], 0.0)
 
 
 def test_export_serves_jpeg_bytes_with_ema_weights(tmp_path):
