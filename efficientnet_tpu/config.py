@@ -294,7 +294,8 @@ class DataConfig(Section):
   max_image_pixels: int = setting(
       1 << 26, 'Refuse images whose header declares more pixels (checked '
       'before decoding): an error naming the file, or skipped and counted '
-      'with --skip_corrupt.')
+      'with --skip_corrupt. The exported model serves larger images as '
+      'invalid rows.')
   deterministic: bool = setting(
       False, 'Deterministic input order and TF ops (slower): a run resumed '
       'after a kill ends with bitwise the weights of an uninterrupted run '

@@ -139,12 +139,14 @@ def export_model(cfg: ExperimentConfig, state: ModelState,
   """Exports `state`'s model (EMA weights when on) as a SavedModel.
 
   Class ids follow the data set's labels and carry its class names
-  (`serving_labels`).
+  (`serving_labels`); images over `max_image_pixels` are served as invalid
+  rows.
   """
   offset, names = serving_labels(cfg)
   return export.export_saved_model(state.model, state.ema, cfg.model,
                                    cfg.data.resize_method, export_dir,
-                                   offset, names, cfg.data.eval_crop_fraction)
+                                   offset, names, cfg.data.eval_crop_fraction,
+                                   cfg.data.max_image_pixels)
 
 
 def serving_labels(cfg: ExperimentConfig):

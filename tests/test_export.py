@@ -1,6 +1,11 @@
 """SavedModel export: reload it and classify encoded images."""
 
+import dataclasses
 import io
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -8,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_tpu import experiment
+from efficientnet_tpu import export
 from efficientnet_tpu.config import ConfigError
 from efficientnet_tpu.data import preprocessing
 from tests.helpers import small_config, strategy_for
@@ -81,14 +87,21 @@ def _reference_image(data, image_size):
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-  """(trainer, serving signature) of one tiny trained model, shared."""
+def exported_dir(tmp_path_factory):
+  """(trainer, export dir) of one tiny trained model, shared."""
   tmp_path = tmp_path_factory.mktemp('export')
   cfg = small_config(tmp_path / 'run')
   trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   trainer.train_loop(2)  # Moving BN statistics move off their init.
   export_dir = str(tmp_path / 'export')
   experiment.export_model(trainer.cfg, trainer.state, export_dir)
+  return trainer, export_dir
+
+
+@pytest.fixture(scope='module')
+def exported(exported_dir):
+  """(trainer, serving signature) of `exported_dir`'s model."""
+  trainer, export_dir = exported_dir
   return trainer, tf.saved_model.load(export_dir).signatures[
       'serving_default']
 
@@ -142,21 +155,106 @@ def test_export_serves_mixed_formats_and_flags_bad_rows(exported):
   np.testing.assert_array_equal(out['probabilities'][~is_good], 0.0)
 
 
-def test_export_all_invalid_and_empty_batches(exported):
-  _, served = exported
+# Serves batches in which no row decodes, in a fresh process: whether
+# TF's oneDNN graph rewrites run is fixed when TensorFlow is imported.
+_SERVE_UNDECODABLE = r'''
+import json, sys
+import tensorflow as tf
+from tensorflow.python.util import _pywrap_util_port
+serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']
+out = {'onednn': bool(_pywrap_util_port.IsMklEnabled())}
+for name, batch in (('all_invalid', [b'', b'garbage']), ('empty', [])):
+  result = serve(image_bytes=tf.constant(batch, tf.string))
+  out[name] = {k: [v.dtype.name, v.shape.as_list(),
+                   v.numpy().astype(str).tolist() if v.dtype == tf.string
+                   else v.numpy().tolist()] for k, v in result.items()}
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize('onednn', ['1', '0'])
+def test_export_all_invalid_and_empty_batches(exported_dir, onednn):
+  """A batch in which nothing decodes (one bad upload, or none) gives the
+  documented outputs, with TF's oneDNN rewrites on (its default on CPUs
+  with AVX512 BF16 / VNNI, which fail on a zero-size batch) and off."""
+  _, export_dir = exported_dir
+  env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn,
+             TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.run([sys.executable, '-c', _SERVE_UNDECODABLE, export_dir],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out['onednn'] == (onednn == '1')
   num_classes = 5  # small_config
-  for batch in ([b'', b'garbage'], []):
-    out = served(image_bytes=tf.constant(batch, tf.string))
-    n = len(batch)
-    assert out['logits'].shape == (n, num_classes)
-    assert out['probabilities'].shape == (n, num_classes)
-    assert out['classes'].shape == (n,)
-    assert out['top_5_classes'].shape == (n, 5)
-    assert out['valid'].shape == (n,)
-    assert out['valid'].dtype == tf.bool
-    assert not out['valid'].numpy().any()
-    np.testing.assert_array_equal(out['classes'].numpy(), -1)
-    np.testing.assert_array_equal(out['logits'].numpy(), 0.0)
+  for name, n in (('all_invalid', 2), ('empty', 0)):
+    want = {
+        'logits': ['float32', [n, num_classes], [[0.0] * num_classes] * n],
+        'probabilities': ['float32', [n, num_classes],
+                          [[0.0] * num_classes] * n],
+        'classes': ['int32', [n], [-1] * n],
+        'class_names': ['string', [n], [''] * n],
+        'top_5_classes': ['int32', [n, 5], [[-1] * 5] * n],
+        'top_5_probabilities': ['float32', [n, 5], [[0.0] * 5] * n],
+        'valid': ['bool', [n], [False] * n],
+    }
+    assert out[name] == want, name
+
+
+def test_declared_pixels_reads_jpeg_png_and_gif_headers():
+  """Height x width from the header, as PIL reads the image's size; 0 for
+  formats whose header is not read."""
+  rng = np.random.default_rng(2)
+  # 300 x 2: the GIF fields' high bytes matter.
+  for h, w in ((40, 30), (2, 300), (300, 2)):
+    image = Image.fromarray(_pixels(rng, h, w))
+    for fmt in ('JPEG', 'PNG', 'GIF'):
+      data = _encode(image, fmt)
+      assert Image.open(io.BytesIO(data)).size == (w, h)
+      assert int(export.declared_pixels(tf.constant(data))) == h * w, fmt
+  for data in (_fixtures()['bmp'], _fixtures()['webp'], b'GIF8', b''):
+    assert int(export.declared_pixels(tf.constant(data))) == 0
+
+
+def test_export_serves_images_over_max_image_pixels_as_invalid(exported,
+                                                               tmp_path):
+  """With the training input's pixel limit, a larger image of any format
+  is an invalid row and does not fail the batch; the others are served as
+  without a limit."""
+  trainer, unlimited = exported
+  limit = 1000
+  cfg = dataclasses.replace(trainer.cfg, data=dataclasses.replace(
+      trainer.cfg.data, max_image_pixels=limit))
+  export_dir = str(tmp_path / 'export')
+  experiment.export_model(cfg, trainer.state, export_dir)
+  limited = tf.saved_model.load(export_dir).signatures['serving_default']
+
+  rng = np.random.default_rng(3)
+  inputs, pixels = [], []
+  # Either side of the limit in each format (1000 itself is allowed).
+  for fmt, sizes in (('JPEG', [(25, 40), (40, 26)]),
+                     ('PNG', [(30, 20), (41, 25)]),
+                     ('GIF', [(20, 50), (34, 30)]),
+                     ('BMP', [(31, 22), (32, 32)]),
+                     ('WEBP', [(27, 30), (33, 31)])):
+    for h, w in sizes:
+      inputs.append(_encode(Image.fromarray(_pixels(rng, h, w)), fmt))
+      pixels.append(h * w)
+  is_small = np.array(pixels) <= limit
+  assert is_small.sum() == 5
+
+  out = {k: v.numpy() for k, v in limited(
+      image_bytes=tf.constant(inputs)).items()}
+  want = {k: v.numpy() for k, v in unlimited(
+      image_bytes=tf.constant(inputs)).items()}
+  assert want['valid'].all()  # Every image decodes without the limit.
+  np.testing.assert_array_equal(out['valid'], is_small)
+  np.testing.assert_allclose(out['logits'][is_small],
+                             want['logits'][is_small], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out['classes'][~is_small], -1)
+  np.testing.assert_array_equal(out['top_5_classes'][~is_small], -1)
+  np.testing.assert_array_equal(out['class_names'][~is_small], b'')
+  np.testing.assert_array_equal(out['logits'][~is_small], 0.0)
+  np.testing.assert_array_equal(out['probabilities'][~is_small], 0.0)
 
 
 def test_export_serves_jpeg_bytes_with_ema_weights(tmp_path):

@@ -337,22 +337,36 @@ def decode_rgb(image_bytes: tf.Tensor) -> tf.Tensor:
 
 def preprocess_for_serving(image_bytes: tf.Tensor, image_size: int,
                            resize_method: str = 'bicubic',
-                           crop_fraction: Optional[float] = None
-                          ) -> tf.Tensor:
+                           crop_fraction: Optional[float] = None,
+                           max_pixels: Optional[int] = None) -> tf.Tensor:
   """`preprocess_for_eval` for JPEG, PNG, GIF, BMP and still WebP bytes.
 
   JPEGs take exactly the eval path (fused center-crop decode); the other
   formats are decoded whole by `decode_rgb` and given the same center crop
   and resize. Returns uint8 [S, S, 3], not normalized; raises
-  InvalidArgument on bytes that do not decode.
+  InvalidArgument on bytes that do not decode, and with `max_pixels` on an
+  image of more pixels: a JPEG's are read from its header before
+  decoding, the other formats' from the decoded image (the caller may
+  refuse their headers first, as `export` does).
   """
+  def within_limit(shape):
+    if max_pixels is None:
+      return []
+    pixels = tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
+    return [tf.debugging.Assert(pixels <= max_pixels, [
+        'max_image_pixels: the image has', pixels, 'pixels, over the limit '
+        'of', max_pixels])]
+
   def jpeg():
-    return decode_and_crop(
-        image_bytes,
-        lambda shape: center_crop_window(shape, image_size, crop_fraction))
+    def window(shape):
+      with tf.control_dependencies(within_limit(shape)):
+        return center_crop_window(shape, image_size, crop_fraction)
+    return decode_and_crop(image_bytes, window)
 
   def other():
     image = decode_rgb(image_bytes)
+    with tf.control_dependencies(within_limit(tf.shape(image))):
+      image = tf.identity(image)
     w = center_crop_window(tf.shape(image), image_size, crop_fraction)
     return tf.slice(image, [w[0], w[1], 0], [w[2], w[3], 3])
 
