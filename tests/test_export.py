@@ -107,8 +107,13 @@ def exported(exported_dir):
 
 
 def test_decode_rgb_matches_pil():
-  """Every format and pixel mode decodes as PIL does (RGB, first frame)."""
+  """Every format and pixel mode decodes as PIL does (RGB, first frame);
+  without TF's WebP decoder (TF 2.18), a WebP fails like bad bytes."""
   for name, data in _fixtures().items():
+    if name.startswith('webp') and not preprocessing.WEBP_DECODER:
+      with pytest.raises(tf.errors.InvalidArgumentError, match='WebP needs'):
+        preprocessing.decode_rgb(tf.constant(data))
+      continue
     got = preprocessing.decode_rgb(tf.constant(data)).numpy()
     if name == 'jpeg':  # libjpeg and PIL may differ by rounding.
       assert got.shape == (40, 30, 3)
@@ -131,6 +136,8 @@ def test_export_serves_mixed_formats_and_flags_bad_rows(exported):
            'gif_animated', 'empty', 'bmp', 'bmp_palette', 'webp',
            'webp_animated', 'webp_rgba']
   inputs = {**good, **bad}
+  if not preprocessing.WEBP_DECODER:  # TF 2.18: WebP rows are invalid.
+    good = {n: v for n, v in good.items() if not n.startswith('webp')}
   out = served(image_bytes=tf.constant([inputs[n] for n in names]))
   out = {k: v.numpy() for k, v in out.items()}
 
@@ -236,11 +243,13 @@ def test_export_serves_images_over_max_image_pixels_as_invalid(exported,
                      ('GIF', [(20, 50), (34, 30)]),
                      ('BMP', [(31, 22), (32, 32)]),
                      ('WEBP', [(27, 30), (33, 31)])):
+    if fmt == 'WEBP' and not preprocessing.WEBP_DECODER:
+      continue
     for h, w in sizes:
       inputs.append(_encode(Image.fromarray(_pixels(rng, h, w)), fmt))
       pixels.append(h * w)
   is_small = np.array(pixels) <= limit
-  assert is_small.sum() == 5
+  assert is_small.sum() == len(pixels) // 2
 
   out = {k: v.numpy() for k, v in limited(
       image_bytes=tf.constant(inputs)).items()}

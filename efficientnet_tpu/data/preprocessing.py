@@ -261,6 +261,10 @@ def preprocess_for_eval(image_bytes: tf.Tensor,
 # zero-padded so that reading a field never fails on its own.
 _HEADER_BYTES = 64
 _WEBP_ANIMATION_FLAG = 0x02  # In the VP8X flags byte (offset 20).
+# tf.io.decode_webp exists from TensorFlow 2.19; on 2.18 (the floor of the
+# support matrix) a WebP is undecodable bytes like any other format TF
+# lacks: an invalid row at serving.
+WEBP_DECODER = hasattr(tf.io, 'decode_webp')
 
 
 def _header_int(header: tf.Tensor, offset: int, size: int) -> tf.Tensor:
@@ -273,7 +277,15 @@ def _header_int(header: tf.Tensor, offset: int, size: int) -> tf.Tensor:
 
 def _decode_webp_rgb(image_bytes: tf.Tensor, header: tf.Tensor,
                      header_bytes: tf.Tensor) -> tf.Tensor:
-  """A still WebP as uint8 [H, W, 3]; fails on animated WebP."""
+  """A still WebP as uint8 [H, W, 3]; fails on animated WebP, and on any
+  WebP where TensorFlow has no WebP decoder (`WEBP_DECODER`)."""
+  if not WEBP_DECODER:
+    # A check that fails at run time, only for the rows that are WebP.
+    check = tf.debugging.Assert(
+        tf.less(tf.strings.length(image_bytes), 0),
+        ['WebP needs TensorFlow 2.19 or newer'])
+    with tf.control_dependencies([check]):
+      return tf.zeros([1, 1, 3], tf.uint8)
   # TF 2.21's WebP decoder corrupts the heap (the process dies) on animated
   # files without the alpha flag and rejects the others, so animations are
   # refused before the decoder sees them.
