@@ -30,24 +30,29 @@ fail() {
   exit 1
 }
 
-# Python 3.10: under pyenv (installed by pyenv if missing), or on PATH. A
-# pyenv shim on PATH may exist without working, so each candidate must run.
+# Python 3.10: under pyenv's root (installed by pyenv if missing), or on
+# PATH. A pyenv shim on PATH may exist without working, so each candidate
+# must run.
 runs() { [[ -n "$1" && -x "$1" ]] && "$1" -c 'import venv' >/dev/null 2>&1; }
+pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}"
+if command -v pyenv >/dev/null 2>&1; then
+  pyenv_root="$(pyenv root)"
+fi
+find_pyenv_python() {
+  local candidate
+  for candidate in "$pyenv_root/versions/$PY_FLOOR".*/bin/python"$PY_FLOOR"; do
+    if runs "$candidate"; then python="$candidate"; fi
+  done
+  return 0
+}
 python="${FLOOR_PYTHON:-}"
-if [[ -z "$python" ]] && command -v pyenv >/dev/null 2>&1; then
-  find_pyenv_python() {
-    local candidate
-    for candidate in "$(pyenv root)/versions/$PY_FLOOR".*/bin/python"$PY_FLOOR"; do
-      if runs "$candidate"; then python="$candidate"; fi
-    done
-    return 0
-  }
+if [[ -z "$python" ]]; then
   find_pyenv_python
-  if [[ -z "$python" ]]; then
-    step "installing Python $PY_FLOOR with pyenv"
-    pyenv install -s "$PY_FLOOR" || true
-    find_pyenv_python
-  fi
+fi
+if [[ -z "$python" ]] && command -v pyenv >/dev/null 2>&1; then
+  step "installing Python $PY_FLOOR with pyenv"
+  pyenv install -s "$PY_FLOOR" || true
+  find_pyenv_python
 fi
 if [[ -z "$python" ]] && runs "$(command -v "python$PY_FLOOR" || true)"; then
   python="$(command -v "python$PY_FLOOR")"
