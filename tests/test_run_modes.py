@@ -200,7 +200,7 @@ def _copy_with_config(trained, tmp_path, **sections):
 def _dry_run_config(capsys, *args):
   rc, out = _run(capsys, *args, '--dry_run')
   assert rc == 0, out.err
-  return json.loads(out.out[:out.out.index('\nReplicas')])
+  return json.loads(out.out[:out.out.index('\nModel: ')])
 
 
 def test_eval_keeps_the_runs_eval_images(trained, capsys, tmp_path):
@@ -247,7 +247,7 @@ def test_a_presets_values_give_way_to_the_runs_config(trained, capsys,
     FLAGS.unparse_flags()
   out = capsys.readouterr()
   assert rc == 0, out.err
-  config = json.loads(out.out[:out.out.index('\nReplicas')])
+  config = json.loads(out.out[:out.out.index('\nModel: ')])
   assert (config['model']['image_size'], config['model']['width_coefficient'],
           config['model']['num_label_classes']) == (16, 0.1, CLASSES)
   assert (config['data']['data'], config['data']['data_dir']) == (
