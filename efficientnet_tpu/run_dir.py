@@ -3,7 +3,9 @@
   config.json            the first run's resolved config (never replaced;
                          a resumed run with other settings writes
                          config-stepN.json beside it)
-  ckpt-N.*, checkpoint   training checkpoints (tf.train.CheckpointManager)
+  ckpt-N.*, checkpoint   training checkpoints (tf.train.CheckpointManager;
+                         a ckpt-N_temp/ left by a killed save is removed
+                         at the next start)
   train/, eval/          TensorBoard event files
   eval_results.jsonl     one line per evaluation (the eval writer)
   history.jsonl          one line per training loop (the train writer;
@@ -19,7 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+import re
+from typing import List, Optional
 import uuid
 
 import tensorflow as tf
@@ -33,6 +36,8 @@ CONFIG_FILENAME = 'config.json'
 RESULTS_FILENAME = 'eval_results.jsonl'
 BEST_DIRNAME = 'best'
 BEST_FILENAME = 'best_eval.json'
+# The training checkpoints' prefix: model_dir/ckpt-STEP.
+CHECKPOINT_NAME = 'ckpt'
 
 # Model fields that may change on resume: they do not change the weights.
 _RESUMABLE_MODEL_FIELDS = ('use_bfloat16', 'use_float16', 'bn_group_size',
@@ -152,6 +157,29 @@ def worker_dir(task, model_dir: str, is_writer: bool) -> str:
     return model_dir
   task_type, task_id = task
   return os.path.join(model_dir, f'.{task_type or "worker"}_{task_id}_tmp')
+
+
+def remove_orphaned_temp_dirs(directory: str,
+                              name: str = CHECKPOINT_NAME) -> List[str]:
+  """Deletes the `NAME-N_temp/` directories in `directory`; returns them.
+
+  TF writes a checkpoint's shards to NAME-N_temp/, then moves them to
+  NAME-N.* and deletes the directory: one that is left was being written
+  when the process was killed (or its disk filled up), and no checkpoint
+  refers to it. Nothing else is touched. Only the directory's owner calls
+  this (the train writer, holding the lock; a worker, its scratch dir).
+  """
+  if not tf.io.gfile.isdir(directory):
+    return []
+  pattern = re.compile(rf'{re.escape(name)}-\d+_temp')
+  removed = []
+  for entry in sorted(tf.io.gfile.listdir(directory)):
+    entry = entry.rstrip('/')  # gs:// lists directories with a slash.
+    path = os.path.join(directory, entry)
+    if pattern.fullmatch(entry) and tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+      removed.append(path)
+  return removed
 
 
 def append_eval_result(model_dir: str, record: dict) -> None:

@@ -167,7 +167,8 @@ class Trainer:
         state.checkpoint,
         run_dir.worker_dir(role.task, cfg.train.model_dir, self.is_writer),
         max_to_keep=cfg.train.keep_checkpoint_max,
-        step_counter=state.optimizer.iterations, checkpoint_name='ckpt')
+        step_counter=state.optimizer.iterations,
+        checkpoint_name=run_dir.CHECKPOINT_NAME)
     # Set on SIGTERM (in `train`), read by the loop before each step.
     self.stop = preemption.StopRequest()
     # Workers that each run the loop agree on the step to stop after.
@@ -470,6 +471,11 @@ class Trainer:
       return self._train(evaluator)
 
   def _train(self, evaluator) -> Dict[str, float]:
+    # The directory is this process's (the writer holds the run's lock).
+    for path in run_dir.remove_orphaned_temp_dirs(
+        self.checkpoint_manager.directory):
+      logging.info('Removed %s: a checkpoint write that was interrupted.',
+                   path)
     self.restore()
     if self.is_writer:
       run_dir.write_config(self.cfg, self.global_step,
@@ -542,7 +548,7 @@ class Trainer:
       checkpoint_path = self.save_checkpoint()
     if checkpoint_path is None:
       checkpoint_path = os.path.join(self.checkpoint_manager.directory,
-                                     f'ckpt-{step}')
+                                     f'{run_dir.CHECKPOINT_NAME}-{step}')
     self.summary_writer.flush()
     waited = (f' {time.time() - self.stop.received_at:.1f} s after the '
               'signal' if self.stop.received_at else '')
