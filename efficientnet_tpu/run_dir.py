@@ -5,7 +5,8 @@
                          config-stepN.json beside it)
   ckpt-N.*, checkpoint   training checkpoints (tf.train.CheckpointManager;
                          a ckpt-N_temp/ left by a killed save is removed
-                         at the next start)
+                         at the next start, an unreadable latest one is
+                         passed over for the one before)
   train/, eval/          TensorBoard event files
   eval_results.jsonl     one line per evaluation (the eval writer)
   history.jsonl          one line per training loop (the train writer;
@@ -38,6 +39,8 @@ BEST_DIRNAME = 'best'
 BEST_FILENAME = 'best_eval.json'
 # The training checkpoints' prefix: model_dir/ckpt-STEP.
 CHECKPOINT_NAME = 'ckpt'
+# The CheckpointManager's list of checkpoints, the latest first.
+CHECKPOINT_STATE_FILENAME = 'checkpoint'
 
 # Model fields that may change on resume: they do not change the weights.
 _RESUMABLE_MODEL_FIELDS = ('use_bfloat16', 'use_float16', 'bn_group_size',
@@ -159,6 +162,14 @@ def worker_dir(task, model_dir: str, is_writer: bool) -> str:
   return os.path.join(model_dir, f'.{task_type or "worker"}_{task_id}_tmp')
 
 
+def checkpoint_step(path: str,
+                    name: str = CHECKPOINT_NAME) -> Optional[int]:
+  """N of a checkpoint prefix `.../NAME-N`; None for any other path."""
+  match = re.fullmatch(rf'{re.escape(name)}-(\d+)',
+                       os.path.basename(path.rstrip('/')))
+  return int(match.group(1)) if match else None
+
+
 def remove_orphaned_temp_dirs(directory: str,
                               name: str = CHECKPOINT_NAME) -> List[str]:
   """Deletes the `NAME-N_temp/` directories in `directory`; returns them.
@@ -180,6 +191,66 @@ def remove_orphaned_temp_dirs(directory: str,
       tf.io.gfile.rmtree(path)
       removed.append(path)
   return removed
+
+
+def checkpoint_candidates(directory: str,
+                          name: str = CHECKPOINT_NAME) -> List[str]:
+  """The checkpoints a run may resume from, in the order to try them.
+
+  First the latest one the `checkpoint` file names (even if its files are
+  gone: restoring it then fails and says so), then the older NAME-N on disk
+  (an .index or .data file), newest first. Newer ones on disk that the
+  file does not name are not candidates: TF had not finished writing them,
+  or they were passed over as unreadable. Without a readable `checkpoint`
+  file, every NAME-N on disk is one.
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  latest = (checkpoint_step(state.model_checkpoint_path, name)
+            if state and state.model_checkpoint_path else None)
+  on_disk = set()
+  if tf.io.gfile.isdir(directory):
+    for entry in tf.io.gfile.listdir(directory):
+      stem, _, suffix = entry.partition('.')
+      step = checkpoint_step(stem, name)
+      if step is not None and (suffix == 'index' or
+                               suffix.startswith('data-')):
+        on_disk.add(step)
+  steps = sorted((s for s in on_disk if latest is None or s < latest),
+                 reverse=True)
+  if latest is not None:
+    steps.insert(0, latest)
+  return [os.path.join(directory, f'{name}-{s}') for s in steps]
+
+
+def record_latest_checkpoint(path: str) -> None:
+  """Makes checkpoint `path` the latest in its directory's `checkpoint` file.
+
+  The older checkpoints the file lists stay listed (kept or deleted by
+  `keep_checkpoint_max` as before); newer ones leave the list, their files
+  stay in place. Written atomically, in the file's text format.
+  """
+  directory, step = os.path.dirname(path), checkpoint_step(path)
+  state = tf.train.get_checkpoint_state(directory)
+  paths = list(state.all_model_checkpoint_paths) if state else []
+  stamps = list(state.all_model_checkpoint_timestamps) if state else []
+  if len(stamps) != len(paths):
+    stamps = [None] * len(paths)
+  listed = [(os.path.basename(p), t) for p, t in zip(paths, stamps)
+            if (checkpoint_step(p) or 0) < step]
+  stamp = dict(zip(map(os.path.basename, paths), stamps)).get(
+      os.path.basename(path))
+  listed.append((os.path.basename(path), stamp))
+  lines = [f'model_checkpoint_path: "{os.path.basename(path)}"']
+  lines += [f'all_model_checkpoint_paths: "{p}"' for p, _ in listed]
+  # Only keep_checkpoint_every_n_hours reads them; all or none.
+  if all(t is not None for _, t in listed):
+    lines += [f'all_model_checkpoint_timestamps: {t!r}' for _, t in listed]
+  if state is not None and state.last_preserved_timestamp:
+    lines.append(
+        f'last_preserved_timestamp: {state.last_preserved_timestamp!r}')
+  fileio.write_atomically(
+      os.path.join(directory, CHECKPOINT_STATE_FILENAME),
+      '\n'.join(lines) + '\n')
 
 
 def append_eval_result(model_dir: str, record: dict) -> None:

@@ -36,7 +36,7 @@ from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import mixing
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data.contract import InputFn
-from efficientnet_tpu.state import ModelState
+from efficientnet_tpu.state import ModelState, UnreadableCheckpoint
 
 
 def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
@@ -163,12 +163,7 @@ class Trainer:
     self._forward_backward_fn = (
         tf.function(self._forward_backward, jit_compile=True)
         if self.jit_compile else self._forward_backward)
-    self.checkpoint_manager = tf.train.CheckpointManager(
-        state.checkpoint,
-        run_dir.worker_dir(role.task, cfg.train.model_dir, self.is_writer),
-        max_to_keep=cfg.train.keep_checkpoint_max,
-        step_counter=state.optimizer.iterations,
-        checkpoint_name=run_dir.CHECKPOINT_NAME)
+    self.checkpoint_manager = self._new_checkpoint_manager()
     # Set on SIGTERM (in `train`), read by the loop before each step.
     self.stop = preemption.StopRequest()
     # Workers that each run the loop agree on the step to stop after.
@@ -202,11 +197,60 @@ class Trainer:
   def global_step(self) -> int:
     return self.state.step
 
+  def _new_checkpoint_manager(self) -> tf.train.CheckpointManager:
+    return tf.train.CheckpointManager(
+        self.state.checkpoint,
+        run_dir.worker_dir(self.role.task, self.cfg.train.model_dir,
+                           self.is_writer),
+        max_to_keep=self.cfg.train.keep_checkpoint_max,
+        step_counter=self.state.optimizer.iterations,
+        checkpoint_name=run_dir.CHECKPOINT_NAME)
+
   def restore(self, checkpoint_path: Optional[str] = None) -> int:
-    """Restores the latest (or a given) checkpoint; returns the step."""
-    self._saved_step = self.state.restore(
-        checkpoint_path or tf.train.latest_checkpoint(self.cfg.train.model_dir))
-    return self._saved_step
+    """Restores the latest (or a given) checkpoint; returns the step.
+
+    An unreadable latest checkpoint (files truncated, overwritten or
+    missing) is passed over, with a warning naming it, for the newest
+    readable one before it; the train writer then records that one as the
+    latest (the unreadable files stay where they are).
+
+    Raises:
+      UnreadableCheckpoint: `checkpoint_path` is unreadable.
+      ConfigError: model_dir has checkpoints and none is readable (nothing
+        is deleted).
+    """
+    if checkpoint_path:
+      self._saved_step = self.state.restore(checkpoint_path)
+      return self._saved_step
+    model_dir = self.cfg.train.model_dir
+    unreadable = []
+    for path in run_dir.checkpoint_candidates(model_dir):
+      try:
+        step = self.state.restore(path)
+      except UnreadableCheckpoint as e:
+        unreadable.append(e)
+        continue
+      if unreadable:
+        bad = unreadable[0]
+        logging.warning(
+            'Checkpoint %s is unreadable (%s); resuming from %s, the newest '
+            'readable one before it%s.', os.path.basename(bad.path),
+            bad.reason, os.path.basename(path),
+            ' (unreadable files are left in place)' if self.is_writer
+            else '')
+        if self.is_writer:
+          run_dir.record_latest_checkpoint(path)
+          self.checkpoint_manager = self._new_checkpoint_manager()
+      self._saved_step = step
+      return step
+    if unreadable:
+      names = '; '.join(f'{os.path.basename(e.path)}: {e.reason}'
+                        for e in unreadable)
+      raise ConfigError(
+          'model_dir', f'no readable checkpoint in {model_dir} ({names}); '
+          'nothing was deleted: restore the files from a copy, or start '
+          'over in a new `model_dir`')
+    return self.global_step
 
   def save_checkpoint(self) -> str:
     """Saves a checkpoint on every worker (MultiWorkerMirroredStrategy needs
@@ -465,7 +509,8 @@ class Trainer:
 
     Raises:
       preemption.Preempted: stopped on a signal; the checkpoint is saved.
-      ConfigError: the run diverged.
+      ConfigError: the run diverged, or model_dir has checkpoints and none
+        is readable.
     """
     with self.stop.watch():
       return self._train(evaluator)

@@ -7,14 +7,21 @@ holds), and the bytes of the files before the run.
 """
 
 import hashlib
+import logging
 import os
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
 from efficientnet_tpu import experiment
+from efficientnet_tpu.config import ConfigError
 from tests.helpers import small_config, strategy_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(model_dir, steps):
@@ -93,3 +100,109 @@ def test_orphaned_temp_dirs_of_this_prefix_are_removed_at_start(run,
   assert (run / 'ckpt-7_temp').read_text() == 'a file, not a checkpoint dir'
   assert trainer.global_step == 6
   assert tf.train.latest_checkpoint(str(run)) == str(run / 'ckpt-6')
+
+
+# ---- unreadable checkpoints ---------------------------------------------------
+
+
+def _truncate(path):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def _garble(path):
+  """Same length, other bytes (what a bad disk or a stray write leaves)."""
+  data = path.read_bytes()
+  path.write_bytes(bytes(b ^ 0x5A for b in data))
+
+
+DAMAGE = {
+    'index_truncated': lambda d: _truncate(d / 'ckpt-4.index'),
+    'index_garbage': lambda d: _garble(d / 'ckpt-4.index'),
+    'index_missing': lambda d: (d / 'ckpt-4.index').unlink(),
+    'data_truncated': lambda d: _truncate(
+        d / 'ckpt-4.data-00000-of-00001'),
+    'data_garbage': lambda d: _garble(d / 'ckpt-4.data-00000-of-00001'),
+    'data_missing': lambda d: (d / 'ckpt-4.data-00000-of-00001').unlink(),
+}
+
+
+def _state(trainer):
+  """Every variable of the model state, by position."""
+  return [v.numpy() for v in (trainer.model.variables +
+                              trainer.optimizer.variables)]
+
+
+@pytest.fixture(scope='module')
+def at_step_2(trained):
+  """The state a plain TF restore of the undamaged ckpt-2 gives."""
+  trainer = _trainer(trained)
+  trainer.state.checkpoint.restore(str(trained / 'ckpt-2')).expect_partial()
+  assert trainer.global_step == 2
+  return _state(trainer)
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGE))
+def test_unreadable_latest_falls_back_to_the_one_before(run, at_step_2,
+                                                        damage, caplog):
+  DAMAGE[damage](run)
+  damaged = {k: v for k, v in _digest(run).items() if k.startswith('ckpt-4')}
+  trainer = _trainer(run)
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    assert trainer.restore() == 2
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and 'unreadable' in r.getMessage()]
+  assert len(warnings) == 1 and '\n' not in warnings[0], warnings
+  assert warnings[0].startswith('Checkpoint ckpt-4 is unreadable (')
+  assert 'resuming from ckpt-2' in warnings[0]
+  for got, want in zip(_state(trainer), at_step_2, strict=True):
+    np.testing.assert_array_equal(got, want)
+  # The damaged files stay as they were; ckpt-2 is now the latest.
+  assert {k: v for k, v in _digest(run).items()
+          if k.startswith('ckpt-4')} == damaged
+  assert tf.train.latest_checkpoint(str(run)) == str(run / 'ckpt-2')
+  # The next start resumes there without a word.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    assert _trainer(run).restore() == 2
+  assert not [r for r in caplog.records if 'unreadable' in r.getMessage()]
+
+
+def test_no_readable_checkpoint_is_one_error_and_nothing_changes(run):
+  _truncate(run / 'ckpt-4.index')
+  _garble(run / 'ckpt-2.data-00000-of-00001')
+  before = _digest(run)
+  with pytest.raises(ConfigError) as e:
+    _trainer(run).restore()
+  assert e.value.setting == 'model_dir'
+  message = e.value.message
+  assert '\n' not in message and 'ckpt-4: ' in message and (
+      'ckpt-2: ' in message) and 'nothing was deleted' in message, message
+  assert _digest(run) == before
+
+
+def test_unreadable_checkpoint_file_list_resumes_from_the_newest(run):
+  """A garbled `checkpoint` file (TF then reports no checkpoint at all, and
+  a run would start over at step 0): the newest checkpoint on disk."""
+  (run / 'checkpoint').write_text('model_checkpoint_path: "ckpt-4" }{')
+  assert tf.train.latest_checkpoint(str(run)) is None
+  assert _trainer(run).restore() == 4
+
+
+def test_cli_one_line_when_no_checkpoint_is_readable(run):
+  for name in ('ckpt-2.index', 'ckpt-4.index'):
+    _garble(run / name)
+  before = _digest(run)
+  out = subprocess.run(
+      [sys.executable, '-m', 'efficientnet_tpu.main', f'--model_dir={run}',
+       '--mode=eval', '--width_coefficient=0.1', '--depth_coefficient=0.1',
+       '--image_size=16', '--num_label_classes=5', '--num_eval_images=16',
+       '--eval_batch_size=16'],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT),
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: --model_dir: checkpoint {run}/ckpt-4 is '
+                         'unreadable ('), last
+  assert _digest(run) == before
