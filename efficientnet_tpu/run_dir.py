@@ -72,6 +72,21 @@ def check_writable(model_dir: str) -> None:
         'permissions or use another `model_dir`') from None
 
 
+def write_error(path: str, e: BaseException, kept: str = '') -> ConfigError:
+  """A failed write of `path` (disk full, permissions) as one line.
+
+  Args:
+    path: the file (or checkpoint prefix) that could not be written.
+    e: the tf.errors.OpError or OSError.
+    kept: what stays as it was (e.g. the latest checkpoint), if anything.
+  """
+  kept = f'; {kept}' if kept else ''
+  return ConfigError(
+      'model_dir', f'could not write {path} ({fileio.error_reason(e)})'
+      f'{kept}. Free space where model_dir is (or fix its permissions), '
+      'then rerun the same command: it resumes from the latest checkpoint')
+
+
 def check_export_dir(export_dir: str) -> None:
   """Exports never overwrite: the directory must be new or empty.
 
@@ -146,7 +161,10 @@ def write_config(cfg: ExperimentConfig, step: int,
       if f.read() == text:
         return path
     path = os.path.join(model_dir, f'config-step{step}.json')
-  fileio.write_atomically(path, text)
+  try:
+    fileio.write_atomically(path, text)
+  except (tf.errors.OpError, OSError) as e:
+    raise write_error(path, e, 'the checkpoints are as they were') from None
   return path
 
 

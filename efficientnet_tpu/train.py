@@ -254,11 +254,32 @@ class Trainer:
 
   def save_checkpoint(self) -> str:
     """Saves a checkpoint on every worker (MultiWorkerMirroredStrategy needs
-    them all); only the writer's lands in model_dir."""
+    them all); only the writer's lands in model_dir.
+
+    Raises:
+      ConfigError: the write failed (disk full, permissions): naming the
+        checkpoint and the one that stays the latest. The partial write's
+        ckpt-N_temp/ is removed.
+    """
     self.state.sync_replica_local_state()
     step = self.global_step
-    path = self.checkpoint_manager.save(
-        checkpoint_number=self.state.optimizer.iterations)
+    directory = self.checkpoint_manager.directory
+    try:
+      path = self.checkpoint_manager.save(
+          checkpoint_number=self.state.optimizer.iterations)
+    except (tf.errors.OpError, OSError) as e:
+      prefix = os.path.join(directory, f'{run_dir.CHECKPOINT_NAME}-{step}')
+      try:  # Frees what the partial write took (no checkpoint names it).
+        run_dir.remove_orphaned_temp_dirs(directory)
+      except (tf.errors.OpError, OSError):
+        pass
+      if self.is_writer:
+        latest = tf.train.latest_checkpoint(directory)
+        kept = (f'{os.path.basename(latest)} stays the latest checkpoint'
+                if latest else 'no checkpoint was written')
+      else:
+        kept = "the chief's checkpoints are as they were"
+      raise run_dir.write_error(prefix, e, kept) from None
     self._saved_step = step
     if not self.is_writer:
       tf.io.gfile.rmtree(os.path.dirname(path))
@@ -509,8 +530,8 @@ class Trainer:
 
     Raises:
       preemption.Preempted: stopped on a signal; the checkpoint is saved.
-      ConfigError: the run diverged, or model_dir has checkpoints and none
-        is readable.
+      ConfigError: a fault that ends the run in one line (diverged, a
+        write failed, no readable checkpoint).
     """
     with self.stop.watch():
       return self._train(evaluator)
@@ -579,10 +600,17 @@ class Trainer:
     logging.info(progress_line(step, self.total_steps, metrics))
     self.write_summaries(metrics, step)
     if self.is_writer:
-      history.append_train(
-          self.cfg.train.model_dir, step, metrics['epoch'], metrics,
-          start_step=loop_start, total_steps=self.total_steps,
-          session_start=start)
+      path = os.path.join(self.cfg.train.model_dir, history.FILENAME)
+      try:
+        history.append_train(
+            self.cfg.train.model_dir, step, metrics['epoch'], metrics,
+            start_step=loop_start, total_steps=self.total_steps,
+            session_start=start)
+      except (tf.errors.OpError, OSError) as e:
+        latest = tf.train.latest_checkpoint(self.cfg.train.model_dir)
+        raise run_dir.write_error(
+            path, e, f'{os.path.basename(latest)} stays the latest '
+            'checkpoint' if latest else 'no checkpoint was written') from None
     return self.save_checkpoint()
 
   def _preempted(self, step: int,

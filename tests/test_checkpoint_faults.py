@@ -6,9 +6,11 @@ leaves its `ckpt-N_temp/`), TF's checkpoint reader (what a checkpoint
 holds), and the bytes of the files before the run.
 """
 
+import errno
 import hashlib
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_tpu import experiment
+from efficientnet_tpu import run_dir
 from efficientnet_tpu.config import ConfigError
 from tests.helpers import small_config, strategy_for
 
@@ -102,7 +105,7 @@ def test_orphaned_temp_dirs_of_this_prefix_are_removed_at_start(run,
   assert tf.train.latest_checkpoint(str(run)) == str(run / 'ckpt-6')
 
 
-# ---- unreadable checkpoints ---------------------------------------------------
+# ---- unreadable checkpoints -------------------------------------------------
 
 
 def _truncate(path):
@@ -151,7 +154,8 @@ def test_unreadable_latest_falls_back_to_the_one_before(run, at_step_2,
   with caplog.at_level(logging.WARNING, logger='absl'):
     assert trainer.restore() == 2
   warnings = [r.getMessage() for r in caplog.records
-              if r.levelno == logging.WARNING and 'unreadable' in r.getMessage()]
+              if r.levelno == logging.WARNING and
+              'unreadable' in r.getMessage()]
   assert len(warnings) == 1 and '\n' not in warnings[0], warnings
   assert warnings[0].startswith('Checkpoint ckpt-4 is unreadable (')
   assert 'resuming from ckpt-2' in warnings[0]
@@ -206,3 +210,130 @@ def test_cli_one_line_when_no_checkpoint_is_readable(run):
   assert last.startswith(f'error: --model_dir: checkpoint {run}/ckpt-4 is '
                          'unreadable ('), last
   assert _digest(run) == before
+
+
+# ---- failed writes ----------------------------------------------------------
+
+
+def _at_step_6(run):
+  """A trainer restored at step 4 whose next save is ckpt-6 (the step is
+  set by hand: what is tested is the save)."""
+  trainer = _trainer(run, steps=8)
+  assert trainer.restore() == 4
+  trainer.optimizer.iterations.assign(6)
+  return trainer
+
+
+def _ckpt_digests(run):
+  return {k: v for k, v in _digest(run).items()
+          if k.startswith(('ckpt-4', 'ckpt-2'))}
+
+
+def _assert_ckpt_4_stays_the_latest(run, before):
+  assert not list(run.glob('ckpt-*_temp'))
+  assert tf.train.latest_checkpoint(str(run)) == str(run / 'ckpt-4')
+  assert _ckpt_digests(run) == before
+  assert _trainer(run).restore() == 4
+
+
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_latest(run):
+  """A real failure in TF's writer: the index path of ckpt-6 is taken."""
+  trainer = _at_step_6(run)
+  before = _ckpt_digests(run)
+  (run / 'ckpt-6.index').mkdir()
+  with pytest.raises(ConfigError) as e:
+    trainer.save_checkpoint()
+  message = e.value.message
+  assert message.startswith(f'could not write {run}/ckpt-6 ('), message
+  assert 'Is a directory' in message and '\n' not in message
+  assert 'ckpt-4 stays the latest checkpoint' in message
+  _assert_ckpt_4_stays_the_latest(run, before)
+
+
+def test_disk_full_during_a_checkpoint_write(run, monkeypatch):
+  """ENOSPC as TF reports it (ResourceExhaustedError), after the shards
+  were partly written."""
+  trainer = _at_step_6(run)
+  before = _ckpt_digests(run)
+
+  def full_disk(**kwargs):
+    del kwargs
+    temp = run / 'ckpt-6_temp'
+    temp.mkdir()
+    (temp / 'part-00000-of-00001.data-00000-of-00001').write_bytes(b'x' * 99)
+    raise tf.errors.ResourceExhaustedError(
+        None, None, f'{temp}/part-00000-of-00001.data-00000-of-00001; No '
+        'space left on device')
+
+  monkeypatch.setattr(trainer.checkpoint_manager, 'save', full_disk)
+  with pytest.raises(ConfigError) as e:
+    trainer.save_checkpoint()
+  assert 'No space left on device' in e.value.message
+  assert e.value.message.startswith(f'could not write {run}/ckpt-6 (')
+  _assert_ckpt_4_stays_the_latest(run, before)
+
+
+def test_disk_full_while_writing_config_json(tmp_path, monkeypatch):
+  cfg = _config(tmp_path / 'run', 4)
+  real = tf.io.gfile.GFile
+
+  class FullDisk(real):
+
+    def write(self, data):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(tf.io.gfile, 'GFile', FullDisk)
+  with pytest.raises(ConfigError) as e:
+    run_dir.write_config(cfg, 0)
+  monkeypatch.setattr(tf.io.gfile, 'GFile', real)
+  path = tmp_path / 'run' / 'config.json'
+  assert e.value.setting == 'model_dir'
+  assert e.value.message.startswith(
+      f'could not write {path} (No space left on device)'), e.value.message
+  assert not list((tmp_path / 'run').iterdir())  # No partial file either.
+
+
+def _limit_file_size(limit):
+  """A process whose files cannot grow past `limit` bytes: a write beyond
+  fails with EFBIG (Python ignores SIGXFSZ), as a full disk's with ENOSPC."""
+  return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_write_refused_by_the_os(tmp_path):
+  """The OS refuses the checkpoint's data file (over 400 KB here; every
+  other file of the run stays under 64 KB): one line naming the
+  checkpoint, exit 2, and the previous checkpoint stays the latest."""
+  model_dir = tmp_path / 'run'
+
+  def train(steps, **kwargs):
+    return subprocess.run(
+        [sys.executable, '-m', 'efficientnet_tpu.main',
+         f'--model_dir={model_dir}', '--strategy=cpu',
+         '--num_cpu_replicas=1', '--mode=train', f'--train_steps={steps}',
+         '--iterations_per_loop=2', '--width_coefficient=0.1',
+         '--depth_coefficient=0.1', '--image_size=16',
+         '--num_label_classes=5', '--num_train_images=64',
+         '--num_eval_images=16', '--train_batch_size=8',
+         '--optimizer=momentum', '--lr_scaling=none',
+         '--lr_schedule=constant', '--lr_warmup_epochs=0',
+         '--moving_average_decay=0.9', '--summary_images=0'],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT),
+        cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+  out = train(2)
+  assert out.returncode == 0, out.stderr[-3000:]
+  data = model_dir / 'ckpt-2.data-00000-of-00001'
+  assert data.stat().st_size > 4 * 64 * 1024
+  before = _ckpt_digests(model_dir)
+  out = train(4, preexec_fn=_limit_file_size(64 * 1024))
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(
+      f'error: --model_dir: could not write {model_dir}/ckpt-4 ('), last
+  assert 'ckpt-2 stays the latest checkpoint' in last
+  assert not list(model_dir.glob('ckpt-*_temp'))
+  assert tf.train.latest_checkpoint(str(model_dir)) == str(
+      model_dir / 'ckpt-2')
+  assert _ckpt_digests(model_dir) == before
