@@ -233,6 +233,13 @@ def num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
   return 1
 
 
+def runs_in_several_processes(strategy: tf.distribute.Strategy) -> bool:
+  """Whether several processes each run the training loop: the workers of a
+  MultiWorkerMirroredStrategy cluster (a TPU pod has one client)."""
+  return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+          and num_input_pipelines(strategy) > 1)
+
+
 def resolve_jit_compile(strategy: tf.distribute.Strategy,
                         requested: str) -> bool:
   """Whether the forward and backward pass run in an XLA-compiled function.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Union
 import uuid
 
@@ -46,3 +47,14 @@ def append_line(path: str, line: str) -> None:
   if old and not old.endswith('\n'):
     old += '\n'
   write_atomically(path, old + line + '\n')
+
+
+def error_reason(e: BaseException) -> str:
+  """The first line of an I/O error's message (TF's or the OS's), without
+  TF's `{{function_node ...}}` prefix and `[Op:...]` suffix."""
+  reason = (getattr(e, 'message', None) or getattr(e, 'strerror', None) or
+            str(e)).strip()
+  reason = reason.splitlines()[0] if reason else ''
+  reason = re.sub(r'^\{\{function_node [^}]*\}\}\s*', '', reason)
+  reason = re.sub(r'\s*\[Op:\w+\]$', '', reason)
+  return reason or type(e).__name__

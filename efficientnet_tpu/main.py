@@ -388,6 +388,11 @@ def main(argv):
     print(f'error: {flag_error_line(e)}', file=sys.stderr)
     return 2
   except Exception as e:  # pylint: disable=broad-except
+    from efficientnet_tpu import preemption  # pylint: disable=g-import-not-at-top
+    if isinstance(e, preemption.Preempted):
+      # Stopped on SIGTERM with a checkpoint at the step it stopped after.
+      print(f'error: {e}', file=sys.stderr)
+      return e.exit_code
     line = input_error_line(e)
     if line is None:
       raise

@@ -38,3 +38,57 @@ def replicated_loop(strategy, replica_step):
 
   return loop
 
+
+
+def stoppable_loop(strategy, replica_step, stop_flag: tf.Variable,
+                   agree: bool = False):
+  """Returns `loop(iterator, num_steps) -> stopped`: like `replicated_loop`,
+  but it ends before the next step once a stop is requested.
+
+  Args:
+    strategy: the replicas.
+    replica_step: one replica's step (its return value is dropped).
+    stop_flag: a scalar float variable on this host's CPU; nonzero asks
+      the loop to stop (see `preemption.StopRequest`).
+    agree: whether several processes each run this loop
+      (MultiWorkerMirroredStrategy workers). Then each step all-reduces the
+      flags of all replicas and every process stops after the same step,
+      the first whose all-reduce saw a nonzero flag. Otherwise the flag is
+      read before each step, on the host: no device work and no collective.
+
+  The loop returns whether it stopped on a request (a bool tensor): with
+  `agree`, what the processes agreed on, so every process acts alike;
+  without, whether it stopped before `num_steps` (a request that comes
+  after the last step is the caller's to see, in the flag).
+  """
+
+  def voting_step(batch):
+    # First in the step: the all-reduce runs beside the step's compute.
+    votes = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.identity(stop_flag.read_value()))
+    replica_step(batch)
+    return votes
+
+  @tf.function
+  def loop(iterator, num_steps):
+
+    def cond(i, agreed):
+      stop = agreed if agree else tf.greater(stop_flag.read_value(), 0.0)
+      return tf.logical_and(i < num_steps, tf.logical_not(stop))
+
+    def body(i, agreed):
+      if agree:
+        votes = strategy.run(voting_step, args=(next(iterator),))
+        agreed = tf.greater(strategy.experimental_local_results(votes)[0],
+                            0.0)
+      else:
+        strategy.run(replica_step, args=(next(iterator),))
+      return i + 1, agreed
+
+    steps, agreed = tf.while_loop(
+        cond, body, [tf.constant(0, tf.int32), tf.constant(False)])
+    # (A read of the flag here could run before the loop: reads of one
+    # variable are not ordered.)
+    return agreed if agree else steps < num_steps
+
+  return loop

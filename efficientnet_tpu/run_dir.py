@@ -3,7 +3,10 @@
   config.json            the first run's resolved config (never replaced;
                          a resumed run with other settings writes
                          config-stepN.json beside it)
-  ckpt-N.*, checkpoint   training checkpoints (tf.train.CheckpointManager)
+  ckpt-N.*, checkpoint   training checkpoints (tf.train.CheckpointManager;
+                         a ckpt-N_temp/ left by a killed save is removed
+                         at the next start, an unreadable latest one is
+                         passed over for the one before)
   train/, eval/          TensorBoard event files
   eval_results.jsonl     one line per evaluation (the eval writer)
   history.jsonl          one line per training loop (the train writer;
@@ -19,7 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+import re
+from typing import List, Optional
 import uuid
 
 import tensorflow as tf
@@ -33,6 +37,10 @@ CONFIG_FILENAME = 'config.json'
 RESULTS_FILENAME = 'eval_results.jsonl'
 BEST_DIRNAME = 'best'
 BEST_FILENAME = 'best_eval.json'
+# The training checkpoints' prefix: model_dir/ckpt-STEP.
+CHECKPOINT_NAME = 'ckpt'
+# The CheckpointManager's list of checkpoints, the latest first.
+CHECKPOINT_STATE_FILENAME = 'checkpoint'
 
 # Model fields that may change on resume: they do not change the weights.
 _RESUMABLE_MODEL_FIELDS = ('use_bfloat16', 'use_float16', 'bn_group_size',
@@ -62,6 +70,21 @@ def check_writable(model_dir: str) -> None:
         'model_dir', f'{model_dir} is not writable ({reason}); every mode '
         'writes checkpoints, summaries or eval results there: fix its '
         'permissions or use another `model_dir`') from None
+
+
+def write_error(path: str, e: BaseException, kept: str = '') -> ConfigError:
+  """A failed write of `path` (disk full, permissions) as one line.
+
+  Args:
+    path: the file (or checkpoint prefix) that could not be written.
+    e: the tf.errors.OpError or OSError.
+    kept: what stays as it was (e.g. the latest checkpoint), if anything.
+  """
+  kept = f'; {kept}' if kept else ''
+  return ConfigError(
+      'model_dir', f'could not write {path} ({fileio.error_reason(e)})'
+      f'{kept}. Free space where model_dir is (or fix its permissions), '
+      'then rerun the same command: it resumes from the latest checkpoint')
 
 
 def check_export_dir(export_dir: str) -> None:
@@ -138,7 +161,10 @@ def write_config(cfg: ExperimentConfig, step: int,
       if f.read() == text:
         return path
     path = os.path.join(model_dir, f'config-step{step}.json')
-  fileio.write_atomically(path, text)
+  try:
+    fileio.write_atomically(path, text)
+  except (tf.errors.OpError, OSError) as e:
+    raise write_error(path, e, 'the checkpoints are as they were') from None
   return path
 
 
@@ -152,6 +178,97 @@ def worker_dir(task, model_dir: str, is_writer: bool) -> str:
     return model_dir
   task_type, task_id = task
   return os.path.join(model_dir, f'.{task_type or "worker"}_{task_id}_tmp')
+
+
+def checkpoint_step(path: str,
+                    name: str = CHECKPOINT_NAME) -> Optional[int]:
+  """N of a checkpoint prefix `.../NAME-N`; None for any other path."""
+  match = re.fullmatch(rf'{re.escape(name)}-(\d+)',
+                       os.path.basename(path.rstrip('/')))
+  return int(match.group(1)) if match else None
+
+
+def remove_orphaned_temp_dirs(directory: str,
+                              name: str = CHECKPOINT_NAME) -> List[str]:
+  """Deletes the `NAME-N_temp/` directories in `directory`; returns them.
+
+  TF writes a checkpoint's shards to NAME-N_temp/, then moves them to
+  NAME-N.* and deletes the directory: one that is left was being written
+  when the process was killed (or its disk filled up), and no checkpoint
+  refers to it. Nothing else is touched. Only the directory's owner calls
+  this (the train writer, holding the lock; a worker, its scratch dir).
+  """
+  if not tf.io.gfile.isdir(directory):
+    return []
+  pattern = re.compile(rf'{re.escape(name)}-\d+_temp')
+  removed = []
+  for entry in sorted(tf.io.gfile.listdir(directory)):
+    entry = entry.rstrip('/')  # gs:// lists directories with a slash.
+    path = os.path.join(directory, entry)
+    if pattern.fullmatch(entry) and tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+      removed.append(path)
+  return removed
+
+
+def checkpoint_candidates(directory: str,
+                          name: str = CHECKPOINT_NAME) -> List[str]:
+  """The checkpoints a run may resume from, in the order to try them.
+
+  First the latest one the `checkpoint` file names (even if its files are
+  gone: restoring it then fails and says so), then the older NAME-N on disk
+  (an .index or .data file), newest first. Newer ones on disk that the
+  file does not name are not candidates: TF had not finished writing them,
+  or they were passed over as unreadable. Without a readable `checkpoint`
+  file, every NAME-N on disk is one.
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  latest = (checkpoint_step(state.model_checkpoint_path, name)
+            if state and state.model_checkpoint_path else None)
+  on_disk = set()
+  if tf.io.gfile.isdir(directory):
+    for entry in tf.io.gfile.listdir(directory):
+      stem, _, suffix = entry.partition('.')
+      step = checkpoint_step(stem, name)
+      if step is not None and (suffix == 'index' or
+                               suffix.startswith('data-')):
+        on_disk.add(step)
+  steps = sorted((s for s in on_disk if latest is None or s < latest),
+                 reverse=True)
+  if latest is not None:
+    steps.insert(0, latest)
+  return [os.path.join(directory, f'{name}-{s}') for s in steps]
+
+
+def record_latest_checkpoint(path: str) -> None:
+  """Makes checkpoint `path` the latest in its directory's `checkpoint` file.
+
+  The older checkpoints the file lists stay listed (kept or deleted by
+  `keep_checkpoint_max` as before); newer ones leave the list, their files
+  stay in place. Written atomically, in the file's text format.
+  """
+  directory, step = os.path.dirname(path), checkpoint_step(path)
+  state = tf.train.get_checkpoint_state(directory)
+  paths = list(state.all_model_checkpoint_paths) if state else []
+  stamps = list(state.all_model_checkpoint_timestamps) if state else []
+  if len(stamps) != len(paths):
+    stamps = [None] * len(paths)
+  listed = [(os.path.basename(p), t) for p, t in zip(paths, stamps)
+            if (checkpoint_step(p) or 0) < step]
+  stamp = dict(zip(map(os.path.basename, paths), stamps)).get(
+      os.path.basename(path))
+  listed.append((os.path.basename(path), stamp))
+  lines = [f'model_checkpoint_path: "{os.path.basename(path)}"']
+  lines += [f'all_model_checkpoint_paths: "{p}"' for p, _ in listed]
+  # Only keep_checkpoint_every_n_hours reads them; all or none.
+  if all(t is not None for _, t in listed):
+    lines += [f'all_model_checkpoint_timestamps: {t!r}' for _, t in listed]
+  if state is not None and state.last_preserved_timestamp:
+    lines.append(
+        f'last_preserved_timestamp: {state.last_preserved_timestamp!r}')
+  fileio.write_atomically(
+      os.path.join(directory, CHECKPOINT_STATE_FILENAME),
+      '\n'.join(lines) + '\n')
 
 
 def append_eval_result(model_dir: str, record: dict) -> None:

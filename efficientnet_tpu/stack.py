@@ -78,7 +78,7 @@ def _tf_fix(found_dist: Optional[str]) -> str:
   spec = f'>={_dotted(MIN_TENSORFLOW)}'
   if found_dist == 'tensorflow-tpu':
     return (f'use a TPU VM runtime tpu-vm-tf-{_dotted(MIN_TENSORFLOW)}.0-pjrt '
-            'or newer (docs/recipes.md)')
+            'or newer (docs/quickstart.md section 11)')
   dist = found_dist or 'tensorflow-cpu'
   return (f"pip install -U '{dist}{spec}' (or 'tensorflow[and-cuda]{spec}' "
           'on a GPU machine)')

@@ -18,11 +18,23 @@ import tensorflow as tf
 
 from efficientnet_tpu import collectives
 from efficientnet_tpu import ema as ema_lib
+from efficientnet_tpu import fileio
 from efficientnet_tpu import loss_scale as loss_scale_lib
 from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import optimizers
 from efficientnet_tpu import schedules
-from efficientnet_tpu.config import ExperimentConfig
+from efficientnet_tpu.config import ConfigError, ExperimentConfig
+
+
+class UnreadableCheckpoint(ConfigError):
+  """A checkpoint whose files are missing, truncated or overwritten."""
+
+  def __init__(self, path: str, reason: str):
+    self.path = path
+    self.reason = reason
+    super().__init__(
+        'model_dir', f'checkpoint {path} is unreadable ({reason}): restore '
+        'its files, or name another one with `checkpoint_path`')
 
 
 def model_rng_state(model) -> list:
@@ -61,9 +73,19 @@ class ModelState:
     return int(self.optimizer.iterations.numpy())
 
   def restore(self, path: Optional[str]) -> int:
-    """Restores checkpoint `path` (nothing if None); returns the step."""
+    """Restores checkpoint `path` (nothing if None); returns the step.
+
+    Raises:
+      UnreadableCheckpoint: its files are missing, truncated or garbage
+        (what restored before the bad part stays assigned: restore a good
+        checkpoint over it).
+    """
     if path:
-      self.checkpoint.restore(path).expect_partial()
+      try:
+        self.checkpoint.restore(path).expect_partial()
+      except (tf.errors.OpError, IndexError) as e:
+        # IndexError: TF's reader of a truncated .data file.
+        raise UnreadableCheckpoint(path, fileio.error_reason(e)) from None
       logging.info('Restored %s at step %d', path, self.step)
     return self.step
 

@@ -4,7 +4,9 @@ One `tf.function` runs `iterations_per_loop` replicated steps per host call
 (the TPUEstimator "host loop"), so per-call overhead is paid once per loop.
 Each replica's loss is divided by the *global* batch, because gradients are
 summed across replicas; weight decay is applied exactly once, either by the
-optimizer (LARS) or as an L2 term added here (the others).
+optimizer (LARS) or as an L2 term added here (the others). SIGTERM stops
+the loop at the next step and ends the run with a checkpoint there
+(`preemption`).
 
 The trainer builds nothing: `experiment.build_trainer` hands it a
 `state.ModelState` (model, optimizer, EMA, checkpoint) and a function that
@@ -26,6 +28,7 @@ from efficientnet_tpu import distribute
 from efficientnet_tpu import history
 from efficientnet_tpu import losses
 from efficientnet_tpu import optimizers
+from efficientnet_tpu import preemption
 from efficientnet_tpu import replicated
 from efficientnet_tpu import run_dir
 from efficientnet_tpu import summaries
@@ -33,7 +36,7 @@ from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import mixing
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data.contract import InputFn
-from efficientnet_tpu.state import ModelState
+from efficientnet_tpu.state import ModelState, UnreadableCheckpoint
 
 
 def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
@@ -175,11 +178,17 @@ class Trainer:
     self._forward_backward_fn = (
         tf.function(forward_backward, jit_compile=True)
         if self.jit_compile else forward_backward)
-    self.checkpoint_manager = tf.train.CheckpointManager(
-        state.checkpoint,
-        run_dir.worker_dir(role.task, cfg.train.model_dir, self.is_writer),
-        max_to_keep=cfg.train.keep_checkpoint_max,
-        step_counter=state.optimizer.iterations, checkpoint_name='ckpt')
+    self.checkpoint_manager = self._new_checkpoint_manager()
+    # Set on SIGTERM (in `train`), read by the loop before each step.
+    self.stop = preemption.StopRequest()
+    # Workers that each run the loop agree on the step to stop after.
+    self._stop_by_agreement = distribute.runs_in_several_processes(strategy)
+    # The step of the checkpoint restored or last saved (None: none).
+    self._saved_step: Optional[int] = None
+    # The last train_loop call: steps taken, and whether it stopped on a
+    # request (on every worker alike).
+    self.last_loop_steps = 0
+    self.last_loop_stopped = False
     self._train_loop_fn = None
     self._finite_fn = None
     self._train_iterator = None
@@ -203,17 +212,90 @@ class Trainer:
   def global_step(self) -> int:
     return self.state.step
 
+  def _new_checkpoint_manager(self) -> tf.train.CheckpointManager:
+    return tf.train.CheckpointManager(
+        self.state.checkpoint,
+        run_dir.worker_dir(self.role.task, self.cfg.train.model_dir,
+                           self.is_writer),
+        max_to_keep=self.cfg.train.keep_checkpoint_max,
+        step_counter=self.state.optimizer.iterations,
+        checkpoint_name=run_dir.CHECKPOINT_NAME)
+
   def restore(self, checkpoint_path: Optional[str] = None) -> int:
-    """Restores the latest (or a given) checkpoint; returns the step."""
-    return self.state.restore(checkpoint_path or tf.train.latest_checkpoint(
-        self.cfg.train.model_dir))
+    """Restores the latest (or a given) checkpoint; returns the step.
+
+    An unreadable latest checkpoint (files truncated, overwritten or
+    missing) is passed over, with a warning naming it, for the newest
+    readable one before it; the train writer then records that one as the
+    latest (the unreadable files stay where they are).
+
+    Raises:
+      UnreadableCheckpoint: `checkpoint_path` is unreadable.
+      ConfigError: model_dir has checkpoints and none is readable (nothing
+        is deleted).
+    """
+    if checkpoint_path:
+      self._saved_step = self.state.restore(checkpoint_path)
+      return self._saved_step
+    model_dir = self.cfg.train.model_dir
+    unreadable = []
+    for path in run_dir.checkpoint_candidates(model_dir):
+      try:
+        step = self.state.restore(path)
+      except UnreadableCheckpoint as e:
+        unreadable.append(e)
+        continue
+      if unreadable:
+        bad = unreadable[0]
+        logging.warning(
+            'Checkpoint %s is unreadable (%s); resuming from %s, the newest '
+            'readable one before it%s.', os.path.basename(bad.path),
+            bad.reason, os.path.basename(path),
+            ' (unreadable files are left in place)' if self.is_writer
+            else '')
+        if self.is_writer:
+          run_dir.record_latest_checkpoint(path)
+          self.checkpoint_manager = self._new_checkpoint_manager()
+      self._saved_step = step
+      return step
+    if unreadable:
+      names = '; '.join(f'{os.path.basename(e.path)}: {e.reason}'
+                        for e in unreadable)
+      raise ConfigError(
+          'model_dir', f'no readable checkpoint in {model_dir} ({names}); '
+          'nothing was deleted: restore the files from a copy, or start '
+          'over in a new `model_dir`')
+    return self.global_step
 
   def save_checkpoint(self) -> str:
     """Saves a checkpoint on every worker (MultiWorkerMirroredStrategy needs
-    them all); only the writer's lands in model_dir."""
+    them all); only the writer's lands in model_dir.
+
+    Raises:
+      ConfigError: the write failed (disk full, permissions): naming the
+        checkpoint and the one that stays the latest. The partial write's
+        ckpt-N_temp/ is removed.
+    """
     self.state.sync_replica_local_state()
-    path = self.checkpoint_manager.save(
-        checkpoint_number=self.state.optimizer.iterations)
+    step = self.global_step
+    directory = self.checkpoint_manager.directory
+    try:
+      path = self.checkpoint_manager.save(
+          checkpoint_number=self.state.optimizer.iterations)
+    except (tf.errors.OpError, OSError) as e:
+      prefix = os.path.join(directory, f'{run_dir.CHECKPOINT_NAME}-{step}')
+      try:  # Frees what the partial write took (no checkpoint names it).
+        run_dir.remove_orphaned_temp_dirs(directory)
+      except (tf.errors.OpError, OSError):
+        pass
+      if self.is_writer:
+        latest = tf.train.latest_checkpoint(directory)
+        kept = (f'{os.path.basename(latest)} stays the latest checkpoint'
+                if latest else 'no checkpoint was written')
+      else:
+        kept = "the chief's checkpoints are as they were"
+      raise run_dir.write_error(prefix, e, kept) from None
+    self._saved_step = step
     if not self.is_writer:
       tf.io.gfile.rmtree(os.path.dirname(path))
     return path
@@ -322,12 +404,18 @@ class Trainer:
     The first call compiles the loop first, with a zero-step call (on a
     pod: minutes), and reports it as `compile_time_s`;
     `images_per_second` never includes compilation.
+
+    A stop request (`self.stop`) ends the loop before its next step:
+    `last_loop_steps` says how many it took, `last_loop_stopped` whether
+    it stopped on a request. The metrics are those of the steps taken; {}
+    if none was.
     """
     num_steps_t = tf.constant(num_steps, tf.int32)
     compile_s = None
     if self._train_loop_fn is None:
-      self._train_loop_fn = replicated.replicated_loop(
-          self.strategy, self._replica_train_step)
+      self._train_loop_fn = replicated.stoppable_loop(
+          self.strategy, self._replica_train_step, self.stop.flag,
+          agree=self._stop_by_agreement)
       self._train_iterator = iter(self.distribute_input())
       logging.info('Compiling the training step (%d replicas%s)...',
                    self.num_replicas,
@@ -342,10 +430,18 @@ class Trainer:
     for v in (self._loss_sum, self._cross_entropy_sum, self._correct_sum,
               self._example_sum):
       v.assign(0.0)
+    first_step = self.global_step
     start = time.time()
-    self._train_loop_fn(self._train_iterator, num_steps_t)
+    stopped = self._train_loop_fn(self._train_iterator, num_steps_t)
     loss_sum = self._loss_sum.numpy()  # Blocks until the loop finished.
     elapsed = time.time() - start
+    # One process: its own request counts, also one after the last step.
+    self.last_loop_stopped = bool(stopped.numpy()) or (
+        not self._stop_by_agreement and self.stop.requested)
+    # Skipped float16 steps advance `iterations` too: every step counts.
+    num_steps = self.last_loop_steps = self.global_step - first_step
+    if not num_steps:
+      return {}
     examples = max(self._example_sum.numpy(), 1)
     images_per_second = num_steps * self.cfg.train.train_batch_size / elapsed
     metrics = {
@@ -435,6 +531,10 @@ class Trainer:
   def train(self, evaluator=None) -> Dict[str, float]:
     """Trains to `total_steps`, resuming from model_dir; optionally evaluates.
 
+    SIGTERM (a preemption or maintenance notice) stops training after the
+    step running then, on every worker alike; the run saves a checkpoint
+    there and raises `preemption.Preempted`.
+
     Args:
       evaluator: anything with `evaluate_and_record(step) -> metrics` (an
         `evaluation.Evaluator`); called every eval interval
@@ -442,7 +542,21 @@ class Trainer:
 
     Returns:
       The last train metrics (and eval metrics under 'eval/' keys).
+
+    Raises:
+      preemption.Preempted: stopped on a signal; the checkpoint is saved.
+      ConfigError: a fault that ends the run in one line (diverged, a
+        write failed, no readable checkpoint).
     """
+    with self.stop.watch():
+      return self._train(evaluator)
+
+  def _train(self, evaluator) -> Dict[str, float]:
+    # The directory is this process's (the writer holds the run's lock).
+    for path in run_dir.remove_orphaned_temp_dirs(
+        self.checkpoint_manager.directory):
+      logging.info('Removed %s: a checkpoint write that was interrupted.',
+                   path)
     self.restore()
     if self.is_writer:
       run_dir.write_config(self.cfg, self.global_step,
@@ -459,34 +573,73 @@ class Trainer:
     while step < self.total_steps:
       next_eval = min(self.total_steps, (step // interval + 1) * interval)
       num_steps = min(self.cfg.loop_steps, next_eval - step)
-      metrics = self.train_loop(num_steps)
+      loop_metrics = self.train_loop(num_steps)
       loop_start, step = step, self.global_step
-      # Before anything of this loop is written: a diverged run keeps its
-      # last finite checkpoint as the latest, and ends (on every worker:
-      # the loss is all-reduced, the weights are replicated).
-      self.check_finite(metrics, loop_start, step)
-      metrics['epoch'] = step / self.steps_per_epoch
-      # Wall time of this process, checkpoints and evaluations included;
-      # the ETA extrapolates it without the one-time tracing.
-      compile_s += metrics.get('compile_time_s', 0.0)
-      elapsed = time.time() - start
-      per_step = (elapsed - compile_s) / (step - first_step)
-      metrics['elapsed_s'] = elapsed
-      metrics['eta_s'] = per_step * (self.total_steps - step)
-      logging.info(progress_line(step, self.total_steps, metrics))
-      self.write_summaries(metrics, step)
-      if self.is_writer:
-        history.append_train(
-            self.cfg.train.model_dir, step, metrics['epoch'], metrics,
-            start_step=loop_start, total_steps=self.total_steps,
-            session_start=start)
-      checkpoint_path = self.save_checkpoint()
+      checkpoint_path = None
+      if step > loop_start:
+        metrics = loop_metrics
+        checkpoint_path = self._finish_loop(metrics, loop_start, step, start,
+                                            first_step, compile_s)
+        compile_s += metrics.get('compile_time_s', 0.0)
+      if self.last_loop_stopped:
+        raise self._preempted(step, checkpoint_path)
       if evaluator is not None and (step == next_eval and
                                     step < self.total_steps):
         eval_metrics = evaluator.evaluate_and_record(step, checkpoint_path)
         metrics.update({f'eval/{k}': v for k, v in eval_metrics.items()})
+    if self.stop.requested:
+      logging.warning('Training had ended when the signal came: finishing '
+                      'the run.')
     if evaluator is not None:
       eval_metrics = evaluator.evaluate_and_record(
           step, tf.train.latest_checkpoint(self.cfg.train.model_dir))
       metrics.update({f'eval/{k}': v for k, v in eval_metrics.items()})
     return metrics
+
+  def _finish_loop(self, metrics: Dict[str, float], loop_start: int,
+                   step: int, start: float, first_step: int,
+                   compile_s: float) -> str:
+    """Checks, logs and records a loop's steps, then saves the checkpoint."""
+    # Before anything of this loop is written: a diverged run keeps its
+    # last finite checkpoint as the latest, and ends (on every worker:
+    # the loss is all-reduced, the weights are replicated).
+    self.check_finite(metrics, loop_start, step)
+    metrics['epoch'] = step / self.steps_per_epoch
+    # Wall time of this process, checkpoints and evaluations included;
+    # the ETA extrapolates it without the one-time tracing.
+    compile_s += metrics.get('compile_time_s', 0.0)
+    elapsed = time.time() - start
+    per_step = (elapsed - compile_s) / (step - first_step)
+    metrics['elapsed_s'] = elapsed
+    metrics['eta_s'] = per_step * (self.total_steps - step)
+    logging.info(progress_line(step, self.total_steps, metrics))
+    self.write_summaries(metrics, step)
+    if self.is_writer:
+      path = os.path.join(self.cfg.train.model_dir, history.FILENAME)
+      try:
+        history.append_train(
+            self.cfg.train.model_dir, step, metrics['epoch'], metrics,
+            start_step=loop_start, total_steps=self.total_steps,
+            session_start=start)
+      except (tf.errors.OpError, OSError) as e:
+        latest = tf.train.latest_checkpoint(self.cfg.train.model_dir)
+        raise run_dir.write_error(
+            path, e, f'{os.path.basename(latest)} stays the latest '
+            'checkpoint' if latest else 'no checkpoint was written') from None
+    return self.save_checkpoint()
+
+  def _preempted(self, step: int,
+                 checkpoint_path: Optional[str]) -> preemption.Preempted:
+    """The exception that ends a run stopped on a signal, once a checkpoint
+    at `step` exists (saved now unless this loop or the restore made it)."""
+    if checkpoint_path is None and self._saved_step != step:
+      checkpoint_path = self.save_checkpoint()
+    if checkpoint_path is None:
+      checkpoint_path = os.path.join(self.checkpoint_manager.directory,
+                                     f'{run_dir.CHECKPOINT_NAME}-{step}')
+    self.summary_writer.flush()
+    waited = (f' {time.time() - self.stop.received_at:.1f} s after the '
+              'signal' if self.stop.received_at else '')
+    logging.warning('Stopped at step %d%s; saved %s.', step, waited,
+                    checkpoint_path)
+    return preemption.Preempted(step, checkpoint_path, self.stop.signum)
