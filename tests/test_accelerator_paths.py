@@ -49,20 +49,37 @@ def _gpu_mirrored(n):
   return tf.distribute.MirroredStrategy([f'/cpu:{i}' for i in range(n)])
 
 
+@pytest.fixture(scope='module')
+def cpu_reference(tmp_path_factory):
+  """The ordinary CPU-replica run of a (replicas, bfloat16) pair, once per
+  module: (initial weights, final weights, metrics). Runs with and without
+  --jit_compile share it (the reference never compiles)."""
+  runs = {}
+
+  def get(n, bf16, overrides):
+    if (n, bf16) not in runs:
+      cfg = small_config(tmp_path_factory.mktemp('ref'), num_replicas=n,
+                         **overrides)
+      ref, initial, metrics = _train_and_eval(cfg, cpu_replicas(n))
+      runs[n, bf16] = (initial, _weights(ref), metrics)
+    return runs[n, bf16]
+
+  return get
+
+
 @pytest.mark.parametrize('n,bf16,jit', [
     (1, False, 'auto'), (2, False, 'auto'), (1, True, 'auto'),
     (2, True, 'auto'),
     (1, False, 'true')])
 def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
-    tmp_path, n, bf16, jit):
+    tmp_path, cpu_reference, n, bf16, jit):
   """Default GPU flags (jit auto) and --jit_compile=true (two
   replicas with XLA: the chief + worker test below; CPU XLA compiles
   slowly)."""
   overrides = dict(model=dict(use_bfloat16=bf16),
                    optimizer=dict(moving_average_decay=0.9),
                    train=dict(eval_batch_size=16))
-  ref_cfg = small_config(tmp_path / 'ref', num_replicas=n, **overrides)
-  ref, initial, ref_metrics = _train_and_eval(ref_cfg, cpu_replicas(n))
+  initial, ref_weights, ref_metrics = cpu_reference(n, bf16, overrides)
 
   overrides['train']['jit_compile'] = jit
   cfg = small_config(tmp_path / 'gpu', num_replicas=n, **overrides)
@@ -71,9 +88,9 @@ def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
     trainer, _, metrics = _train_and_eval(cfg, strategy, initial)
     assert trainer.jit_compile == (jit == 'true')
     assert trainer.global_step == 4
-    update = max(np.abs(a - b).max() for a, b in zip(_weights(ref), initial))
+    update = max(np.abs(a - b).max() for a, b in zip(ref_weights, initial))
     mismatch = max(np.abs(a - b).max()
-                   for a, b in zip(_weights(trainer), _weights(ref)))
+                   for a, b in zip(_weights(trainer), ref_weights))
     assert update > 1e-2
     # float32 without XLA: the same arithmetic. XLA fuses and reorders;
     # bfloat16 rounds activations: small relative to the update.

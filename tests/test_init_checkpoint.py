@@ -381,6 +381,14 @@ def test_input_normalization_check_agrees_with_keras_layers(
 
 
 # ---- the command line: --init_checkpoint on a new and a resumed run --------
+# The smoke preset scaled down to small_config's model on one replica: what
+# is checked here is the flag's wiring (new run, resumed run, refusals); the
+# loading itself is checked above, on every replica of 2 too.
+_SMALL = ('--num_cpu_replicas=1', '--bn_group_size=1',
+          '--width_coefficient=0.1', '--depth_coefficient=0.1',
+          '--image_size=16')
+
+
 def _cli(capsys, *args):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import main as main_lib  # pylint: disable=g-import-not-at-top
@@ -390,7 +398,7 @@ def _cli(capsys, *args):
   try:
     flags.FLAGS(['efficientnet-tpu-train', f'--flagfile={smoke}',
                  '--train_steps=2', '--iterations_per_loop=2',
-                 '--mode=train', '--lr_warmup_epochs=0', *args])
+                 '--mode=train', '--lr_warmup_epochs=0', *_SMALL, *args])
     rc = main_lib.main(['efficientnet-tpu-train'])
   finally:
     flags.FLAGS.unparse_flags()

@@ -146,7 +146,9 @@ def _command(argv):
   return argv[-1][len('--command='):], argv[:-1]
 
 
-def _wait_for(predicate, timeout=20.0):
+def _wait_for(predicate, timeout=120.0):
+  """Polls predicate; the timeout only bounds a failing test (a loaded
+  machine may take seconds to start a process)."""
   deadline = time.time() + timeout
   while time.time() < deadline:
     if predicate():
@@ -434,6 +436,12 @@ def _kill_started(sandbox):
       pass
 
 
+# How long a fake training process lives: past every wait of the test below
+# (which kills it), so that "already running" cannot depend on the speed of
+# the machine.
+LIVE_S = '600'
+
+
 def test_train_single_host_starts_once_and_restarts(sandbox):
   _, calls = sandbox.calls('tpu_train.sh', *TPU, f'--preset={PRESET}',
                            '--bucket=gs://bk/', '--', '--train_steps=10',
@@ -446,7 +454,7 @@ def test_train_single_host_starts_once_and_restarts(sandbox):
   log = sandbox.home / 'efficientnet_tpu-train.log'
   pid_file = sandbox.home / 'efficientnet_tpu-train.pid'
   try:
-    first = sandbox.run_on_worker(command, FAKE_PYTHON_SLEEP='30')
+    first = sandbox.run_on_worker(command, FAKE_PYTHON_SLEEP=LIVE_S)
     assert first.returncode == 0, first.stderr
     assert 'training started' in first.stdout
     assert _wait_for(lambda: sandbox.python_calls())
@@ -464,7 +472,7 @@ def test_train_single_host_starts_once_and_restarts(sandbox):
     assert _wait_for(lambda: 'fake python3 output' in log.read_text())
 
     # Rerun while it runs: nothing new starts.
-    again = sandbox.run_on_worker(command, FAKE_PYTHON_SLEEP='30')
+    again = sandbox.run_on_worker(command, FAKE_PYTHON_SLEEP=LIVE_S)
     assert again.returncode == 0, again.stderr
     assert 'already running' in again.stdout
     time.sleep(0.3)
@@ -473,7 +481,7 @@ def test_train_single_host_starts_once_and_restarts(sandbox):
     # After it died (preemption, crash), a rerun starts a new process.
     os.kill(call['pid'], signal.SIGKILL)
     assert _wait_for(lambda: not _alive(call['pid']))
-    third = sandbox.run_on_worker(command, FAKE_PYTHON_SLEEP='30')
+    third = sandbox.run_on_worker(command, FAKE_PYTHON_SLEEP=LIVE_S)
     assert 'training started' in third.stdout
     assert _wait_for(lambda: len(sandbox.python_calls()) == 2)
     second = sandbox.python_calls()[1]

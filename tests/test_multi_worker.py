@@ -56,20 +56,16 @@ def _assert_same_and_exact(outs, num_eval):
 
 
 @pytest.mark.slow
-def test_two_workers_synthetic(tmp_path):
-  outs = _run_two_workers(tmp_path / 'run', ['--num_train_images=640',
-                                             '--num_eval_images=37'])
-  _assert_same_and_exact(outs, 37)
-  # Only the chief writes into model_dir; scratch dirs are cleaned up.
-  assert (tmp_path / 'run' / 'ckpt-6.index').exists()
-  assert not list((tmp_path / 'run').glob('.worker_*'))
-
-
-@pytest.mark.slow
 def test_two_workers_real_tfrecords(tmp_path):
+  """Per-host input from files (train shards and the eval plan by file).
+  Synthetic data on two worker processes: the chief + worker test in
+  test_accelerator_paths."""
   data_dir, num_train, num_eval = write_digits_tfrecords(
       str(tmp_path), size=20, num_eval=101)
   outs = _run_two_workers(tmp_path / 'run', [
       f'--data_dir={data_dir}', f'--num_train_images={num_train}',
       f'--num_eval_images={num_eval}'])
   _assert_same_and_exact(outs, num_eval)
+  # Only the chief writes into model_dir; scratch dirs are cleaned up.
+  assert (tmp_path / 'run' / 'ckpt-6.index').exists()
+  assert not list((tmp_path / 'run').glob('.worker_*'))

@@ -196,33 +196,52 @@ def test_marker_live_is_kept_and_killed_is_taken_over(tmp_path, holder,
       first['heartbeat'])
   _kill9(proc)
   # As seen from another host (or pid namespace): only the stale timeout
-  # tells that the run is dead.
+  # tells that the run is dead. A checker with a long timeout refuses the
+  # marker (however long this machine takes to get there), one with the
+  # short timeout takes it over once the last beat is older than that.
   monkeypatch.setattr(run_lock, '_pid_exists', lambda pid: True)
   with pytest.raises(ConfigError, match=f'pid {proc.pid}'):
-    _marker_lock(tmp_path).acquire()
+    run_lock.ModelDirLock(str(tmp_path), mode='marker',
+                          heartbeat_s=HEARTBEAT_S, stale_s=600).acquire()
   time.sleep(STALE_S + 0.1)
   with _marker_lock(tmp_path) as lock:
     marker = json.loads((tmp_path / '.lock').read_text())
     assert marker['pid'] == os.getpid() and marker['host'] == HOST
     assert marker['token'] == lock._token  # pylint: disable=protected-access
-    time.sleep(3 * HEARTBEAT_S)
-    assert json.loads((tmp_path / '.lock').read_text())['heartbeat'] > (
-        marker['heartbeat'])
+    # This run's heartbeat thread rewrites it (a beat every 0.2 s; waited
+    # for, not timed, so a busy machine only makes it slower).
+    deadline = time.time() + 120
+    while json.loads((tmp_path / '.lock').read_text())['heartbeat'] <= (
+        marker['heartbeat']):
+      assert time.time() < deadline, 'no heartbeat'
+      time.sleep(HEARTBEAT_S)
   assert not (tmp_path / '.lock').exists()  # Released.
 
 
 def test_marker_of_a_dead_pid_on_this_host_is_taken_over_sooner(tmp_path):
+  """The markers' ages are set by their heartbeat times, not by sleeping,
+  so the checks do not depend on how fast this machine gets to them."""
   proc = subprocess.Popen(['sleep', '60'])  # A pid that no longer runs.
   proc.kill()
   proc.wait()
-  marker = {'host': HOST, 'pid': proc.pid, 'started': '2024-01-01T00:00:00Z',
-            'token': 'x', 'heartbeat': time.time()}
-  (tmp_path / '.lock').write_text(json.dumps(marker))
+  heartbeat_s, stale_s = 10.0, 600.0
+
+  def acquire(pid, age):
+    marker = {'host': HOST, 'pid': pid, 'started': '2024-01-01T00:00:00Z',
+              'token': 'x', 'heartbeat': time.time() - age}
+    (tmp_path / '.lock').write_text(json.dumps(marker))
+    return run_lock.ModelDirLock(str(tmp_path), mode='marker',
+                                 heartbeat_s=heartbeat_s,
+                                 stale_s=stale_s).acquire()
+
   with pytest.raises(ConfigError, match=f'pid {proc.pid}'):
-    _marker_lock(tmp_path).acquire()  # Not even one beat missed yet.
-  # Two missed beats (0.4 s), well before the 1.5 s stale timeout.
-  time.sleep(2 * HEARTBEAT_S + 0.1)
-  _marker_lock(tmp_path).acquire().release()
+    acquire(proc.pid, 0)  # Not even one beat missed yet.
+  # Two missed beats, well before the stale timeout: a live pid's marker of
+  # that age is kept, a dead one's is taken over.
+  missed = 2 * heartbeat_s + 5
+  with pytest.raises(ConfigError, match=f'pid {os.getpid()}'):
+    acquire(os.getpid(), missed)
+  acquire(proc.pid, missed).release()
 
 
 def test_training_releases_the_lock_and_a_rerun_resumes(tmp_path, capsys,

@@ -44,7 +44,10 @@ def _weights(trainer):
   return [v.numpy().copy() for v in trainer.model.variables]
 
 
-@pytest.mark.parametrize('num_replicas', [1, 4])
+# One device, and replicas (mirrored weights, replica-local BN statistics,
+# EMA averages on every replica): 2 take the same code path as more, at a
+# fraction of the graph size.
+@pytest.mark.parametrize('num_replicas', [1, 2])
 def test_trains_checkpoints_and_resumes(tmp_path, num_replicas, caplog):
   cfg = small_config(tmp_path, num_replicas=num_replicas,
                      optimizer=dict(moving_average_decay=0.9))
@@ -91,13 +94,16 @@ def test_trains_checkpoints_and_resumes(tmp_path, num_replicas, caplog):
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-6')
 
 
-def test_four_replicas_match_one_replica_on_the_global_batch(tmp_path):
-  """Loss scaling, gradient sum, L2 applied once and global BN, end to end."""
+def test_replicas_match_one_replica_on_the_global_batch(tmp_path):
+  """Loss scaling, gradient sum, L2 applied once and global BN, end to end.
+
+  Two replicas: each bug named below already changes the update by a
+  factor of 2 (or BN statistics over half the batch)."""
   common = dict(model=dict(bn_group_size=0),
                 optimizer=dict(weight_decay=1e-2, optimizer='momentum'),
                 train=dict(train_steps=2, iterations_per_loop=2))
   results = []
-  for n in (1, 4):
+  for n in (1, 2):
     cfg = small_config(tmp_path / str(n), num_replicas=n, **common)
     trainer = experiment.build_trainer(cfg, strategy_for(cfg))
     if results:  # Same initial weights as the one-replica run.
@@ -106,19 +112,19 @@ def test_four_replicas_match_one_replica_on_the_global_batch(tmp_path):
     initial = _weights(trainer)
     metrics = trainer.train_loop(2)
     results.append((initial, _weights(trainer), metrics))
-  (initial, one, one_metrics), (_, four, four_metrics) = results
+  (initial, one, one_metrics), (_, two, two_metrics) = results
   # Two replicas' sums differ from one device's only in float32 summation
   # order; BN over a few values per channel amplifies that a little. A bug
   # (loss not divided by the global batch, L2 applied per replica, local BN)
   # moves weights by a sizeable fraction of the update instead.
   update = max(np.abs(a - w).max() for a, w in zip(one, initial))
-  mismatch = max(np.abs(a - b).max() for a, b in zip(one, four))
+  mismatch = max(np.abs(a - b).max() for a, b in zip(one, two))
   assert update > 1e-2, 'weights did not move'
   assert mismatch < 2e-3 * update, (mismatch, update)
   # The loss (with L2) and the plain cross entropy are over the global
   # batch, whatever the replicas; the L2 term tells them apart.
   for name in ('loss', 'cross_entropy', 'top_1_accuracy'):
-    assert four_metrics[name] == pytest.approx(one_metrics[name], rel=1e-4)
+    assert two_metrics[name] == pytest.approx(one_metrics[name], rel=1e-4)
   assert one_metrics['loss'] > one_metrics['cross_entropy'] + 1e-4
 
 
