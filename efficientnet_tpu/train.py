@@ -562,7 +562,9 @@ class Trainer:
       run_dir.write_config(self.cfg, self.global_step,
                            resolved_values(self.cfg, self.strategy))
     step = self.global_step
-    interval = self.cfg.eval_interval_steps
+    # Loops end at evaluations only when there are evaluations to run.
+    interval = (self.cfg.eval_interval_steps if evaluator is not None
+                else self.total_steps)
     metrics: Dict[str, float] = {}
     if step >= self.total_steps:
       logging.info('Already trained to step %d (>= %d).', step,

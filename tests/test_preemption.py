@@ -116,9 +116,11 @@ def _flags(model_dir, steps, loop):
   return [
       f'--model_dir={model_dir}', f'--train_steps={steps}',
       f'--iterations_per_loop={loop}', '--mode=train', '--num_label_classes=5',
-      '--width_coefficient=0.1', '--depth_coefficient=0.1', '--image_size=16',
+      # 32 px and a small LR: the run must stay finite (the trainer stops a
+      # diverging one; see test_resume's KILL_SIZE).
+      '--width_coefficient=0.1', '--depth_coefficient=0.1', '--image_size=32',
       '--num_train_images=512', '--num_eval_images=16',
-      '--train_batch_size=8', '--optimizer=lars', '--base_learning_rate=0.5',
+      '--train_batch_size=8', '--optimizer=lars', '--base_learning_rate=0.005',
       '--lr_scaling=none', '--lr_warmup_epochs=0.5',
       '--moving_average_decay=0.9', '--deterministic', '--seed=3',
       '--summary_images=0',
