@@ -154,12 +154,13 @@ def build_model(config: ModelConfig, bn_group_size: int = 1,
   return keras.Model(inputs, logits, name=name or config.model_name)
 
 
-def flops_per_image(config: ModelConfig) -> int:
+def flops_per_image(config: ModelConfig, model=None) -> int:
   """Floating-point operations of one inference at `config.image_size`.
 
   Counted by TF's graph profiler on a float32 copy of the model (local BN,
   batch 1): each multiply-add is 2 operations, so EfficientNet-B0 at 224
   gives ~0.80e9, twice the 0.39B multiply-adds of the paper's Table 2.
+  `model`: that copy, if the caller has already built one (saves a build).
   """
   import logging as py_logging  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -168,7 +169,8 @@ def flops_per_image(config: ModelConfig) -> int:
   local = dataclasses.replace(config, use_bfloat16=False, use_float16=False,
                               bn_group_size=None, bn_group_batch_size=None)
   with tf.device('/cpu:0'):
-    model = build_model(local, bn_group_size=1)
+    if model is None:
+      model = build_model(local, bn_group_size=1)
     size = local.image_size
     graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec([1, size, size, 3], tf.float32)).graph

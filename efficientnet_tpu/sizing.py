@@ -76,7 +76,8 @@ def model_size(cfg: ExperimentConfig, model=None) -> ModelSize:
   from efficientnet_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
   local = dataclasses.replace(cfg.model, use_bfloat16=False,
                               use_float16=False)
-  if model is None:
+  own = model is None
+  if own:
     with tf.device('/cpu:0'):
       model = model_lib.build_model(local, bn_group_size=1)
   activations = 0
@@ -95,7 +96,10 @@ def model_size(cfg: ExperimentConfig, model=None) -> ModelSize:
   trainable = sum(int(tf.size(v)) for v in model.trainable_weights)
   return ModelSize(parameters=model.count_params(),
                    trainable_parameters=trainable,
-                   flops_per_image=model_lib.flops_per_image(local),
+                   # Our own build is the float32, local-BN copy the
+                   # profiler counts: no second build.
+                   flops_per_image=model_lib.flops_per_image(
+                       local, model if own else None),
                    activations_per_image=activations)
 
 
