@@ -27,6 +27,7 @@ from efficientnet_tpu import run_dir
 from efficientnet_tpu import schedules
 from efficientnet_tpu import sizing
 from efficientnet_tpu import stack
+from efficientnet_tpu import summaries
 from efficientnet_tpu import train
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import contract
@@ -308,7 +309,7 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
       trainer = build_trainer(cfg, strategy, state, role=role)
       maybe_initialize(cfg, state)
       with trainer.summary_writer.as_default(step=state.step):
-        tf.summary.text('run/startup', summary)
+        tf.summary.text('run/startup', summaries.startup_markdown(summary))
       evaluator = (build_evaluator(cfg, strategy, state, role=role)
                    if mode == 'train_and_eval' else None)
       metrics = trainer.train(evaluator=evaluator)

@@ -114,6 +114,28 @@ def _eval_record(line: dict) -> dict:
   }
 
 
+def recorded_eval(model_dir: str, step: int, num_examples: int,
+                  checkpoint: Optional[str]) -> Optional[Dict[str, float]]:
+  """The metrics eval_results.jsonl holds for this evaluation, or None.
+
+  The last line at `step` over `num_examples` images of the checkpoint
+  named like `checkpoint` (by file name: the run directory may have moved).
+  An unreadable file holds none.
+  """
+  try:
+    lines = _read_json_lines(os.path.join(model_dir,
+                                          run_dir.RESULTS_FILENAME))
+  except (ValueError, tf.errors.OpError):
+    return None
+  name = os.path.basename(checkpoint or '')
+  for line in reversed(lines):
+    if (line['step'] == step and line.get('num_examples') == num_examples
+        and isinstance(line.get('top_1_accuracy'), float)
+        and os.path.basename(line.get('checkpoint') or '') == name):
+      return {k: v for k, v in line.items() if k not in _EVAL_FIELDS}
+  return None
+
+
 def read(model_dir: str) -> List[dict]:
   """Every record of the run: the training loops, then the evaluations.
 

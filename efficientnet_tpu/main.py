@@ -400,7 +400,7 @@ def main(argv):
     # summaries) stays; nothing after the failing step is written.
     print(f'error: {line}', file=sys.stderr)
     return 2
-  logging.info('Final metrics: %s', metrics)
+  # Once, on stdout, for scripts (the log has the progress and eval lines).
   print(json.dumps({k: round(v, 6) if isinstance(v, float) else v
                     for k, v in metrics.items()}, sort_keys=True))
   return 0

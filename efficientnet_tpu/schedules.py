@@ -36,7 +36,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import keras
 import numpy as np
@@ -246,6 +246,15 @@ def describe_schedule(sched: ScheduleConfig, train_batch_size: int,
   }
 
 
+def curve(schedule: WarmupSchedule, total_steps: int,
+          num_points: int = 2001) -> Tuple[np.ndarray, np.ndarray]:
+  """(steps, lr) at up to `num_points` steps spread over [0, total_steps]."""
+  steps = np.unique(np.linspace(0, total_steps,
+                                num=min(total_steps + 1, num_points))
+                    .round().astype(np.int64))
+  return steps, _lr_at(schedule, steps)
+
+
 def plot_schedule(schedule: WarmupSchedule, total_steps: int,
                   path: str) -> str:
   """Writes a PNG of lr(step) for step in [0, total_steps]; returns `path`."""
@@ -253,9 +262,7 @@ def plot_schedule(schedule: WarmupSchedule, total_steps: int,
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  steps = np.unique(np.linspace(0, total_steps, num=min(total_steps + 1, 2001))
-                    .round().astype(np.int64))
-  values = _lr_at(schedule, steps)
+  steps, values = curve(schedule, total_steps)
   directory = os.path.dirname(path)
   if directory:
     tf.io.gfile.makedirs(directory)

@@ -84,3 +84,35 @@ def write_image_grid(writer, images: np.ndarray, step: int,
   with writer.as_default(step=step):
     tf.summary.image(tag, grid[np.newaxis], max_outputs=1)
   writer.flush()
+
+
+# Characters that markdown (Python-Markdown with the tables extension, as
+# TensorBoard's text plugin renders it) takes for emphasis, links, code or
+# tables: escaped with a backslash. `<` and `&` (HTML) become entities.
+_MARKDOWN_SPECIAL = frozenset('\\`*_{}[]()>#+-.!|')
+_HTML_ENTITIES = {'<': '&lt;', '&': '&amp;'}
+
+
+def escape_markdown(text: str) -> str:
+  """`text` as markdown that renders as exactly these characters."""
+  return ''.join('\\' + c if c in _MARKDOWN_SPECIAL else
+                 _HTML_ENTITIES.get(c, c) for c in text)
+
+
+def startup_markdown(summary: str) -> str:
+  """The start-up block (`Key: value` lines) as a markdown list.
+
+  TensorBoard renders text summaries as markdown, where single newlines
+  join lines into one paragraph and a path's underscores turn into
+  emphasis: each line becomes a list item with its key in bold, the rest
+  escaped.
+  """
+  items = []
+  for line in summary.splitlines():
+    key, sep, value = line.partition(': ')
+    if sep and key and ' ' not in key.strip():
+      items.append(f'- **{escape_markdown(key)}**: '
+                   f'{escape_markdown(value)}')
+    else:
+      items.append(f'- {escape_markdown(line)}')
+  return '\n'.join(items)

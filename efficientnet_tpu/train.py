@@ -593,8 +593,18 @@ class Trainer:
       logging.warning('Training had ended when the signal came: finishing '
                       'the run.')
     if evaluator is not None:
-      eval_metrics = evaluator.evaluate_and_record(
-          step, tf.train.latest_checkpoint(self.cfg.train.model_dir))
+      latest = tf.train.latest_checkpoint(self.cfg.train.model_dir)
+      # A rerun of a finished run reports its recorded evaluation rather
+      # than adding a second point at the same step.
+      eval_metrics = (history.recorded_eval(
+          self.cfg.train.model_dir, step, self.cfg.data.num_eval_images,
+          latest) if step == first_step else None)
+      if eval_metrics is None:
+        eval_metrics = evaluator.evaluate_and_record(step, latest)
+      else:
+        logging.info('Step %d was evaluated already (%s): top_1=%.4g; not '
+                     'evaluating it again.', step, run_dir.RESULTS_FILENAME,
+                     eval_metrics['top_1_accuracy'])
       metrics.update({f'eval/{k}': v for k, v in eval_metrics.items()})
     return metrics
 

@@ -174,3 +174,35 @@ def test_console_entry_point_exits_2_without_a_traceback(tmp_path):
   assert errors == [f'error: {tmp_path / "missing"}: no such directory'], (
       done.stderr)
   assert 'Traceback' not in done.stderr
+
+
+def test_lr_plot_is_the_schedule_and_plots_carry_the_run_name(tmp_path):
+  """The learning-rate plot draws the run's schedule at every step (from
+  its config; numpy's warmup + cosine is the reference), not a line
+  through the loop ends; every PNG is titled with the run's name."""
+  cfg = small_config(tmp_path, optimizer=dict(
+      lr_schedule='cosine', lr_warmup_epochs=1.0, lr_scaling='none',
+      base_learning_rate=2.0, end_learning_rate=0.2),
+      data=dict(num_train_images=320), train=dict(train_steps=110))
+  assert cfg.steps_per_epoch == 10  # 320 images in batches of 32.
+  steps, lr = report.learning_rate_curve(json.loads(json.dumps(
+      cfg.to_dict())))
+  np.testing.assert_array_equal(steps, np.arange(111))
+  want = np.where(steps < 10, 2.0 * steps / 10,
+                  0.2 + 1.8 * 0.5 * (1 + np.cos(np.pi * (steps - 10) / 100)))
+  np.testing.assert_allclose(lr, want, rtol=1e-5, atol=1e-6)
+  assert report.learning_rate_curve(None) is None
+  assert report.learning_rate_curve({'model': 'garbage'}) is None
+
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  records = [{'kind': history.TRAIN, 'step': 55, 'epoch': 5.5,
+              'metrics': {'learning_rate': float(lr[55]), 'loss': 1.0}}]
+  model_dir = str(tmp_path / 'b0_lars-4096') + '/'
+  assert report.run_name(model_dir) == 'b0_lars-4096'
+  paths = report.write_plots(records, str(tmp_path / 'plots'),
+                             report.run_name(model_dir), (steps, lr))
+  titles = {p: Image.open(p).text['Title'] for p in paths}
+  assert titles[report.plot_path(str(tmp_path / 'plots'),
+                                 'learning_rate')] == (
+                                     'b0_lars-4096: learning rate')
+  assert all(t.startswith('b0_lars-4096: ') for t in titles.values())

@@ -46,6 +46,17 @@ def _jpeg(seed):
                            ).numpy()
 
 
+def _train_args(model_dir, data_dir):
+  return [f'--model_dir={model_dir}', f'--data_dir={data_dir}',
+          '--mode=train_and_eval', '--width_coefficient=0.1',
+          '--depth_coefficient=0.1', '--image_size=16',
+          '--train_batch_size=8', '--eval_batch_size=4', '--train_steps=4',
+          '--iterations_per_loop=2', '--eval_every_steps=2',
+          '--optimizer=momentum', '--lr_warmup_epochs=0',
+          '--moving_average_decay=0', '--shuffle_buffer=8',
+          '--num_cpu_replicas=2', '--bn_group_size=2']
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """A finished train_and_eval run: (model_dir, data_dir).
@@ -61,14 +72,7 @@ def trained(tmp_path_factory):
   make_tfrecords.index(data_dir, num_threads=2, progress=False)
   model_dir = str(root / 'run')
   FLAGS.unparse_flags()
-  FLAGS(['efficientnet-tpu-train', f'--model_dir={model_dir}',
-         f'--data_dir={data_dir}', '--mode=train_and_eval',
-         '--width_coefficient=0.1', '--depth_coefficient=0.1',
-         '--image_size=16', '--train_batch_size=8', '--eval_batch_size=4',
-         '--train_steps=4', '--iterations_per_loop=2', '--eval_every_steps=2',
-         '--optimizer=momentum', '--lr_warmup_epochs=0',
-         '--moving_average_decay=0', '--shuffle_buffer=8',
-         '--num_cpu_replicas=2', '--bn_group_size=2'])
+  FLAGS(['efficientnet-tpu-train', *_train_args(model_dir, data_dir)])
   try:
     assert main_lib.main(['efficientnet-tpu-train']) == 0
   finally:
@@ -331,3 +335,62 @@ def test_bad_checkpoint_path_and_export_without_a_directory(trained, capsys,
   assert rc == 2 and out.err.startswith('error: --model_dir: no checkpoint'), (
       out.err)
   assert not os.path.exists(tmp_path / 'e')
+
+
+def _event_points(directory, tag):
+  """[(step, value)] of `tag` in the event files of `directory`."""
+  points = []
+  for name in sorted(os.listdir(directory)):
+    for event in tf.compat.v1.train.summary_iterator(
+        os.path.join(directory, name)):
+      points += [(event.step, tf.make_ndarray(v.tensor))
+                 for v in event.summary.value if v.tag == tag]
+  return points
+
+
+def test_rerunning_a_finished_run_adds_no_second_eval_point(
+    trained, capsys, tmp_path):
+  model_dir, data_dir = trained
+  copy = str(tmp_path / 'run')
+  shutil.copytree(model_dir, copy)
+  recorded = _eval_results(copy)
+  top_1_events = _event_points(os.path.join(copy, 'eval'),
+                               'eval/top_1_accuracy')
+  rc, out = _run(capsys, *_train_args(copy, data_dir))
+  assert rc == 0, out.err
+  # Nothing new in eval_results.jsonl or TensorBoard; the command prints
+  # the recorded evaluation of the last step (once, on stdout).
+  assert _eval_results(copy) == recorded
+  assert _event_points(os.path.join(copy, 'eval'),
+                       'eval/top_1_accuracy') == top_1_events
+  [printed] = out.out.strip().splitlines()
+  assert json.loads(printed)['eval/top_1_accuracy'] == pytest.approx(
+      recorded[-1]['top_1_accuracy'], abs=1e-6)
+  # Another eval set is another evaluation: it is run and recorded.
+  rc, out = _run(capsys, *_train_args(copy, data_dir),
+                 '--num_eval_images=6')
+  assert rc == 0, out.err
+  [added] = _eval_results(copy)[len(recorded):]
+  assert (added['step'], added['num_examples']) == (4, 6)
+
+
+def test_the_startup_block_renders_in_tensorboard_line_by_line(trained):
+  """TensorBoard renders text summaries as markdown (its own renderer is
+  the reference): each line of the block is an item, the model_dir as
+  written (its '-' and '_' not taken for markup)."""
+  import html  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  from tensorboard import plugin_util  # pylint: disable=g-import-not-at-top
+  model_dir, _ = trained
+  [(step, text)] = _event_points(os.path.join(model_dir, 'train'),
+                                 'run/startup')
+  assert step == 0
+  rendered = plugin_util.markdown_to_safe_html(text.item().decode())
+  items = [html.unescape(re.sub('<[^>]+>', '', item))
+           for item in re.findall('<li>(.*?)</li>', rendered, re.S)]
+  assert items[0] == f'Run: --mode=train_and_eval, model_dir {model_dir}'
+  keys = [item.split(':')[0] for item in items]
+  assert keys[:2] == ['Run', 'Strategy']
+  assert {'Batch', 'Length', 'Optimizer', 'Stack', 'Data', 'Model',
+          'Memory'} <= set(keys)
+  assert '<em>' not in rendered and '<strong>Run</strong>' in rendered

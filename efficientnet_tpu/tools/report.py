@@ -6,12 +6,13 @@ and eval_results.jsonl), prints where the run stands and writes PNG plots:
 
   report_loss.png           total loss and cross entropy (train, eval)
   report_accuracy.png       top-1 (train, eval) and top-5 (eval)
-  report_learning_rate.png  the learning rate of each loop
+  report_learning_rate.png  the run's schedule (from its config) and the
+                            learning rate each loop logged
   report_throughput.png     images/s of each loop
   report_eval_accuracy.png  eval top-1 and top-5 against epoch
 
-all against the step unless said otherwise. A resumed run's redone steps
-count once (`history.latest`).
+all against the step unless said otherwise, each titled with the run's
+name. A resumed run's redone steps count once (`history.latest`).
 
 Example:
   efficientnet-tpu-report gs://BUCKET/runs/b0 --output_dir=/tmp/b0-plots
@@ -219,11 +220,43 @@ def _series(records: List[dict], kind: str, key: str, x: str = 'step'):
   return [p[0] for p in points], [p[1] for p in points]
 
 
-def write_plots(records: List[dict], output_dir: str) -> List[str]:
+def run_name(model_dir: str) -> str:
+  """The run's name: the last component of its directory."""
+  return os.path.basename(model_dir.rstrip('/')) or model_dir
+
+
+def learning_rate_curve(config: Optional[dict]):
+  """(steps, lr) of the run's schedule over its whole length, from its
+  config; None where the config is missing or cannot be read."""
+  if config is None:
+    return None
+  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import schedules
+  try:
+    cfg = ExperimentConfig.from_dict(config)
+    return schedules.curve(schedules.for_experiment(cfg),
+                           cfg.total_train_steps)
+  except (TypeError, KeyError, ValueError):
+    return None
+
+
+def write_plots(records: List[dict], output_dir: str, name: str = '',
+                lr_curve=None) -> List[str]:
   """Writes the PLOTS of `records` (`history.latest`'s) as PNGs.
 
   A plot with nothing to show (eval accuracy of a run never evaluated) is
-  not written. Returns the paths written.
+  not written.
+
+  Args:
+    records: the run's records.
+    output_dir: where the PNGs go.
+    name: the run's name, in each plot's title and PNG metadata.
+    lr_curve: (steps, lr) of the schedule (`learning_rate_curve`), drawn
+      under the loops' logged values; without it only those (one point a
+      loop).
+
+  Returns:
+    The paths written.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -250,11 +283,14 @@ def write_plots(records: List[dict], output_dir: str) -> List[str]:
   }
   tf.io.gfile.makedirs(output_dir)
   written = []
-  for name in PLOTS:
-    xlabel, ylabel, lines = specs[name]
+  for plot in PLOTS:
+    xlabel, ylabel, lines = specs[plot]
     series = [(label, marker, _series(records, kind, key, x))
               for label, kind, key, x, marker in lines]
     series = [s for s in series if s[2][0]]
+    if plot == 'learning_rate' and lr_curve is not None:
+      series = [('schedule', '', tuple(lr_curve))] + [
+          ('at loop ends', 'o', xy) for _, _, xy in series]
     if not series:
       continue
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -262,13 +298,15 @@ def write_plots(records: List[dict], output_dir: str) -> List[str]:
       ax.plot(xs, ys, marker=marker or None, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    title = f'{name}: {ylabel}' if name else ylabel
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format='png')
+    fig.savefig(png, format='png', metadata={'Title': title})
     plt.close(fig)
-    path = plot_path(output_dir, name)
+    path = plot_path(output_dir, plot)
     fileio.write_atomically(path, png.getvalue())
     written.append(path)
   return written
@@ -292,7 +330,8 @@ def main(argv: Sequence[str]) -> int:
     summary = summarize(args.model_dir)
     paths = [] if args.no_plots else write_plots(
         history.latest(history.read(args.model_dir)),
-        args.output_dir or args.model_dir)
+        args.output_dir or args.model_dir, run_name(args.model_dir),
+        learning_rate_curve(_latest_config(args.model_dir)))
   except ReportError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
