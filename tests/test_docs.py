@@ -92,3 +92,78 @@ def test_trainer_docs_name_only_trainer_flags():
     path = REPO / 'docs' / name
     unknown = [f'--{n}' for n in _mentioned(path) if n not in trainer]
     assert not unknown, f'docs/{name}: {unknown}'
+
+
+# `module.name` in backquotes, the module one of this repository's: the
+# package's modules (`train.replica_plan`, `data.stream.epoch_order`,
+# `efficientnet_tpu.stack`) and `benchmarks.*`. File names (`config.json`,
+# `train.py`) are files.
+CODE_RE = re.compile(r'`([^`\n]+)`')
+NAME_RE = re.compile(r'(?<![\w./-])((?:efficientnet_tpu\.)?[a-z_]\w*'
+                     r'(?:\.[A-Za-z_]\w*)+)')
+FILE_SUFFIXES = ('.py', '.json', '.jsonl', '.cfg', '.md', '.sh', '.png',
+                 '.txt', '.ini')
+
+
+def _package_modules():
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  import efficientnet_tpu  # pylint: disable=g-import-not-at-top
+  found = {}
+  for info in pkgutil.walk_packages(efficientnet_tpu.__path__,
+                                    'efficientnet_tpu.'):
+    # `pipeline` and `data.pipeline` both name data/pipeline.py.
+    parts = info.name.split('.')[1:]
+    for i in range(len(parts)):
+      found.setdefault('.'.join(parts[i:]), info.name)
+  return found
+
+
+def _cited_names(path):
+  text = re.sub(r'```.*?```', '', path.read_text(), flags=re.S)
+  for code in CODE_RE.findall(text):
+    for name in NAME_RE.findall(code):
+      if not name.endswith(FILE_SUFFIXES):
+        yield name
+
+
+def _resolves(name, modules):
+  """Whether `name` is a module, or an attribute path of one, here."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  parts = name.split('.')
+  if parts[0] == 'efficientnet_tpu':
+    parts = parts[1:]
+  for split in range(len(parts), 0, -1):
+    module = modules.get('.'.join(parts[:split]))
+    if parts[0] == 'benchmarks' and split > 1:
+      module = '.'.join(parts[:split])
+    if module is None:
+      continue
+    try:
+      obj = importlib.import_module(module)
+    except ImportError:
+      return False
+    for attr in parts[split:]:
+      if not hasattr(obj, attr):
+        return False
+      obj = getattr(obj, attr)
+    return True
+  return None  # Not one of this repository's modules.
+
+
+@pytest.mark.parametrize('path', DOCS, ids=lambda p: p.name)
+def test_every_module_name_the_docs_cite_exists(path):
+  modules = _package_modules()
+  missing = sorted({n for n in _cited_names(path)
+                    if _resolves(n, modules) is False})
+  assert not missing, f'{path.name} cites names that do not exist: {missing}'
+
+
+def test_the_name_check_tells_a_missing_name():
+  modules = _package_modules()
+  assert _resolves('train.Trainer', modules) is True
+  assert _resolves('data.stream.epoch_order', modules) is True
+  assert _resolves('efficientnet_tpu.stack', modules) is True
+  assert _resolves('benchmarks.ema_swap', modules) is True
+  assert _resolves('collectives.no_such_function', modules) is False
+  assert _resolves('benchmarks.no_such_script', modules) is False
+  assert _resolves('tf.io.gfile', modules) is None
