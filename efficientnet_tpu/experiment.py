@@ -23,6 +23,7 @@ from efficientnet_tpu import distribute
 from efficientnet_tpu import evaluation
 from efficientnet_tpu import export
 from efficientnet_tpu import init_checkpoint
+from efficientnet_tpu import replica_plan
 from efficientnet_tpu import run_dir
 from efficientnet_tpu import schedules
 from efficientnet_tpu import sizing
@@ -52,16 +53,17 @@ def build_trainer(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                   state: Optional[ModelState] = None,
                   input_for_step: Optional[Callable[[int], contract.InputFn]]
                   = None,
-                  role: Optional[distribute.ClusterRole] = None
+                  role: Optional[distribute.ClusterRole] = None,
+                  plan: Optional[replica_plan.ReplicaPlan] = None
                   ) -> train.Trainer:
   """A Trainer on a new model state and the configured input (or yours)."""
-  plan = train.check_num_replicas(cfg, strategy)
+  plan = plan or replica_plan.for_strategy(cfg, strategy)
   if state is None:
-    state = build_model_state(cfg, strategy, plan['bn_group_size'])
+    state = build_model_state(cfg, strategy, plan.bn_group_size)
   return train.Trainer(cfg, strategy, state,
                        input_for_step or train_input(cfg),
                        role or distribute.cluster_role(cfg.distribute),
-                       summary_images=cfg.train.summary_images)
+                       summary_images=cfg.train.summary_images, plan=plan)
 
 
 def build_evaluator(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
@@ -179,13 +181,14 @@ def serving_labels(cfg: ExperimentConfig):
 
 def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                     state: ModelState, mode: str,
-                    size: Optional[sizing.ModelSize] = None) -> str:
+                    size: Optional[sizing.ModelSize] = None,
+                    plan: Optional[replica_plan.ReplicaPlan] = None) -> str:
   """What this run is, before its first step (logged and in TensorBoard).
 
   Eval and export show only what applies to them: no optimizer, schedule,
   run length or training memory.
   """
-  plan = train.replica_plan(cfg, strategy.num_replicas_in_sync)
+  plan = plan or replica_plan.for_strategy(cfg, strategy)
   size = size or sizing.model_size(cfg, state.model)
   data = cfg.data
   source = data.data if data.data == 'synthetic' else (
@@ -202,7 +205,7 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
   ]
   if cfg.trains:
     memory = sizing.training_memory(cfg, size,
-                                    plan['per_replica_train_batch'])
+                                    plan.per_replica_train_batch)
     schedule = schedules.describe_schedule(
         cfg.optimizer.schedule, cfg.train.train_batch_size,
         cfg.steps_per_epoch, cfg.total_train_steps)
@@ -210,21 +213,21 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                       for k, (s, lr) in schedule['lr_at'].items())
     lines += [
         f'Batch: {cfg.train.train_batch_size} global, '
-        f'{plan["per_replica_train_batch"]} per replica; BN groups of '
-        f'{plan["bn_group_size"]} replica(s) ({plan["bn_group_batch"]} '
+        f'{plan.per_replica_train_batch} per replica; BN groups of '
+        f'{plan.bn_group_size} replica(s) ({plan.bn_group_batch} '
         'images)',
-        f'Length: {plan["steps_per_epoch"]} steps per epoch, '
-        f'{plan["total_steps"]} steps ({schedule["train_epochs"]:.4g} '
+        f'Length: {plan.steps_per_epoch} steps per epoch, '
+        f'{plan.total_steps} steps ({schedule["train_epochs"]:.4g} '
         f'epochs); a progress line and checkpoint every '
-        f'{plan["steps_per_loop"]} steps'
-        + (f', an evaluation every {plan["eval_every_steps"]}'
+        f'{plan.steps_per_loop} steps'
+        + (f', an evaluation every {plan.eval_every_steps}'
            if mode == 'train_and_eval' else ''),
         f'Optimizer: {cfg.optimizer.optimizer}, {schedule["lr_schedule"]} '
         f'schedule, peak LR {schedule["peak_lr"]:.4g} after '
         f'{schedule["warmup_steps"]} warmup steps; LR at {lr_at}',
     ]
   elif mode == 'eval':
-    lines.append(f'Batch: eval {plan["per_replica_eval_batch"]} per '
+    lines.append(f'Batch: eval {plan.per_replica_eval_batch} per '
                  'replica; batch norm with the moving statistics')
   xla = distribute.resolve_jit_compile(strategy, cfg.train.jit_compile)
   lines += [
@@ -268,8 +271,9 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
     # Weight initialization (Python, numpy and TF seeds): the same --seed
     # gives the same initial model, on every worker.
     keras.utils.set_random_seed(cfg.data.seed)
-    plan = train.check_num_replicas(cfg, strategy)
-    state = build_model_state(cfg, strategy, plan['bn_group_size'])
+    # Resolved once, here: everything below is handed this plan.
+    plan = replica_plan.for_strategy(cfg, strategy)
+    state = build_model_state(cfg, strategy, plan.bn_group_size)
     mode, eval_timeout = cfg.train.mode, cfg.train.eval_timeout
     if role.task[0] == 'evaluator':
       # TF_CONFIG's side-car evaluator: evaluates each new checkpoint.
@@ -282,14 +286,14 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
       logging.info('TF_CONFIG has an evaluator task: it evaluates; this '
                    'training task does not.')
     size = sizing.model_size(cfg, state.model)
-    summary = startup_summary(cfg, strategy, state, mode, size)
+    summary = startup_summary(cfg, strategy, state, mode, size, plan)
     logging.info('Starting:\n  %s', summary.replace('\n', '\n  '))
     if mode in ('train', 'train_and_eval'):
       # Before the first batch: a batch that cannot fit is one line, not a
       # process that eats the host's memory.
       for warning in sizing.check_fits(
           cfg, sizing.training_memory(cfg, size,
-                                      plan['per_replica_train_batch']),
+                                      plan.per_replica_train_batch),
           strategy.num_replicas_in_sync) + sizing.recipe_warnings(cfg):
         logging.warning('%s', warning)
     if mode == 'export':
@@ -306,7 +310,7 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
           cfg.train.model_dir, cfg.total_train_steps, eval_timeout,
           cfg.train.checkpoint_path)
     else:
-      trainer = build_trainer(cfg, strategy, state, role=role)
+      trainer = build_trainer(cfg, strategy, state, role=role, plan=plan)
       maybe_initialize(cfg, state)
       with trainer.summary_writer.as_default(step=state.step):
         tf.summary.text('run/startup', summaries.startup_markdown(summary))

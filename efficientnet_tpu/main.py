@@ -261,7 +261,7 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import schedules  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import sizing  # pylint: disable=g-import-not-at-top
-  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import replica_plan  # pylint: disable=g-import-not-at-top
   schedule = schedules.for_experiment(cfg)
   summary = dict(optimizer=cfg.optimizer.optimizer,
                  **schedules.describe_schedule(
@@ -274,13 +274,13 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
   warnings = sizing.recipe_warnings(cfg)
   num_replicas = cfg.distribute.known_num_replicas
   if num_replicas:
-    plan = train_lib.replica_plan(cfg, num_replicas)
+    plan = replica_plan.make(cfg, num_replicas)
     print(f'Replicas ({num_replicas}):')
-    for k, v in plan.items():
+    for k, v in plan.as_dict().items():
       print(f'  {k}: {v}')
     if cfg.trains:
       memory = sizing.training_memory(cfg, size,
-                                      plan['per_replica_train_batch'])
+                                      plan.per_replica_train_batch)
       print(f'Memory: {memory.describe()}')
       warnings = sizing.check_fits(cfg, memory, num_replicas) + warnings
   else:

@@ -97,7 +97,7 @@ def build_model_state(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
   Args:
     cfg: the experiment (model, optimizer and schedule settings).
     strategy: the replicas the variables live on.
-    bn_group_size: replicas per batch-norm group (see `train.replica_plan`).
+    bn_group_size: replicas per batch-norm group (see `replica_plan.ReplicaPlan`).
   """
   with strategy.scope():
     model = model_lib.build_model(cfg.model, bn_group_size=bn_group_size)

@@ -29,6 +29,7 @@ from efficientnet_tpu import history
 from efficientnet_tpu import losses
 from efficientnet_tpu import optimizers
 from efficientnet_tpu import preemption
+from efficientnet_tpu import replica_plan
 from efficientnet_tpu import replicated
 from efficientnet_tpu import run_dir
 from efficientnet_tpu import summaries
@@ -39,47 +40,14 @@ from efficientnet_tpu.data.contract import InputFn
 from efficientnet_tpu.state import ModelState, UnreadableCheckpoint
 
 
-def replica_plan(cfg: ExperimentConfig, num_replicas: int) -> dict:
-  """How a run splits over `num_replicas`: batches, BN groups, steps.
-
-  Eval and export: the eval batch and local BN only (inference uses the
-  moving statistics; see `ExperimentConfig.validate_for_replicas`).
-  Raises the same one-line ConfigErrors a run on that many replicas would.
-  """
-  g = cfg.validate_for_replicas(num_replicas)
-  per_replica_eval = cfg.eval_batch_size_on(num_replicas) // num_replicas
-  length = {'steps_per_epoch': round(cfg.steps_per_epoch, 2),
-            'total_steps': cfg.total_train_steps}
-  if not cfg.trains:
-    return {'per_replica_eval_batch': per_replica_eval, 'bn_group_size': g,
-            **length}
-  per_replica = cfg.train.train_batch_size // num_replicas
-  target = cfg.model.bn_group_batch_size
-  if target is not None and g * per_replica != target:
-    logging.info('bn_group_batch_size %d: %d replica(s) of %d images per BN '
-                 'group (%d images%s) on %d replicas.', target, g, per_replica,
-                 g * per_replica, ', local BN' if g == 1 else '', num_replicas)
-  return {
-      'per_replica_train_batch': per_replica,
-      'per_replica_eval_batch': per_replica_eval,
-      'bn_group_size': g,
-      'bn_groups': num_replicas // g,
-      'bn_group_batch': g * per_replica,
-      **length,
-      'steps_per_loop': cfg.loop_steps,
-      'eval_every_steps': cfg.eval_interval_steps,
-  }
-
-
-def resolved_values(cfg: ExperimentConfig,
-                    strategy: tf.distribute.Strategy) -> dict:
+def resolved_values(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
+                    plan: replica_plan.ReplicaPlan) -> dict:
   """What the settings come to on `strategy` (config.json's "resolved")."""
-  plan = replica_plan(cfg, strategy.num_replicas_in_sync)
   xla = ('whole step (TPU)' if distribute.is_tpu(strategy) else
          'forward and backward' if distribute.resolve_jit_compile(
              strategy, cfg.train.jit_compile) else 'off')
   return dict(
-      plan, replicas=strategy.num_replicas_in_sync,
+      plan.as_dict(), replicas=strategy.num_replicas_in_sync,
       input_pipelines=distribute.num_input_pipelines(strategy),
       train_epochs=cfg.total_train_steps / cfg.steps_per_epoch,
       peak_learning_rate=cfg.peak_learning_rate,
@@ -88,17 +56,6 @@ def resolved_values(cfg: ExperimentConfig,
       num_eval_images=cfg.data.num_eval_images,
       num_label_classes=cfg.model.num_label_classes,
       counts_from=cfg.data.counts_from)
-
-
-def check_num_replicas(cfg: ExperimentConfig,
-                       strategy: tf.distribute.Strategy) -> dict:
-  """The replica plan of `strategy`; refuses a --num_replicas it lacks."""
-  actual = strategy.num_replicas_in_sync
-  expected = cfg.distribute.num_replicas
-  if expected and expected != actual:
-    raise ConfigError('num_replicas', f'expected {actual} (the replicas of '
-                      f'this {type(strategy).__name__}), got {expected}')
-  return replica_plan(cfg, actual)
 
 
 def _hms(seconds: float) -> str:
@@ -127,7 +84,8 @@ class Trainer:
   def __init__(self, cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                state: ModelState, train_input: Callable[[int], InputFn],
                role: distribute.ClusterRole = distribute.ClusterRole(),
-               summary_images: int = 8):
+               summary_images: int = 8,
+               plan: Optional[replica_plan.ReplicaPlan] = None):
     """Takes what one training run needs.
 
     Args:
@@ -139,6 +97,8 @@ class Trainer:
       role: this process's writer roles and task.
       summary_images: how many images of the first training batch `train`
         shows in TensorBoard (`summaries.INPUT_IMAGES_TAG`); 0: none.
+      plan: the run's replica plan (`replica_plan.for_strategy`; made
+        here if not given).
     """
     if summary_images < 0:
       raise ValueError(f'summary_images: expected an integer >= 0, got '
@@ -149,9 +109,9 @@ class Trainer:
     self.role = role
     self._train_input = train_input
     self.num_replicas = strategy.num_replicas_in_sync
-    plan = check_num_replicas(cfg, strategy)
-    self.per_replica_batch = plan['per_replica_train_batch']
-    self.bn_group_size = plan['bn_group_size']
+    self.plan = plan or replica_plan.for_strategy(cfg, strategy)
+    self.per_replica_batch = self.plan.per_replica_train_batch
+    self.bn_group_size = self.plan.bn_group_size
     self.total_steps = cfg.total_train_steps
     self.steps_per_epoch = cfg.steps_per_epoch
     # XLA for the forward and backward pass (TPU: the whole loop, always).
@@ -560,7 +520,8 @@ class Trainer:
     self.restore()
     if self.is_writer:
       run_dir.write_config(self.cfg, self.global_step,
-                           resolved_values(self.cfg, self.strategy))
+                           resolved_values(self.cfg, self.strategy,
+                                           self.plan))
     step = self.global_step
     # Loops end at evaluations only when there are evaluations to run.
     interval = (self.cfg.eval_interval_steps if evaluator is not None

@@ -95,7 +95,7 @@ def test_trainer_docs_name_only_trainer_flags():
 
 
 # `module.name` in backquotes, the module one of this repository's: the
-# package's modules (`train.replica_plan`, `data.stream.epoch_order`,
+# package's modules (`replica_plan.make`, `data.stream.epoch_order`,
 # `efficientnet_tpu.stack`) and `benchmarks.*`. File names (`config.json`,
 # `train.py`) are files.
 CODE_RE = re.compile(r'`([^`\n]+)`')

@@ -142,20 +142,20 @@ def _preset_config(name, *extra):
     n for n in os.listdir(PRESETS) if n.startswith('efficientnet')))
 @pytest.mark.parametrize('replicas', [8, 32, 1024])
 def test_every_preset_resolves_on_8_32_and_1024_replicas(name, replicas):
-  from efficientnet_tpu import train as train_lib  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import replica_plan  # pylint: disable=g-import-not-at-top
   cfg = _preset_config(name)
   batch, eval_batch = cfg.train.train_batch_size, cfg.train.eval_batch_size
   if batch % replicas or eval_batch % replicas:
     with pytest.raises(main_lib.config_lib.ConfigError,
                        match='^(eval|train)_batch_size: expected a '
                              'multiple of the number of replicas'):
-      train_lib.replica_plan(cfg, replicas)
+      replica_plan.make(cfg, replicas)
     return
-  plan = train_lib.replica_plan(cfg, replicas)
+  plan = replica_plan.make(cfg, replicas)
   per_replica = batch // replicas
-  assert plan['per_replica_train_batch'] == per_replica
-  g = plan['bn_group_size']
-  assert replicas % g == 0 and plan['bn_groups'] == replicas // g
+  assert plan.per_replica_train_batch == per_replica
+  g = plan.bn_group_size
+  assert replicas % g == 0 and plan.bn_groups == replicas // g
   target = cfg.model.bn_group_batch_size
   if target:  # Groups never exceed the target; local BN at or above it.
     assert g == 1 if per_replica >= target else g * per_replica <= target
