@@ -2,11 +2,18 @@
 
 Writes the standard sharded layout read by `efficientnet_tpu.data.tfrecord`:
 `train-%05d-of-%05d` and `validation-%05d-of-%05d`, each record an
-`Example` with image/encoded (RGB JPEG), image/format, image/filename,
+`Example` with image/encoded, image/format, image/filename,
 image/height, image/width, image/channels, image/colorspace,
 image/class/label (1..N over the sorted synsets), image/class/synset and,
-when known, image/class/text. PNG, CMYK, grayscale and other non-RGB images
-are re-encoded as RGB JPEG; RGB JPEGs are copied byte for byte.
+when known, image/class/text. Each record decodes, through the trainer's
+checks and decode, to the pixels the exported model's decoder gets from
+the original file (`encode_image`): JPEGs are copied byte for byte, other
+formats stored as the lossless RGB PNG of serving's decode. Images that
+cannot be (corrupt, empty, a format serving cannot decode, over
+--max_image_pixels, not a regular file, a non-UTF-8 name) fail the
+conversion in one line, or with --on_bad_image=skip are left out, one line
+each. Shards get their final names only once every split is written, and
+dataset_info.json comes last (`convert`).
 
 Folder input (`--input_dir`):
   train/<synset>/*.JPEG
