@@ -18,6 +18,9 @@ import tensorflow as tf
 # Offsets from the end of the 2-byte windows searched for the JPEG
 # end-of-image marker (FF D9): encoders may append a few bytes after it.
 _EOI_OFFSETS = tuple(range(2, 33))
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# The last chunk of every PNG: zero length, type IEND, its fixed CRC.
+_PNG_END = b'\0\0\0\0IEND\xaeB`\x82'
 
 # With skip_corrupt: the bad fraction is checked from this many reads on,
 # and this many bad reads in a row stop training (no valid record comes).
@@ -48,8 +51,19 @@ def report_skip(source: tf.Tensor, reason, skipped: 'SkippedRecords'
   return tf.py_function(add, [source, reason], tf.bool)
 
 
+def _is_complete_png(image_bytes: tf.Tensor) -> tf.Tensor:
+  """PNG signature at the start and the IEND chunk (with its CRC) at the
+  very end: the lossless re-encodings the converter writes."""
+  return tf.logical_and(
+      tf.equal(tf.strings.substr(image_bytes, 0, 8), _PNG_SIGNATURE),
+      tf.equal(tf.strings.substr(
+          image_bytes, tf.maximum(tf.strings.length(image_bytes) - 12, 0),
+          12), _PNG_END))
+
+
 def _looks_valid(image_bytes: tf.Tensor, allow_non_jpeg: bool) -> tf.Tensor:
-  """JPEG magic at the start and an end-of-image marker near the end."""
+  """JPEG magic at the start and an end-of-image marker near the end, or a
+  complete PNG (`_is_complete_png`)."""
   is_jpeg = tf.io.is_jpeg(image_bytes)
   length = tf.strings.length(image_bytes)
   # All 31 candidate windows in one vectorized substr: a handful of ops, as
@@ -58,7 +72,8 @@ def _looks_valid(image_bytes: tf.Tensor, allow_non_jpeg: bool) -> tf.Tensor:
       image_bytes, tf.maximum(length - tf.constant(_EOI_OFFSETS), 0),
       tf.constant([2] * len(_EOI_OFFSETS)))
   has_eoi = tf.reduce_any(tf.equal(windows, b'\xff\xd9'))
-  ok = tf.logical_and(is_jpeg, has_eoi)
+  ok = tf.logical_or(tf.logical_and(is_jpeg, has_eoi),
+                     _is_complete_png(image_bytes))
   if allow_non_jpeg:
     ok = tf.logical_or(ok, tf.logical_and(tf.logical_not(is_jpeg),
                                           length > 0))

@@ -118,22 +118,22 @@ def decode_and_crop(image_bytes: tf.Tensor, window_fn,
   """Decodes only the window `window_fn(shape)` selects, as uint8 RGB.
 
   JPEGs use the fused `decode_and_crop_jpeg` (only the window's rows and
-  columns are decoded). With `allow_non_jpeg` (tfds sources, which may hold
-  PNG) other formats are decoded whole and sliced.
+  columns are decoded). Other payloads are decoded whole and sliced: PNG
+  (the lossless RGB re-encodings efficientnet-tpu-make-tfrecords writes of
+  non-JPEG sources) or, with `allow_non_jpeg` (tfds sources), any format
+  `tf.io.decode_image` reads.
   """
-  if not allow_non_jpeg:
-    shape = tf.image.extract_jpeg_shape(image_bytes)
-    return tf.image.decode_and_crop_jpeg(image_bytes, window_fn(shape),
-                                         channels=3)
-
   def jpeg():
     shape = tf.image.extract_jpeg_shape(image_bytes)
     return tf.image.decode_and_crop_jpeg(image_bytes, window_fn(shape),
                                          channels=3)
 
   def other():
-    image = tf.io.decode_image(image_bytes, channels=3,
-                               expand_animations=False)
+    if allow_non_jpeg:
+      image = tf.io.decode_image(image_bytes, channels=3,
+                                 expand_animations=False)
+    else:
+      image = tf.io.decode_png(image_bytes, channels=3)
     w = window_fn(tf.shape(image))
     return tf.slice(image, [w[0], w[1], 0], [w[2], w[3], 3])
 
