@@ -22,7 +22,6 @@ import tensorflow as tf
 
 from efficientnet_tpu import collectives
 from efficientnet_tpu import layers
-from efficientnet_tpu.config import ModelConfig
 
 
 class StepSyncBatchNormalization(layers.GroupSyncBatchNormalization):
@@ -40,29 +39,28 @@ class StepSyncBatchNormalization(layers.GroupSyncBatchNormalization):
     return stats[:channels], stats[channels:]
 
 
-def _kwargs(config: ModelConfig, name: Optional[str]) -> dict:
-  return dict(momentum=config.batch_norm_momentum,
-              epsilon=config.batch_norm_epsilon,
-              name=name, dtype=layers.dtype_policy(config))
+def _kwargs(spec: layers.BatchNormSpec, name: Optional[str]) -> dict:
+  return dict(momentum=spec.momentum, epsilon=spec.epsilon, name=name,
+              dtype=spec.dtype)
 
 
-def group_step_sync(config: ModelConfig, bn_group_size: int = 1,
-                    name: Optional[str] = None) -> StepSyncBatchNormalization:
-  return StepSyncBatchNormalization(group_size=bn_group_size,
-                                    **_kwargs(config, name))
+def group_step_sync(spec: layers.BatchNormSpec, name: Optional[str] = None
+                    ) -> StepSyncBatchNormalization:
+  return StepSyncBatchNormalization(group_size=spec.group_size,
+                                    **_kwargs(spec, name))
 
 
-def keras_local(config: ModelConfig, bn_group_size: int = 1,
-                name: Optional[str] = None) -> keras.layers.Layer:
-  del bn_group_size  # Always per replica.
-  return keras.layers.BatchNormalization(**_kwargs(config, name))
+def keras_local(spec: layers.BatchNormSpec, name: Optional[str] = None
+                ) -> keras.layers.Layer:
+  # Always per replica, whatever spec.group_size says.
+  return keras.layers.BatchNormalization(**_kwargs(spec, name))
 
 
-def keras_sync(config: ModelConfig, bn_group_size: int = 1,
-               name: Optional[str] = None) -> keras.layers.Layer:
-  del bn_group_size  # Always all replicas.
+def keras_sync(spec: layers.BatchNormSpec, name: Optional[str] = None
+               ) -> keras.layers.Layer:
+  # Always all replicas, whatever spec.group_size says.
   return keras.layers.BatchNormalization(synchronized=True,
-                                         **_kwargs(config, name))
+                                         **_kwargs(spec, name))
 
 
 # Name -> factory for `model.build_model(batch_norm_fn=...)`.

@@ -27,7 +27,6 @@ SavedModel at `export_dir`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Sequence
 
 from absl import logging
@@ -188,11 +187,8 @@ def export_saved_model(model, ema, model_cfg: ModelConfig,
     `export_dir`.
   """
   # Serving runs in float32 on any device; weights are float32 either way.
-  serving_cfg = dataclasses.replace(model_cfg, use_bfloat16=False,
-                                    use_float16=False,
-                                    bn_group_size=None,
-                                    bn_group_batch_size=None)
-  serving_model = model_lib.build_model(serving_cfg, bn_group_size=1)
+  serving_model = model_lib.build_model(model_cfg, bn_group_size=1,
+                                        dtype='float32')
   # Read the averages directly (no swap: only the writer exports, and the
   # state is synchronized across replicas at every checkpoint and eval).
   def value(v):

@@ -8,22 +8,38 @@ their own factory to `model.build_model(batch_norm_fn=...)`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import keras
 import tensorflow as tf
 
 from efficientnet_tpu import collectives
-from efficientnet_tpu.config import ModelConfig
-
 _PACKAGE = 'efficientnet_tpu'
 
 
-def dtype_policy(config: ModelConfig) -> str:
+def dtype_policy(use_bfloat16: bool = False, use_float16: bool = False
+                 ) -> str:
   """Per-layer dtype policy: bfloat16 / float16 compute, float32 variables."""
-  if config.use_bfloat16:
+  if use_bfloat16:
     return 'mixed_bfloat16'
-  return 'mixed_float16' if config.use_float16 else 'float32'
+  return 'mixed_float16' if use_float16 else 'float32'
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormSpec:
+  """What every normalization layer of one network shares.
+
+  Attributes:
+    momentum: of the moving statistics.
+    epsilon: added to the variance.
+    group_size: replicas per BN group, resolved (1: local BN; 0: all).
+    dtype: the layers' dtype policy (`dtype_policy`).
+  """
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  group_size: int = 1
+  dtype: str = 'float32'
 
 
 def conv_kernel_initializer():
@@ -201,23 +217,21 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
     return config
 
 
-# (config, bn_group_size, name) -> a normalization layer; see make_batch_norm.
-BatchNormFactory = Callable[[ModelConfig, int, Optional[str]],
-                            keras.layers.Layer]
+# (spec, name) -> a normalization layer; see make_batch_norm.
+BatchNormFactory = Callable[[BatchNormSpec, Optional[str]], keras.layers.Layer]
 
 
-def make_batch_norm(config: ModelConfig, bn_group_size: int = 1,
-                    name: Optional[str] = None) -> GroupSyncBatchNormalization:
+def make_batch_norm(spec: BatchNormSpec, name: Optional[str] = None
+                    ) -> GroupSyncBatchNormalization:
   """The one factory for every normalization layer of the network.
 
   Args:
-    config: momentum, epsilon and dtype policy come from here.
-    bn_group_size: replicas per BN group (1 local, 0 all replicas).
+    spec: momentum, epsilon, group size and dtype policy.
     name: layer name.
   """
   return GroupSyncBatchNormalization(
-      group_size=bn_group_size, momentum=config.batch_norm_momentum,
-      epsilon=config.batch_norm_epsilon, name=name, dtype=dtype_policy(config))
+      group_size=spec.group_size, momentum=spec.momentum,
+      epsilon=spec.epsilon, name=name, dtype=spec.dtype)
 
 
 def replica_uniform(shape, seed_generator: keras.random.SeedGenerator
@@ -347,24 +361,26 @@ class SqueezeExcite(keras.layers.Layer):
     return config
 
 
-def mbconv_block(x, *, config: ModelConfig, filters_in: int, filters_out: int,
-                 kernel_size: int, strides: int, expand_ratio: int,
-                 se_ratio: float, drop_rate: float, bn_group_size: int,
-                 name: str, id_skip: bool = True,
+def mbconv_block(x, *, filters_in: int, filters_out: int, kernel_size: int,
+                 strides: int, expand_ratio: int, se_ratio: float,
+                 drop_rate: float, name: str, dtype: str = 'float32',
+                 batch_norm: BatchNormSpec = BatchNormSpec(),
+                 id_skip: bool = True,
                  batch_norm_fn: BatchNormFactory = make_batch_norm):
   """Mobile inverted bottleneck (MBConv) on a functional-API tensor.
 
   expand 1x1 (if expand_ratio > 1) -> depthwise kxk (stride) -> SE
   (ratio of the block's input filters) -> project 1x1 -> stochastic depth
-  + identity skip when shapes allow. `batch_norm_fn` builds its
-  normalization layers (see `model.build_model`).
+  + identity skip when shapes allow. `batch_norm_fn(batch_norm, name)`
+  builds its normalization layers (see `model.efficientnet`); `dtype` is
+  the other layers' dtype policy.
   """
-  policy = dtype_policy(config)
+  policy = dtype
   inputs = x
   filters = filters_in * expand_ratio
 
   def bn(suffix):
-    return batch_norm_fn(config, bn_group_size, name + suffix)
+    return batch_norm_fn(batch_norm, name + suffix)
 
   if expand_ratio != 1:
     x = keras.layers.Conv2D(

@@ -65,7 +65,9 @@ def round_repeats(repeats: int, depth_coefficient: float) -> int:
   return int(math.ceil(depth_coefficient * repeats))
 
 
-def block_plan(config: ModelConfig) -> List[dict]:
+def block_plan(width_coefficient: float = 1.0, depth_coefficient: float = 1.0,
+               depth_divisor: int = 8, stochastic_depth_rate: float = 0.0
+               ) -> List[dict]:
   """The scaled block list: one dict of mbconv_block arguments per block.
 
   Stochastic depth drop rate grows linearly with the block index from 0 at
@@ -73,11 +75,11 @@ def block_plan(config: ModelConfig) -> List[dict]:
   """
   plan = []
   for stage, args in enumerate(BASE_BLOCKS):
-    filters_in = round_filters(args.filters_in, config.width_coefficient,
-                               config.depth_divisor)
-    filters_out = round_filters(args.filters_out, config.width_coefficient,
-                                config.depth_divisor)
-    for j in range(round_repeats(args.repeats, config.depth_coefficient)):
+    filters_in = round_filters(args.filters_in, width_coefficient,
+                               depth_divisor)
+    filters_out = round_filters(args.filters_out, width_coefficient,
+                                depth_divisor)
+    for j in range(round_repeats(args.repeats, depth_coefficient)):
       plan.append(dict(
           filters_in=filters_in if j == 0 else filters_out,
           filters_out=filters_out,
@@ -89,37 +91,47 @@ def block_plan(config: ModelConfig) -> List[dict]:
           f'block{stage + 1}_{j}_'))
   last = max(len(plan) - 1, 1)
   for i, block in enumerate(plan):
-    block['drop_rate'] = config.stochastic_depth_rate * i / last
+    block['drop_rate'] = stochastic_depth_rate * i / last
   return plan
 
 
-def build_model(config: ModelConfig, bn_group_size: int = 1,
-                name: Optional[str] = None, *,
-                batch_norm_fn: Optional[layers.BatchNormFactory] = None
-                ) -> keras.Model:
-  """Builds EfficientNet for `config`.
+def efficientnet(*, width_coefficient: float, depth_coefficient: float,
+                 image_size: int, num_classes: int, depth_divisor: int = 8,
+                 dropout_rate: float = 0.0,
+                 stochastic_depth_rate: float = 0.0, dtype: str = 'float32',
+                 batch_norm: layers.BatchNormSpec = layers.BatchNormSpec(),
+                 name: str = 'efficientnet',
+                 batch_norm_fn: Optional[layers.BatchNormFactory] = None
+                 ) -> keras.Model:
+  """Builds an EfficientNet from explicit arguments.
 
   Call inside `strategy.scope()` for distributed training.
 
   Args:
-    config: architecture, scaling coefficients, BN and dtype settings.
-    bn_group_size: replicas per batch-norm group (1 = local BN, 0 = all
-      replicas); see `ModelConfig.resolve_bn_group_size`.
-    name: model name (default: config.model_name).
+    width_coefficient: channel scaling.
+    depth_coefficient: block-count scaling.
+    image_size: input height and width.
+    num_classes: logits.
+    depth_divisor: channels are rounded to multiples of it.
+    dropout_rate: before the classifier.
+    stochastic_depth_rate: drop rate of the last block (linear from 0).
+    dtype: dtype policy of every layer but the float32 logits
+      (`layers.dtype_policy`).
+    batch_norm: momentum, epsilon, resolved group size and dtype of every
+      normalization layer.
+    name: the model's name.
     batch_norm_fn: builds every normalization layer, called as
-      `batch_norm_fn(config, bn_group_size, layer_name)`; None (training,
-      export) is `layers.make_batch_norm`. The hook for benchmarks that
-      compare other layers (benchmarks/bn_variants.py).
+      `batch_norm_fn(batch_norm, layer_name)`; None (training, export) is
+      `layers.make_batch_norm`. The hook for benchmarks that compare other
+      layers (benchmarks/bn_variants.py).
 
   Returns:
     A functional keras.Model: normalized images [B, S, S, 3] -> float32
     logits [B, num_classes].
   """
   bn = batch_norm_fn or layers.make_batch_norm
-  policy = layers.dtype_policy(config)
-  width = config.width_coefficient
-  divisor = config.depth_divisor
-  size = config.image_size
+  policy = dtype
+  width, divisor, size = width_coefficient, depth_divisor, image_size
   inputs = keras.Input((size, size, 3), name='images')
 
   x = keras.layers.Conv2D(
@@ -127,31 +139,63 @@ def build_model(config: ModelConfig, bn_group_size: int = 1,
       padding='same', use_bias=False,
       kernel_initializer=layers.conv_kernel_initializer(), dtype=policy,
       name='stem_conv')(inputs)
-  x = bn(config, bn_group_size, 'stem_bn')(x)
+  x = bn(batch_norm, 'stem_bn')(x)
   x = keras.layers.Activation('swish', dtype=policy,
                               name='stem_activation')(x)
 
-  for block in block_plan(config):
-    x = layers.mbconv_block(x, config=config, bn_group_size=bn_group_size,
+  for block in block_plan(width, depth_coefficient, divisor,
+                          stochastic_depth_rate):
+    x = layers.mbconv_block(x, dtype=policy, batch_norm=batch_norm,
                             batch_norm_fn=bn, **block)
 
   x = keras.layers.Conv2D(
       round_filters(HEAD_FILTERS, width, divisor), 1, padding='same',
       use_bias=False, kernel_initializer=layers.conv_kernel_initializer(),
       dtype=policy, name='top_conv')(x)
-  x = bn(config, bn_group_size, 'top_bn')(x)
+  x = bn(batch_norm, 'top_bn')(x)
   x = keras.layers.Activation('swish', dtype=policy, name='top_activation')(x)
   x = keras.layers.GlobalAveragePooling2D(dtype=policy, name='avg_pool')(x)
-  if config.dropout_rate > 0:
+  if dropout_rate > 0:
     # Not keras.layers.Dropout: it draws the same mask on every replica.
-    x = layers.ReplicaDropout(config.dropout_rate, dtype=policy,
+    x = layers.ReplicaDropout(dropout_rate, dtype=policy,
                               name='top_dropout')(x)
   # float32 logits: softmax / cross-entropy precision.
   logits = keras.layers.Dense(
-      config.num_label_classes,
-      kernel_initializer=layers.dense_kernel_initializer(),
+      num_classes, kernel_initializer=layers.dense_kernel_initializer(),
       bias_initializer='zeros', dtype='float32', name='logits')(x)
-  return keras.Model(inputs, logits, name=name or config.model_name)
+  return keras.Model(inputs, logits, name=name)
+
+
+def build_model(config: ModelConfig, bn_group_size: int = 1,
+                name: Optional[str] = None, *,
+                dtype: Optional[str] = None,
+                batch_norm_fn: Optional[layers.BatchNormFactory] = None
+                ) -> keras.Model:
+  """EfficientNet for `config`: the one adapter from the config to
+  `efficientnet`'s arguments.
+
+  Args:
+    config: architecture, scaling coefficients, BN and dtype settings.
+    bn_group_size: replicas per batch-norm group, resolved (1 = local BN,
+      0 = all replicas); see `replica_plan.ReplicaPlan`.
+    name: model name (default: config.model_name).
+    dtype: a dtype policy instead of the config's precision (export and
+      sizing build float32 copies).
+    batch_norm_fn: see `efficientnet`.
+  """
+  policy = dtype or layers.dtype_policy(config.use_bfloat16,
+                                        config.use_float16)
+  return efficientnet(
+      width_coefficient=config.width_coefficient,
+      depth_coefficient=config.depth_coefficient,
+      image_size=config.image_size, num_classes=config.num_label_classes,
+      depth_divisor=config.depth_divisor, dropout_rate=config.dropout_rate,
+      stochastic_depth_rate=config.stochastic_depth_rate, dtype=policy,
+      batch_norm=layers.BatchNormSpec(
+          momentum=config.batch_norm_momentum,
+          epsilon=config.batch_norm_epsilon, group_size=bn_group_size,
+          dtype=policy),
+      name=name or config.model_name, batch_norm_fn=batch_norm_fn)
 
 
 def flops_per_image(config: ModelConfig, model=None) -> int:
@@ -166,12 +210,10 @@ def flops_per_image(config: ModelConfig, model=None) -> int:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.python.profiler import model_analyzer  # pylint: disable=g-import-not-at-top
   from tensorflow.python.profiler import option_builder  # pylint: disable=g-import-not-at-top
-  local = dataclasses.replace(config, use_bfloat16=False, use_float16=False,
-                              bn_group_size=None, bn_group_batch_size=None)
   with tf.device('/cpu:0'):
     if model is None:
-      model = build_model(local, bn_group_size=1)
-    size = local.image_size
+      model = build_model(config, bn_group_size=1, dtype='float32')
+    size = config.image_size
     graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec([1, size, size, 3], tf.float32)).graph
   options = option_builder.ProfileOptionBuilder.float_operation()

@@ -74,12 +74,11 @@ def model_size(cfg: ExperimentConfig, model=None) -> ModelSize:
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
-  local = dataclasses.replace(cfg.model, use_bfloat16=False,
-                              use_float16=False)
   own = model is None
   if own:
     with tf.device('/cpu:0'):
-      model = model_lib.build_model(local, bn_group_size=1)
+      model = model_lib.build_model(cfg.model, bn_group_size=1,
+                                    dtype='float32')
   activations = 0
   for layer in model.layers:
     # Convolution outputs: what the backward pass must keep. Batch norm,
@@ -99,7 +98,7 @@ def model_size(cfg: ExperimentConfig, model=None) -> ModelSize:
                    # Our own build is the float32, local-BN copy the
                    # profiler counts: no second build.
                    flops_per_image=model_lib.flops_per_image(
-                       local, model if own else None),
+                       cfg.model, model if own else None),
                    activations_per_image=activations)
 
 

@@ -179,11 +179,11 @@ def test_moving_stats_are_replica_local_until_synchronized(strategy):
   x = _data(rng)
   with strategy.scope():
     ours = layers.make_batch_norm(
-        ModelConfig(batch_norm_momentum=MOMENTUM), 1, 'bn2')
+        layers.BatchNormSpec(momentum=MOMENTUM), 'bn2')
     ours.build((None,) + SHAPE[1:])
     # The benchmarks' variant: moving statistics all-reduced every step.
     per_step = bn_variants.group_step_sync(
-        ModelConfig(batch_norm_momentum=MOMENTUM), 1, 'bn3')
+        layers.BatchNormSpec(momentum=MOMENTUM), 'bn3')
     per_step.build((None,) + SHAPE[1:])
   assert isinstance(ours, layers.GroupSyncBatchNormalization)
 
@@ -269,12 +269,20 @@ def test_group_size_must_divide_replicas(strategy):
 
 def test_factory_settings_and_benchmark_variants():
   cfg = ModelConfig(batch_norm_momentum=0.95, batch_norm_epsilon=1e-4,
-                    use_bfloat16=True)
-  bn = layers.make_batch_norm(cfg, 4, 'x')
+                    use_bfloat16=True, width_coefficient=0.1,
+                    depth_coefficient=0.1, image_size=16)
+  # The config reaches the layers through model.build_model alone.
+  built = [l for l in model_lib.build_model(cfg, bn_group_size=4).layers
+           if isinstance(l, layers.GroupSyncBatchNormalization)]
+  assert built and {(l.group_size, l.momentum, l.epsilon, l.compute_dtype)
+                    for l in built} == {(4, 0.95, 1e-4, 'bfloat16')}
+  spec = layers.BatchNormSpec(momentum=0.95, epsilon=1e-4, group_size=4,
+                              dtype='mixed_bfloat16')
+  bn = layers.make_batch_norm(spec, 'x')
   assert isinstance(bn, layers.GroupSyncBatchNormalization)
   assert (bn.group_size, bn.momentum, bn.epsilon) == (4, 0.95, 1e-4)
   assert bn.compute_dtype == 'bfloat16' and bn.variable_dtype == 'float32'
-  sync = bn_variants.batch_norm_fn('keras_sync')(cfg, 4, 'y')
+  sync = bn_variants.batch_norm_fn('keras_sync')(spec, 'y')
   assert sync.synchronized
   assert (sync.momentum, sync.epsilon) == (0.95, 1e-4)
   assert sync.compute_dtype == 'bfloat16'

@@ -125,3 +125,17 @@ def test_data_package_has_no_import_cycle():
 def test_package_has_no_import_cycle():
   cycle = find_cycle(import_graph())
   assert cycle is None, ' -> '.join(cycle)
+
+
+def test_layers_take_arguments_not_the_config():
+  """The layers module knows nothing of the config: `model.build_model` is
+  the one adapter from a ModelConfig to layer arguments."""
+  source = (ROOT / 'layers.py').read_text()
+  imported = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.ImportFrom):
+      imported.add(node.module or '')
+      imported.update(f'{node.module}.{a.name}' for a in node.names)
+    elif isinstance(node, ast.Import):
+      imported.update(a.name for a in node.names)
+  assert not {m for m in imported if 'config' in m.split('.')}, imported

@@ -74,7 +74,7 @@ def test_block_counts_are_depth_scaled(depth):
   cfg = ModelConfig(width_coefficient=0.25, depth_coefficient=depth,
                     image_size=32)
   want = sum(math.ceil(depth * r) for r in BASE_REPEATS)
-  assert len(model_lib.block_plan(cfg)) == want
+  assert len(model_lib.block_plan(0.25, depth)) == want
   if depth < 1.5:  # Building is cheap enough.
     assert len(_blocks(model_lib.build_model(cfg))) == want
 
@@ -91,7 +91,7 @@ def test_stochastic_depth_rate_grows_linearly_to_the_last_block():
   for i, prefix in enumerate(blocks):
     if prefix in drops:
       np.testing.assert_allclose(drops[prefix], 0.2 * i / (n - 1))
-  plan = model_lib.block_plan(cfg)
+  plan = model_lib.block_plan(1.0, 1.0, stochastic_depth_rate=0.2)
   np.testing.assert_allclose(plan[-1]['drop_rate'], 0.2)
   # The head dropout is the dropout rate, not the stochastic depth rate.
   assert model.get_layer('top_dropout').rate == 0.3
