@@ -458,9 +458,9 @@ class Trainer:
     if compile_s is not None:
       metrics['compile_time_s'] = float(compile_s)
     if self._skipped is not None:
-      # This host's input since the process started (read ahead of the
-      # steps by the prefetch buffers).
-      metrics['skipped_records'] = self._skipped.total
+      # This process's input pipelines since it started (read ahead of
+      # the steps by the prefetch buffers); warns about new bad files.
+      metrics['skipped_records'] = self._skipped.report()
     return metrics
 
   def weights_are_finite(self) -> bool:
@@ -575,7 +575,13 @@ class Trainer:
     while step < self.total_steps:
       next_eval = min(self.total_steps, (step // interval + 1) * interval)
       num_steps = min(self.cfg.loop_steps, next_eval - step)
-      loop_metrics = self.train_loop(num_steps)
+      try:
+        loop_metrics = self.train_loop(num_steps)
+      except tf.errors.InvalidArgumentError:
+        # A skip_corrupt stop's message says the log names the bad files.
+        if self._skipped is not None:
+          self._skipped.report()
+        raise
       loop_start, step = step, self.global_step
       checkpoint_path = None
       if step > loop_start:

@@ -47,15 +47,17 @@ def test_skips_are_counted_per_file_and_warned_once(tmp_path, caplog):
                                   (_jpeg((1, 2, 3))[:-100], 2)])
   bad_label = tmp_path / 'train-00002-of-00003'
   _write(bad_label, good[:4] + [(_jpeg((4, 5, 6)), 6)])
+  fn = _train(tmp_path, 40)  # 160 examples: about 9 epochs of 18 good.
   with caplog.at_level(logging.WARNING):
-    fn = _train(tmp_path, 40)  # 160 examples: about 9 epochs of 18 good.
+    total = fn.skipped.report()  # What the trainer does after each loop.
+    assert fn.skipped.report() == total  # Warned already: no new lines.
   per_file = fn.skipped.per_file
   assert set(per_file) == {str(bad_payload), str(bad_label)}
   # Each epoch reads every bad record once: 2 : 1 between the files, up to
   # the epoch the pipeline is reading ahead in.
   epochs = per_file[str(bad_label)]
   assert epochs >= 8 and abs(per_file[str(bad_payload)] - 2 * epochs) <= 2
-  assert fn.skipped.total == sum(per_file.values())
+  assert total == fn.skipped.total == sum(per_file.values())
   warnings = [r.getMessage() for r in caplog.records
               if 'Skipping bad training records' in r.getMessage()]
   assert len(warnings) == 2, warnings  # Once per file, not per record.
