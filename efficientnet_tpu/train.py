@@ -33,6 +33,7 @@ from efficientnet_tpu import replicated
 from efficientnet_tpu import run_dir
 from efficientnet_tpu import summaries
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
+from efficientnet_tpu.data import checks
 from efficientnet_tpu.data import mixing
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data.contract import InputFn
@@ -522,7 +523,9 @@ class Trainer:
     ctx = tf.distribute.InputContext(
         num_input_pipelines=distribute.num_input_pipelines(self.strategy),
         input_pipeline_id=0, num_replicas_in_sync=self.num_replicas)
-    batch = next(iter(self._train_input(step)(ctx).take(1)))
+    input_fn = self._train_input(step)
+    with checks.report_on_error(getattr(input_fn, 'skipped', None)):
+      batch = next(iter(input_fn(ctx).take(1)))
     summaries.write_image_grid(self.summary_writer,
                                batch['images'][:self.summary_images].numpy(),
                                step)
@@ -575,13 +578,8 @@ class Trainer:
     while step < self.total_steps:
       next_eval = min(self.total_steps, (step // interval + 1) * interval)
       num_steps = min(self.cfg.loop_steps, next_eval - step)
-      try:
+      with checks.report_on_error(self._skipped):
         loop_metrics = self.train_loop(num_steps)
-      except tf.errors.InvalidArgumentError:
-        # A skip_corrupt stop's message says the log names the bad files.
-        if self._skipped is not None:
-          self._skipped.report()
-        raise
       loop_start, step = step, self.global_step
       checkpoint_path = None
       if step > loop_start:

@@ -13,6 +13,7 @@ created on the pipeline's own device and are read by the host loop.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Dict, List, Optional, Set
 
@@ -141,15 +142,22 @@ class PipelineCounts:
     self.first_reason = tf.lookup.experimental.MutableHashTable(
         tf.string, tf.int64, default_value=-1)
 
-  def add(self, source: tf.Tensor, reason: tf.Tensor) -> tf.Operation:
-    """Graph ops counting one skipped record of `source` for `reason`."""
+  def add(self, source: tf.Tensor, reason: tf.Tensor) -> tf.Tensor:
+    """Counts one skipped record of `source` for `reason` (graph ops);
+    True once counted."""
     keys = tf.stack([source, tf.constant(_TOTAL_KEY)])
     old = self.counts.lookup(keys)
-    first = tf.cond(
-        tf.equal(old[0], 0),
-        lambda: self.first_reason.insert(source, tf.cast(reason, tf.int64)),
-        tf.no_op)
-    return tf.group(self.counts.insert(keys, old + 1), first)
+
+    def first():
+      with tf.control_dependencies([self.first_reason.insert(
+          source, tf.cast(reason, tf.int64))]):
+        return tf.constant(True)
+
+    first_counted = tf.cond(tf.equal(old[0], 0), first,
+                            lambda: tf.constant(True))
+    with tf.control_dependencies([self.counts.insert(keys, old + 1),
+                                  first_counted]):
+      return tf.constant(True)
 
   def total(self) -> tf.Tensor:
     return self.counts.lookup(tf.constant(_TOTAL_KEY))
@@ -218,6 +226,19 @@ class SkippedRecords:
     return total
 
 
+@contextlib.contextmanager
+def report_on_error(skipped: Optional[SkippedRecords]):
+  """Around reads of a skip_corrupt input: an input error (the skip-rate
+  checks stop the stream) first logs the files skipped from (`report`),
+  which the error message points to."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError:
+    if skipped is not None:
+      skipped.report()
+    raise
+
+
 def skip_reason(image_bytes, label, allow_non_jpeg: bool,
                 num_classes: Optional[int], max_pixels: int) -> tf.Tensor:
   """Why to skip a record: its index in SKIP_REASONS, or -1 to keep it
@@ -241,8 +262,9 @@ def skip_rate_check(max_fraction: float, counts: PipelineCounts):
 
   It counts each bad record in `counts`, and stops a stream with too many
   (more than `max_fraction` of those read, from MIN_READS_FOR_FRACTION
-  reads on) or none valid for a while. The scan is sequential: the counts
-  are updated one record at a time.
+  reads on) or none valid for a while; the record it stops on is not
+  counted. The scan is sequential: the counts are updated one record at a
+  time.
   """
 
   def check(state, item):
@@ -257,7 +279,6 @@ def skip_rate_check(max_fraction: float, counts: PipelineCounts):
         reads >= MIN_READS_FOR_FRACTION, bad < reads,
         tf.cast(bad, tf.float64) > max_fraction * tf.cast(reads, tf.float64)])
     checks = [
-        tf.cond(valid, tf.no_op, lambda: counts.add(source, reason)),
         tf.debugging.Assert(tf.logical_not(too_many), [
             'max_corrupt_fraction:', bad, 'of the', reads,
             'training records read by this input pipeline were bad, more '
@@ -268,7 +289,13 @@ def skip_rate_check(max_fraction: float, counts: PipelineCounts):
             bad_in_a_row, 'records read (the log names the files; check '
             '`data_dir`)']),
     ]
+    # Counted once the checks pass: a failed call leaves the state as it
+    # was, and the readers ahead (prefetch) may call again and fail again
+    # on the records after it; none of those is counted.
     with tf.control_dependencies(checks):
+      counted = tf.cond(valid, lambda: tf.constant(True),
+                        lambda: counts.add(source, reason))
+    with tf.control_dependencies([counted]):
       return (reads, bad, bad_in_a_row), (example, tf.identity(valid))
 
   zero = tf.constant(0, tf.int64)
