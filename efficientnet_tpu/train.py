@@ -561,6 +561,10 @@ class Trainer:
       logging.info('Removed %s: a checkpoint write that was interrupted.',
                    path)
     self.restore()
+    if self._stop_by_agreement:
+      # Workers resuming at different steps would diverge or hang.
+      distribute.check_same_start(self.strategy, self.global_step,
+                                  self.cfg.train.model_dir)
     if self.is_writer:
       run_dir.write_config(self.cfg, self.global_step,
                            resolved_values(self.cfg, self.strategy))
