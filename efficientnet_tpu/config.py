@@ -230,6 +230,11 @@ class DistributeConfig(Section):
       None, 'Replicas of the slice (TPU cores, GPUs): --dry_run resolves the '
       'per-replica batch and BN groups for it without hardware; a real run '
       'checks that the strategy has this many.')
+  shared_filesystem: bool = setting(
+      False, 'Local --model_dir, --export_dir and --data_dir paths are on a '
+      'file system every host mounts (NFS, Filestore, one machine). Without '
+      'it a multi-host TPU slice or a multi-process TF_CONFIG cluster '
+      'refuses local paths: use gs:// (or another remote scheme).')
 
   def __post_init__(self):
     if self.strategy is None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import FrozenSet, Optional, Tuple
+from typing import FrozenSet, List, Optional, Tuple
 
 from absl import logging
 import tensorflow as tf
 from tensorflow.python.distribute import multi_worker_util
 
 from efficientnet_tpu.config import ConfigError, DistributeConfig
+from efficientnet_tpu.config import ExperimentConfig
 
 
 def configure_cpu_devices(num_devices: int) -> list:
@@ -279,3 +280,110 @@ def resolve_jit_compile(strategy: tf.distribute.Strategy,
         'cannot address); use `jit_compile=auto` (XLA is ~8x slower on '
         'CPU anyway)')
   return True
+
+
+# ---------------------------------------------------------------------------
+# Paths every host can reach.
+# ---------------------------------------------------------------------------
+
+
+def is_remote_path(path: str) -> bool:
+  """Whether `path` names a filesystem scheme (gs://, s3://, hdfs://...)
+  rather than this machine's disk."""
+  return '://' in path
+
+
+def cluster_processes(cfg: DistributeConfig) -> int:
+  """Processes of a multi-worker cluster, from TF_CONFIG before any
+  strategy exists (chief, workers and a side-car evaluator all read or
+  write model_dir); 1 otherwise."""
+  if cfg.strategy != 'multi_worker':
+    return 1
+  tf_config = read_tf_config()
+  if not tf_config:
+    return 1
+  cluster = tf_config['cluster']
+  return sum(len(cluster.get(t) or ())
+             for t in ('chief', 'worker', 'evaluator'))
+
+
+def check_shared_paths(cfg: ExperimentConfig,
+                       strategy: Optional[tf.distribute.Strategy] = None
+                       ) -> None:
+  """Refuses local paths that several hosts would read or write.
+
+  On a multi-host TPU slice each host's input pipeline reads `data_dir`
+  inside that host's TPU server, and ops placed on a worker (summaries,
+  the export's variable save) use that worker's disk; in a multi-worker
+  cluster every process reads model_dir (the checkpoints it resumes from).
+  A local path there is read or written on the wrong machine, or not at
+  all. `shared_filesystem` declares local paths shared (NFS, Filestore,
+  or every process on one machine).
+
+  Args:
+    cfg: the run's paths and `shared_filesystem`.
+    strategy: the built strategy (a TPU slice's host count is known only
+      then); None: the TF_CONFIG cluster's processes (before the
+      strategy).
+
+  Raises:
+    ConfigError: one line naming the first local path and what to do.
+  """
+  if cfg.distribute.shared_filesystem:
+    return
+  if strategy is not None and is_tpu(strategy):
+    hosts = num_input_pipelines(strategy)
+    where = f'this TPU slice has {hosts} hosts'
+  else:
+    hosts = cluster_processes(cfg.distribute)
+    where = f"TF_CONFIG's cluster has {hosts} processes"
+  if hosts <= 1:
+    return
+  paths = [('model_dir', cfg.train.model_dir),
+           ('export_dir', cfg.train.export_dir)]
+  if cfg.data.data != 'synthetic':
+    paths.append(('data_dir', cfg.data.data_dir))
+  for name, path in paths:
+    if path and not is_remote_path(path):
+      raise ConfigError(
+          name, f'{path!r} is a local path, but {where}, each reading and '
+          "writing its own disk; use a gs:// path (or another remote "
+          'scheme), or set `shared_filesystem` if every host mounts it '
+          '(NFS, Filestore)')
+
+
+def check_same_start(strategy: tf.distribute.Strategy, step: int,
+                     model_dir: str) -> None:
+  """Fails on every worker alike unless all resume from the same step of
+  the same model_dir (MultiWorkerMirroredStrategy).
+
+  Each worker restores from its own view of `model_dir`: per-machine
+  directories (or different --model_dir values) resume at different steps,
+  and the workers would then diverge, or hang in a collective one of them
+  never joins. One all-gather of (step, fingerprint of the model_dir
+  value) per replica gives every worker the same table, hence the same
+  decision.
+
+  Raises:
+    ConfigError: one line naming model_dir and the steps found.
+  """
+  fingerprint = int(tf.strings.to_hash_bucket_fast(model_dir, 2**62))
+  mine = tf.constant([[step, fingerprint]], tf.int64)
+
+  @tf.function
+  def gather():
+    return strategy.run(lambda: tf.distribute.get_replica_context(
+        ).all_gather(tf.identity(mine), axis=0))
+
+  table = strategy.experimental_local_results(gather())[0].numpy()
+  steps: List[int] = sorted({int(s) for s in table[:, 0]})
+  same_dir = len({int(f) for f in table[:, 1]}) == 1
+  if len(steps) == 1 and same_dir:
+    return
+  found = ('; the workers were given different model_dir values'
+           if not same_dir else '')
+  raise ConfigError(
+      'model_dir', f'the workers would resume from different steps '
+      f'({", ".join(map(str, steps))}; this worker: {step} in '
+      f'{model_dir}){found}: every worker must see the same model_dir '
+      '(a gs:// path, or one every host mounts, with `shared_filesystem`)')

@@ -251,13 +251,15 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
 def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
   """Builds the strategy and runs cfg.train.mode; returns final metrics.
 
-  Training modes hold the model_dir lock (`run_lock`) throughout.
+  Training modes hold the model_dir lock (`run_lock`) throughout. Local
+  paths are refused on several hosts (`distribute.check_shared_paths`).
   """
   # One training run per model_dir, taken before the strategy exists so a
   # refused run costs nothing. Only the process writing the training's
   # checkpoints locks: --mode=eval beside a training run (a side-car
   # evaluator) is supported, and the other workers write no checkpoints.
   role = distribute.cluster_role(cfg.distribute)
+  distribute.check_shared_paths(cfg)  # TF_CONFIG's processes.
   if cfg.train.mode in ('train', 'train_and_eval') and role.is_train_writer:
     lock = run_dir.training_lock(cfg.train.model_dir)
   else:
@@ -268,6 +270,8 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, float]:
       # give bitwise the same results on every run (slower; see --help).
       tf.config.experimental.enable_op_determinism()
     strategy = distribute.build_strategy(cfg.distribute)
+    # A TPU slice's hosts, known now: refused before any model is built.
+    distribute.check_shared_paths(cfg, strategy)
     # Weight initialization (Python, numpy and TF seeds): the same --seed
     # gives the same initial model, on every worker.
     keras.utils.set_random_seed(cfg.data.seed)

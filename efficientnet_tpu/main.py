@@ -243,7 +243,11 @@ def check_before_start(cfg: config_lib.ExperimentConfig) -> None:
   """
   from efficientnet_tpu.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import experiment  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import distribute  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import run_dir  # pylint: disable=g-import-not-at-top
+  # First: a multi-worker cluster's processes from TF_CONFIG (a TPU slice's
+  # hosts are known once the strategy is built, see run_experiment).
+  distribute.check_shared_paths(cfg)
   run_dir.check_writable(cfg.train.model_dir)
   if cfg.train.mode != 'export':
     data_pipeline.check_data_files(cfg.data, cfg.train.mode,

@@ -34,6 +34,7 @@ from efficientnet_tpu import replicated
 from efficientnet_tpu import run_dir
 from efficientnet_tpu import summaries
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
+from efficientnet_tpu.data import checks
 from efficientnet_tpu.data import mixing
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data.contract import InputFn
@@ -418,9 +419,9 @@ class Trainer:
     if compile_s is not None:
       metrics['compile_time_s'] = float(compile_s)
     if self._skipped is not None:
-      # This host's input since the process started (read ahead of the
-      # steps by the prefetch buffers).
-      metrics['skipped_records'] = self._skipped.total
+      # This process's input pipelines since it started (read ahead of
+      # the steps by the prefetch buffers); warns about new bad files.
+      metrics['skipped_records'] = self._skipped.report()
     return metrics
 
   def weights_are_finite(self) -> bool:
@@ -482,7 +483,9 @@ class Trainer:
     ctx = tf.distribute.InputContext(
         num_input_pipelines=distribute.num_input_pipelines(self.strategy),
         input_pipeline_id=0, num_replicas_in_sync=self.num_replicas)
-    batch = next(iter(self._train_input(step)(ctx).take(1)))
+    input_fn = self._train_input(step)
+    with checks.report_on_error(getattr(input_fn, 'skipped', None)):
+      batch = next(iter(input_fn(ctx).take(1)))
     summaries.write_image_grid(self.summary_writer,
                                batch['images'][:self.summary_images].numpy(),
                                step)
@@ -518,6 +521,10 @@ class Trainer:
       logging.info('Removed %s: a checkpoint write that was interrupted.',
                    path)
     self.restore()
+    if self._stop_by_agreement:
+      # Workers resuming at different steps would diverge or hang.
+      distribute.check_same_start(self.strategy, self.global_step,
+                                  self.cfg.train.model_dir)
     if self.is_writer:
       run_dir.write_config(self.cfg, self.global_step,
                            resolved_values(self.cfg, self.strategy,
@@ -536,7 +543,8 @@ class Trainer:
     while step < self.total_steps:
       next_eval = min(self.total_steps, (step // interval + 1) * interval)
       num_steps = min(self.cfg.loop_steps, next_eval - step)
-      loop_metrics = self.train_loop(num_steps)
+      with checks.report_on_error(self._skipped):
+        loop_metrics = self.train_loop(num_steps)
       loop_start, step = step, self.global_step
       checkpoint_path = None
       if step > loop_start:

@@ -9,7 +9,8 @@
 #   on worker 0, connects to all of them with --tpu=NAME (resolved through
 #   the Cloud TPU API) and must not claim the local chips itself, hence
 #   TPU_LOAD_LIBRARY=0. Every host still runs its own input pipeline, on its
-#   TPU server, so --data_dir must be readable from every host (gs://).
+#   TPU server, so --data_dir and --model_dir must be reachable from every
+#   host (gs://, or --shared_filesystem; the program refuses local paths).
 # The same rule (pods: worker 0, --tpu=NAME, TPU_LOAD_LIBRARY=0; one host:
 # --tpu=local) is what GoogleCloudPlatform/ml-auto-solutions uses for its
 # TensorFlow TPU VM tests (dags/solutions_team/configs/tensorflow).
@@ -104,8 +105,12 @@ if is_multi_host "$accelerator_type"; then
   if [[ -n "$project" ]]; then
     tpu_flags+=(--gcp_project="$project")
   fi
-  if [[ "$data_dir" != gs://* || "$model_dir" != gs://* ]]; then
-    note "warning: on a pod slice every host reads --data_dir and the run writes --model_dir; use gs:// paths"
+  # The program refuses local paths on several hosts (one line in the log,
+  # distribute.check_shared_paths); said here too, before it is started in
+  # the background.
+  if [[ ( "$data_dir" != *://* || "$model_dir" != *://* ) &&
+        " ${extra[*]+${extra[*]}} " != *" --shared_filesystem "* ]]; then
+    note "warning: on a pod slice every host reads --data_dir and --model_dir, and the run refuses local paths: use gs:// paths, or add -- --shared_filesystem if every host mounts them (NFS, Filestore)"
   fi
 else
   env_vars=()

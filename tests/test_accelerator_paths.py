@@ -234,6 +234,7 @@ def test_chief_and_worker_on_localhost_only_the_chief_writes(tmp_path):
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(REPO, 'tests', 'gpu_path.py'),
          '--strategy=multi_worker', f'--model_dir={model_dir}',
+         '--shared_filesystem',  # Both processes on this machine.
          '--width_coefficient=0.1', '--depth_coefficient=0.1',
          '--image_size=16', '--num_label_classes=5', '--dropout_rate=0',
          '--stochastic_depth_rate=0', '--train_batch_size=16',
@@ -317,7 +318,8 @@ def test_evaluator_task_evaluates_checkpoints_and_writes_only_eval(tmp_path):
       'task': {'type': 'evaluator', 'index': 0}})
   ev = subprocess.run(
       [sys.executable, '-m', 'efficientnet_tpu.main', *common,
-       '--mode=train_and_eval', '--strategy=multi_worker'], env=env, capture_output=True,
+       '--mode=train_and_eval', '--strategy=multi_worker',
+       '--shared_filesystem'], env=env, capture_output=True,
       text=True, timeout=300)
   assert ev.returncode == 0, ev.stderr[-2000:]
   assert 'Evaluator task' in ev.stderr

@@ -13,10 +13,12 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from efficientnet_tpu import experiment
 from efficientnet_tpu import main as main_lib
 from efficientnet_tpu.config import DataConfig
 from efficientnet_tpu.data import checks
 from efficientnet_tpu.data import pipeline as data_pipeline
+from tests.helpers import small_config, strategy_for
 from tests.test_input_pipeline import _example, _jpeg, write_split
 
 SIZE = 16
@@ -47,15 +49,17 @@ def test_skips_are_counted_per_file_and_warned_once(tmp_path, caplog):
                                   (_jpeg((1, 2, 3))[:-100], 2)])
   bad_label = tmp_path / 'train-00002-of-00003'
   _write(bad_label, good[:4] + [(_jpeg((4, 5, 6)), 6)])
+  fn = _train(tmp_path, 40)  # 160 examples: about 9 epochs of 18 good.
   with caplog.at_level(logging.WARNING):
-    fn = _train(tmp_path, 40)  # 160 examples: about 9 epochs of 18 good.
+    total = fn.skipped.report()  # What the trainer does after each loop.
+    assert fn.skipped.report() == total  # Warned already: no new lines.
   per_file = fn.skipped.per_file
   assert set(per_file) == {str(bad_payload), str(bad_label)}
   # Each epoch reads every bad record once: 2 : 1 between the files, up to
   # the epoch the pipeline is reading ahead in.
   epochs = per_file[str(bad_label)]
   assert epochs >= 8 and abs(per_file[str(bad_payload)] - 2 * epochs) <= 2
-  assert fn.skipped.total == sum(per_file.values())
+  assert total == fn.skipped.total == sum(per_file.values())
   warnings = [r.getMessage() for r in caplog.records
               if 'Skipping bad training records' in r.getMessage()]
   assert len(warnings) == 2, warnings  # Once per file, not per record.
@@ -155,3 +159,73 @@ def test_pixel_limit_refuses_or_skips_before_decoding(tmp_path):
   # At the limit the image is used.
   fn = _train(tmp_path, 5, max_image_pixels=5120)
   assert fn.skipped.total == 0
+
+
+def _plant_every_reason(d):
+  """Five files of 2 bad records each, one reason per file; returns
+  {file: words of its reason}."""
+  planted = {
+      'non-JPEG': (b'GIF89a not a jpeg', 1),
+      'label out of range': (_jpeg((4, 5, 6)), 9),  # 5 classes.
+      'max_image_pixels': (_jpeg((9, 9, 9), 64, 80), 1),  # 5120 > 5000.
+      'empty record': (b'', 1),
+      'fails to parse or decode': (_bad_header_jpeg(), 1),
+  }
+  out = {}
+  for i, (words, record) in enumerate(planted.items()):
+    path = d / f'train-{i:05d}-of-{len(planted):05d}'
+    _write(path, [record] * 2)
+    out[str(path)] = words
+  return out
+
+
+def test_every_bad_record_is_counted_once_under_its_file(tmp_path, caplog):
+  """Only bad records (2 per file, one reason per file): the stream stops
+  on the MAX_BAD_READS_IN_A_ROW-th, the last of a whole number of epochs
+  of the planted records; every bad record read before it is counted once
+  under its file, whatever the readers ahead do after the stop; `report`
+  (what the trainer calls) warns once per file with its reason."""
+  planted = _plant_every_reason(tmp_path)
+  fn = data_pipeline.build_input_fn(
+      DataConfig(data='tfrecord', data_dir=str(tmp_path), shuffle_buffer=8,
+                 num_train_images=100, skip_corrupt=True, deterministic=True,
+                 max_image_pixels=5000), SIZE, True, 4, num_classes=5)
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    for _ in fn(None):
+      pass
+  # The record the stream stops on is not counted: the one before it is
+  # the last of epoch 99 of 100, each reading the 10 records once.
+  counted = checks.MAX_BAD_READS_IN_A_ROW - 1
+  epochs = checks.MAX_BAD_READS_IN_A_ROW // 10
+  assert fn.skipped.total == counted
+  per_file = fn.skipped.per_file
+  assert set(per_file) == set(planted)
+  assert sorted(per_file.values()) == [2 * epochs - 1] + [2 * epochs] * 4
+  with caplog.at_level(logging.WARNING):
+    assert fn.skipped.report() == counted
+  warnings = [r.getMessage() for r in caplog.records
+              if 'Skipping bad training records' in r.getMessage()]
+  assert len(warnings) == len(planted), warnings
+  for path, words in planted.items():
+    assert any(f'in {path} (first: ' in w and words in w for w in warnings), (
+        path, words, warnings)
+
+
+def test_training_stopped_by_bad_records_logs_the_files(tmp_path, caplog):
+  """The trainer's stop on a stream of bad records: the error says the
+  log names the files, and it does (the counts are read on the host)."""
+  data = tmp_path / 'data'
+  data.mkdir()
+  bad = data / 'train-00000-of-00001'
+  _write(bad, [(b'not an image', 1)] * 3)
+  cfg = small_config(tmp_path / 'run', data=dict(
+      data='tfrecord', data_dir=str(data), skip_corrupt=True,
+      num_train_images=3))
+  trainer = experiment.build_trainer(cfg, strategy_for(cfg))
+  with caplog.at_level(logging.WARNING):
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+      trainer.train()
+  assert main_lib.input_error_line(e.value).startswith(
+      '--skip_corrupt: no valid training record in the last')
+  assert any(f'Skipping bad training records in {bad} (first: corrupt'
+             in r.getMessage() for r in caplog.records)

@@ -494,6 +494,27 @@ def test_train_single_host_starts_once_and_restarts(sandbox):
     _kill_started(sandbox)
 
 
+@pytest.mark.parametrize('paths,extra,warns', [
+    (['--data_dir=/data/imagenet', '--model_dir=gs://m/run'], [], True),
+    (['--data_dir=gs://d/imagenet', '--model_dir=/runs/b5'], [], True),
+    (['--data_dir=/nfs/imagenet', '--model_dir=/nfs/runs'],
+     ['--', '--shared_filesystem'], False),
+    (['--data_dir=gs://d/imagenet', '--model_dir=gs://m/run'], [], False),
+])
+def test_train_pod_warns_about_local_paths_unless_declared_shared(
+    sandbox, paths, extra, warns):
+  """The program refuses them (distribute.check_shared_paths); the script
+  says so before starting it in the background."""
+  result = sandbox.run('tpu_train.sh', '--dry_run', '--name=pod', '--zone=z',
+                       '--accelerator_type=v3-32', f'--preset={PRESET}',
+                       *paths, *extra)
+  assert result.returncode == 0, result.stderr
+  warning = 'the run refuses local paths' in result.stderr
+  assert warning == warns, result.stderr
+  if warns:
+    assert '--shared_filesystem' in result.stderr
+
+
 def test_train_pod_runs_one_client_on_worker_0(sandbox):
   _, calls = sandbox.calls('tpu_train.sh', '--name=pod', '--zone=z',
                            '--project=proj', '--accelerator_type=v3-32',

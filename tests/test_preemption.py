@@ -229,7 +229,8 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
                               'task': {'type': 'worker', 'index': index}})
       procs.append(subprocess.Popen(
           [sys.executable, '-m', 'efficientnet_tpu.main',
-           '--strategy=multi_worker', '--bn_group_size=0',
+           '--strategy=multi_worker', '--shared_filesystem',
+           '--bn_group_size=0',
            '--dropout_rate=0', '--stochastic_depth_rate=0',
            *_flags(model_dir, steps, loop)],
           env=_env(TF_CONFIG=tf_config), cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -2,15 +2,20 @@
 
 Without `skip_corrupt` (and always for eval) the first bad record raises an
 error naming its file (`check_payload`). With it, training drops bad records
-(`validity`), counts them per file (`SkippedRecords`) and stops when too
+(`skip_reason`), counts them per file (`SkippedRecords`) and stops when too
 many are bad (`skip_rate_check`).
+
+Everything here is TensorFlow ops, no Python callback: on a TPU pod each
+host's input pipeline runs inside that host's TensorFlow server, where a
+`tf.py_function` has no Python to call. The counts live in lookup tables
+created on the pipeline's own device and are read by the host loop.
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import threading
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Set
 
 from absl import logging
 import tensorflow as tf
@@ -27,7 +32,7 @@ _PNG_END = b'\0\0\0\0IEND\xaeB`\x82'
 MIN_READS_FOR_FRACTION = 1000
 MAX_BAD_READS_IN_A_ROW = 1000
 
-# Why a record was skipped (the index is what the graph passes to Python).
+# Why a record was skipped (the index is what the counts record per file).
 SKIP_REASONS = (
     'corrupt, truncated or non-JPEG image',
     'label out of range',
@@ -37,18 +42,6 @@ SKIP_REASONS = (
     'passes the header checks but fails to parse or decode',
 )
 DECODE_FAILED = 4
-
-
-def report_skip(source: tf.Tensor, reason, skipped: 'SkippedRecords'
-                ) -> tf.Tensor:
-  """Reports one skipped record to `skipped` (a py_function); False."""
-
-  def add(source_value, reason_value):
-    skipped.add(source_value.numpy().decode('utf-8', 'replace'),
-                int(reason_value))
-    return False
-
-  return tf.py_function(add, [source, reason], tf.bool)
 
 
 def _is_complete_png(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -141,62 +134,158 @@ def check_payload(image_bytes, label, source, allow_non_jpeg: bool,
   return checks
 
 
+# The key of a pipeline's total in its count table: never a source (a file
+# name, or 'tfds:' and a record id).
+_TOTAL_KEY = ''
+
+
+class PipelineCounts:
+  """One input pipeline's skip counts, in TF lookup tables on its device.
+
+  Created inside the input function, so under the device the strategy
+  builds that pipeline on (a pod host's CPU): the pipeline's ops update
+  them there, and the host loop reads them remotely. Only the pipeline's
+  sequential `scan` writes them (`skip_rate_check`), so a read-then-insert
+  never races.
+  """
+
+  def __init__(self):
+    # source -> records skipped; _TOTAL_KEY -> all records skipped.
+    self.counts = tf.lookup.experimental.MutableHashTable(
+        tf.string, tf.int64, default_value=0)
+    # source -> index in SKIP_REASONS of its first skipped record.
+    self.first_reason = tf.lookup.experimental.MutableHashTable(
+        tf.string, tf.int64, default_value=-1)
+
+  def add(self, source: tf.Tensor, reason: tf.Tensor) -> tf.Tensor:
+    """Counts one skipped record of `source` for `reason` (graph ops);
+    True once counted."""
+    keys = tf.stack([source, tf.constant(_TOTAL_KEY)])
+    old = self.counts.lookup(keys)
+
+    def first():
+      with tf.control_dependencies([self.first_reason.insert(
+          source, tf.cast(reason, tf.int64))]):
+        return tf.constant(True)
+
+    first_counted = tf.cond(tf.equal(old[0], 0), first,
+                            lambda: tf.constant(True))
+    with tf.control_dependencies([self.counts.insert(keys, old + 1),
+                                  first_counted]):
+      return tf.constant(True)
+
+  def total(self) -> tf.Tensor:
+    return self.counts.lookup(tf.constant(_TOTAL_KEY))
+
+
 class SkippedRecords:
   """Counts the records one training input function skipped, per file.
 
-  Thread-safe (tf.data calls `add` from its threads); warns once per file,
-  not once per record.
+  Each call of the input function (one per input pipeline) adds its own
+  `PipelineCounts`; the figures here are summed over them. `report` (each
+  host loop) warns once per file, not once per record.
   """
 
   def __init__(self):
     self._lock = threading.Lock()
-    self.per_file: Dict[str, int] = collections.Counter()
+    self._pipelines: List[PipelineCounts] = []
+    self._warned: Set[str] = set()
+    self._reported_total = 0
 
-  def add(self, source: str, reason: int) -> None:
+  def new_pipeline(self) -> PipelineCounts:
+    """Counts for a pipeline being built (call on its device)."""
+    counts = PipelineCounts()
     with self._lock:
-      first = source not in self.per_file
-      self.per_file[source] += 1
-    if first:
-      logging.warning('Skipping bad training records in %s (first: %s); '
-                      'each is counted in skipped_records.', source,
-                      SKIP_REASONS[reason])
+      self._pipelines.append(counts)
+    return counts
 
   @property
   def total(self) -> int:
+    """Records skipped by every pipeline (one table read each)."""
     with self._lock:
-      return sum(self.per_file.values())
+      pipelines = list(self._pipelines)
+    return sum(int(p.total()) for p in pipelines)
+
+  def _by_file(self):
+    with self._lock:
+      pipelines = list(self._pipelines)
+    per_file, reasons = {}, {}
+    for p in pipelines:
+      keys, values = p.counts.export()
+      for key, n in zip(keys.numpy(), values.numpy()):
+        if key != _TOTAL_KEY.encode():
+          source = key.decode('utf-8', 'replace')
+          per_file[source] = per_file.get(source, 0) + int(n)
+      keys, values = p.first_reason.export()
+      for key, r in zip(keys.numpy(), values.numpy()):
+        reasons.setdefault(key.decode('utf-8', 'replace'), int(r))
+    return per_file, reasons
+
+  @property
+  def per_file(self) -> Dict[str, int]:
+    """{source: records skipped}, sources with none left out."""
+    return self._by_file()[0]
+
+  def report(self) -> int:
+    """The total; warns (absl logging) about files skipped from for the
+    first time, naming the reason of their first skip."""
+    total = self.total
+    if total > self._reported_total:  # Only then can a file be new.
+      per_file, reasons = self._by_file()
+      for source in sorted(set(per_file) - self._warned):
+        self._warned.add(source)
+        logging.warning('Skipping bad training records in %s (first: %s); '
+                        'each is counted in skipped_records.', source,
+                        SKIP_REASONS[reasons.get(source, 0)])
+      self._reported_total = total
+    return total
 
 
-def validity(image_bytes, label, source, allow_non_jpeg: bool,
-             num_classes: Optional[int], max_pixels: int,
-             skipped: SkippedRecords) -> tf.Tensor:
-  """Whether to keep a record; reports a skipped one to `skipped`."""
+@contextlib.contextmanager
+def report_on_error(skipped: Optional[SkippedRecords]):
+  """Around reads of a skip_corrupt input: an input error (the skip-rate
+  checks stop the stream) first logs the files skipped from (`report`),
+  which the error message points to."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError:
+    if skipped is not None:
+      skipped.report()
+    raise
+
+
+def skip_reason(image_bytes, label, allow_non_jpeg: bool,
+                num_classes: Optional[int], max_pixels: int) -> tf.Tensor:
+  """Why to skip a record: its index in SKIP_REASONS, or -1 to keep it
+  (int32)."""
   looks_valid = _looks_valid(image_bytes, allow_non_jpeg)
   pixels_ok = tf.cond(looks_valid,
                       lambda: header_pixels(image_bytes) <= max_pixels,
                       lambda: tf.constant(False))
   label_ok = _label_ok(label, num_classes)
-  valid = tf.logical_and(pixels_ok, label_ok)
-
-  def report():
-    reason = tf.case([
-        (tf.equal(tf.strings.length(image_bytes), 0), lambda: 3),
-        (tf.logical_not(looks_valid), lambda: 0),
-        (tf.logical_not(label_ok), lambda: 1),
-    ], default=lambda: 2)
-    return report_skip(source, reason, skipped)
-
-  return tf.cond(valid, lambda: valid, report)
+  return tf.case([
+      (tf.logical_and(pixels_ok, label_ok), lambda: -1),
+      (tf.equal(tf.strings.length(image_bytes), 0), lambda: 3),
+      (tf.logical_not(looks_valid), lambda: 0),
+      (tf.logical_not(label_ok), lambda: 1),
+  ], default=lambda: 2)
 
 
-def skip_rate_check(max_fraction: float):
-  """A `scan` function over (example, valid) that stops a stream with too
-  many bad records (more than `max_fraction` of those read, from
-  MIN_READS_FOR_FRACTION reads on) or none valid for a while."""
+def skip_rate_check(max_fraction: float, counts: PipelineCounts):
+  """A `scan` function over (example, source, reason) (reason: -1 for a
+  valid record, see `skip_reason`) giving (example, valid).
+
+  It counts each bad record in `counts`, and stops a stream with too many
+  (more than `max_fraction` of those read, from MIN_READS_FOR_FRACTION
+  reads on) or none valid for a while; the record it stops on is not
+  counted. The scan is sequential: the counts are updated one record at a
+  time.
+  """
 
   def check(state, item):
     reads, bad, bad_in_a_row = state
-    example, valid = item
+    example, source, reason = item
+    valid = reason < 0
     invalid = tf.cast(tf.logical_not(valid), tf.int64)
     reads, bad = reads + 1, bad + invalid
     bad_in_a_row = (bad_in_a_row + 1) * invalid
@@ -215,7 +304,13 @@ def skip_rate_check(max_fraction: float):
             bad_in_a_row, 'records read (the log names the files; check '
             '`data_dir`)']),
     ]
+    # Counted once the checks pass: a failed call leaves the state as it
+    # was, and the readers ahead (prefetch) may call again and fail again
+    # on the records after it; none of those is counted.
     with tf.control_dependencies(checks):
+      counted = tf.cond(valid, lambda: tf.constant(True),
+                        lambda: counts.add(source, reason))
+    with tf.control_dependencies([counted]):
       return (reads, bad, bad_in_a_row), (example, tf.identity(valid))
 
   zero = tf.constant(0, tf.int64)

@@ -163,7 +163,8 @@ def build_input_fn(data_cfg: DataConfig,
 
   Returns:
     The input function. With skip_corrupt in training, its `skipped`
-    attribute (`checks.SkippedRecords`) counts the records skipped. For
+    attribute (`checks.SkippedRecords`) counts the records skipped (in TF
+    lookup tables each call creates on its device; the host reads them). For
     eval, `eval_steps(num_input_pipelines)` gives the batches per replica
     it yields (`contract.eval_steps`).
 
@@ -240,26 +241,26 @@ def build_input_fn(data_cfg: DataConfig,
         with tf.control_dependencies(checks.check_payload(
             image_bytes, label, source, is_tfds, num_classes, max_pixels)):
           return {'images': preprocess(), 'labels': label}
-      valid = checks.validity(image_bytes, label, source, is_tfds,
-                              num_classes, max_pixels, skipped)
-      image = tf.cond(valid, preprocess,
+      reason = checks.skip_reason(image_bytes, label, is_tfds, num_classes,
+                                  max_pixels)
+      image = tf.cond(reason < 0, preprocess,
                       lambda: tf.zeros([image_size, image_size, 3], tf.uint8))
-      return {'images': image, 'labels': label}, valid
+      return {'images': image, 'labels': label}, source, reason
 
     def guarded_map(position, item):
       # One record's own dataset: an error (a payload that passes the
       # header checks but fails to parse or decode) drops only it, and the
-      # fallback element then counts it as a bad record, so the skip-rate
-      # checks see it and a stream of such records is bounded too.
+      # fallback element then marks it as a bad record, so the counts and
+      # the skip-rate checks see it and a stream of such records is bounded
+      # too.
       source = (item[1] if isinstance(item, tuple) else
                 tf.strings.join(['tfds:', item['tfds_id']]))
       one = tf.data.Dataset.from_tensors((position, item)).map(
           train_map).ignore_errors()
-      fallback = tf.data.Dataset.from_tensors(source).map(
-          lambda s: ({'images': tf.zeros([image_size, image_size, 3],
-                                         tf.uint8),
-                      'labels': tf.constant(-1, tf.int32)},
-                     checks.report_skip(s, checks.DECODE_FAILED, skipped)))
+      fallback = tf.data.Dataset.from_tensors(
+          ({'images': tf.zeros([image_size, image_size, 3], tf.uint8),
+            'labels': tf.constant(-1, tf.int32)}, source,
+           tf.constant(checks.DECODE_FAILED, tf.int32)))
       return one.concatenate(fallback).take(1)
 
     if is_training:
@@ -269,7 +270,10 @@ def build_input_fn(data_cfg: DataConfig,
         ds = ds.interleave(guarded_map, cycle_length=16, block_length=1,
                            num_parallel_calls=tf.data.AUTOTUNE,
                            deterministic=data_cfg.deterministic)
-        initial, check = checks.skip_rate_check(data_cfg.max_corrupt_fraction)
+        # Counted in tables on this pipeline's device (the strategy calls
+        # this function under it), by the sequential scan.
+        initial, check = checks.skip_rate_check(
+            data_cfg.max_corrupt_fraction, skipped.new_pipeline())
         ds = ds.scan(initial, check)
         ds = ds.filter(lambda example, valid: valid)
       else:
