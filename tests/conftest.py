@@ -8,6 +8,8 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import keras  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 NUM_TEST_CPUS = 8
@@ -55,6 +57,16 @@ FLOOR = (
     'tests/test_export.py::test_export_serves_mixed_formats_and_flags_bad_rows',
     'tests/test_export.py::test_export_all_invalid_and_empty_batches',
 )
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_in_any_order():
+  """Every test starts from the same global random state (Python, numpy,
+  TF, Keras): weights a test initializes without a seed of its own are
+  then the same whichever tests ran before it in the process (a CLI test
+  that seeds the global state and builds a model used to decide whether a
+  later test's model learned in 60 steps)."""
+  keras.utils.set_random_seed(1234)
 
 
 def pytest_collection_modifyitems(config, items):
