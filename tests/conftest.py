@@ -69,11 +69,18 @@ def _same_random_state_in_any_order():
   keras.utils.set_random_seed(1234)
 
 
+def pytest_addoption(parser):
+  parser.addoption('--reverse_order', action='store_true',
+                   help='run the tests in the reverse of their collected '
+                   'order (a check that no test depends on what ran '
+                   'before it)')
+
+
 def pytest_collection_modifyitems(config, items):
-  del config  # Unused.
-  import pytest  # pylint: disable=g-import-not-at-top
   for item in items:
     path, _, name = item.nodeid.partition('::')
     test = f'{path}::{name.split("[")[0]}'
     if path in FLOOR or test in FLOOR or item.nodeid in FLOOR:
       item.add_marker(pytest.mark.floor)
+  if config.getoption('reverse_order'):
+    items.reverse()
