@@ -493,3 +493,9 @@ def test_short_fine_tune_evaluates_with_the_datas_bn_statistics(
   np.testing.assert_allclose(mean, ref_mean, atol=0.05 * np.sqrt(
       ref_var.max()) + 0.02)
   np.testing.assert_allclose(variance, ref_var, rtol=0.2)
+  # Resumed without --init_checkpoint (warm-up off now): not refused.
+  rc, out = _cli(capsys, f'--model_dir={target}', '--train_steps=32',
+                 '--iterations_per_loop=2', '--base_learning_rate=1e-12',
+                 '--batch_norm_momentum=0.99')
+  assert rc == 0, out.err
+  assert tf.train.latest_checkpoint(str(target)).endswith('ckpt-32')
