@@ -326,6 +326,9 @@ class DataConfig(Section):
       3.0 / 4.0, 'Training crop: least width / height.')
   train_crop_max_aspect: float = setting(
       4.0 / 3.0, 'Training crop: largest width / height.')
+  random_flip: bool = setting(
+      True, 'Training: flip each crop left-right with probability 1/2 (off '
+      'for data whose classes change when mirrored: digits, text).')
   eval_crop_fraction: Optional[float] = setting(
       None, 'Eval (and failed training-crop fallback): the center crop '
       'covers this fraction of the shorter side; 1.0 keeps the whole center '
@@ -431,6 +434,13 @@ class ModelConfig(Section):
       'block).')
   batch_norm_momentum: float = setting(
       0.99, 'Batch-norm moving-average momentum.')
+  batch_norm_warmup: Optional[bool] = setting(
+      None, 'Batch-norm moving statistics warm up like the EMA: momentum '
+      'min(M, (1 + step) / (10 + step)), so they hold the data\'s '
+      'statistics after tens of steps instead of keeping their initial or '
+      'loaded values for ~1 / (1 - M) steps. Default: on with '
+      '--init_checkpoint (a short fine-tune would otherwise evaluate with '
+      'the source\'s statistics), off otherwise.')
   batch_norm_epsilon: float = setting(1e-3, 'Batch-norm epsilon.')
   bn_group_size: Optional[int] = setting(
       None, 'Replicas per batch-norm group: 1 = local BN, 0 = all replicas '
@@ -815,6 +825,8 @@ class ExperimentConfig(Section):
     return self.optimizer.mixup_alpha > 0 or self.optimizer.cutmix_alpha > 0
 
   def __post_init__(self):
+    if self.model.batch_norm_warmup is None:
+      self.model.batch_norm_warmup = bool(self.train.init.init_checkpoint)
     if self.data.include_background_label is None:
       self.data.include_background_label = (
           self.model.num_label_classes == 1001)

@@ -130,10 +130,29 @@ def maybe_initialize(cfg: ExperimentConfig, state: ModelState):
     report = init_checkpoint.load_initial_weights(
         state.model, init.init_checkpoint, exclude=init.init_exclude,
         ema=state.ema, use_ema_weights=init.init_from_ema)
-  logging.info('Initialized %d variables from %s (%s)%s.',
+  if report.source_format != init_checkpoint.FORMAT_CHECKPOINT:
+    weights = 'its weights'
+  elif init.init_from_ema:
+    weights = 'its EMA averages (--init_from_ema)'
+  else:
+    weights = 'its raw weights, not its EMA averages (see --init_from_ema)'
+  logging.info('Initialized %d variables from %s (%s: %s)%s.',
                len(report.loaded), report.path, report.source_format,
-               '; classifier re-initialized: ' + report.head_reason
+               weights, '; classifier re-initialized: ' + report.head_reason
                if report.head_reinitialized else '')
+  if cfg.model.batch_norm_warmup:
+    logging.info('Batch-norm moving statistics warm up from this run\'s '
+                 'first step (momentum min(%g, (1 + step) / (10 + step))): '
+                 'evaluations use the statistics of this data, not the '
+                 'source\'s.', cfg.model.batch_norm_momentum)
+  else:
+    kept = cfg.model.batch_norm_momentum ** cfg.total_train_steps
+    if kept > 0.05:
+      logging.warning(
+          'batch_norm_warmup is off: after %d steps at batch_norm_momentum='
+          '%g the moving statistics evaluations use still hold %.0f%% of the '
+          'source\'s; leave batch_norm_warmup unset (on for fine-tunes)',
+          cfg.total_train_steps, cfg.model.batch_norm_momentum, 100 * kept)
   return report
 
 

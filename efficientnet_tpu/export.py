@@ -210,5 +210,7 @@ def export_saved_model(model, ema, model_cfg: ModelConfig,
   if tf.io.gfile.exists(export_dir):
     tf.io.gfile.rmtree(export_dir)
   tf.io.gfile.rename(tmp_dir, export_dir)
-  logging.info('Exported SavedModel to %s', export_dir)
+  logging.info('Exported SavedModel to %s (%s)', export_dir,
+               f'the EMA averages, decay {ema.decay:g}' if ema is not None
+               else 'the raw weights: EMA is off')
   return export_dir

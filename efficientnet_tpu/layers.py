@@ -86,6 +86,12 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
   BN layer per step (benchmarks/bn_variants.py keeps that variant, by
   overriding `_moving_targets`, for benchmarks/scaling.py).
 
+  With `warm_up_momentum(step)` the moving averages use the momentum
+  `min(momentum, (1 + step) / (10 + step))` at (0-based) step `step`, the
+  EMA's warm-up (`ema.py`): after a few tens of steps they hold the
+  statistics of the data seen, not their initial (or loaded) values, which
+  a fixed momentum M keeps at weight M^steps (0.99^60 = 0.55).
+
   Outside a replica context (plain `model.predict`, a single device), or with
   one replica, it is ordinary batch norm. Inference uses moving statistics.
   Output has the compute dtype of the layer (the input dtype after Keras'
@@ -124,6 +130,19 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
     self.moving_variance_initializer = keras.initializers.get(
         moving_variance_initializer)
     self.supports_masking = True
+    self._warmup_step = None
+
+  def warm_up_momentum(self, step) -> None:
+    """Warms the momentum up with `step`, a variable read at each update
+    (the optimizer's iteration count; None: the fixed momentum)."""
+    # Held in a closure: a variable set as an attribute would be tracked as
+    # one of this layer's weights (and checkpointed with them).
+    self._warmup_step = None if step is None else (lambda: step)
+
+  def momentum_at(self, step) -> tf.Tensor:
+    """The moving-average momentum used at (0-based) `step` with warm-up."""
+    step = tf.cast(step, tf.float32)
+    return tf.minimum(self.momentum, (1.0 + step) / (10.0 + step))
 
   def build(self, input_shape):
     channels = input_shape[-1]
@@ -186,7 +205,11 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
       x32 = tf.cast(inputs, tf.float32)
       mean, var = self._statistics(x32)
       ema_mean, ema_var = self._moving_targets(mean, var)
-      decay = 1.0 - self.momentum
+      if self._warmup_step is None:
+        decay = 1.0 - self.momentum
+      else:
+        decay = 1.0 - self.momentum_at(
+            tf.convert_to_tensor(self._warmup_step()))
       mm = tf.convert_to_tensor(self.moving_mean)
       mv = tf.convert_to_tensor(self.moving_variance)
       self.moving_mean.assign(mm - (mm - tf.stop_gradient(ema_mean)) * decay)
@@ -215,6 +238,16 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
             self.moving_variance_initializer),
     })
     return config
+
+
+def warm_up_batch_norm(model, step) -> int:
+  """Calls `warm_up_momentum(step)` on every batch-norm layer of `model`;
+  returns how many there are."""
+  found = [layer for layer in model._flatten_layers()  # pylint: disable=protected-access
+           if isinstance(layer, GroupSyncBatchNormalization)]
+  for layer in found:
+    layer.warm_up_momentum(step)
+  return len(found)
 
 
 # (spec, name) -> a normalization layer; see make_batch_norm.

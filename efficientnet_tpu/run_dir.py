@@ -42,9 +42,10 @@ CHECKPOINT_NAME = 'ckpt'
 # The CheckpointManager's list of checkpoints, the latest first.
 CHECKPOINT_STATE_FILENAME = 'checkpoint'
 
-# Model fields that may change on resume: they do not change the weights.
+# Model fields that may change on resume: they change no variable (a
+# fine-tune resumed without --init_checkpoint turns batch_norm_warmup off).
 _RESUMABLE_MODEL_FIELDS = ('use_bfloat16', 'use_float16', 'bn_group_size',
-                           'bn_group_batch_size')
+                           'bn_group_batch_size', 'batch_norm_warmup')
 
 
 def check_writable(model_dir: str) -> None:

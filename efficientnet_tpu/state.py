@@ -19,6 +19,7 @@ import tensorflow as tf
 from efficientnet_tpu import collectives
 from efficientnet_tpu import ema as ema_lib
 from efficientnet_tpu import fileio
+from efficientnet_tpu import layers
 from efficientnet_tpu import loss_scale as loss_scale_lib
 from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import optimizers
@@ -106,6 +107,10 @@ def build_model_state(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
     # Built before tracing: a Keras 3 optimizer must not create its slot
     # variables inside the replicated tf.function.
     optimizer.build(model.trainable_variables)
+    if cfg.model.batch_norm_warmup:
+      # The run's own step: a fine-tune warms up from its first step, a
+      # resumed run goes on where it was.
+      layers.warm_up_batch_norm(model, optimizer.iterations)
     ema = None
     if cfg.optimizer.moving_average_decay > 0:
       ema = ema_lib.ExponentialMovingAverage(

@@ -70,6 +70,26 @@ def test_default_train_crop_is_bitwise_the_tpu_recipe():
     np.testing.assert_array_equal(got, _resize(crop, 32))
 
 
+def test_random_flip_off_keeps_the_crop_unflipped():
+  # The same seeds as above: the same crop windows, never mirrored; some of
+  # them are mirrored with the flip on.
+  data = _jpeg_bytes(_pixels(90, 120))
+  shape = tf.image.extract_jpeg_shape(data)
+  flipped = 0
+  for i in range(6):
+    seed = tf.constant([i, 7], tf.int64)
+    got = preprocessing.preprocess_for_train(data, 32, seed=seed,
+                                             flip=False).numpy()
+    crop_seed, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    window = _tf_window(shape, crop_seed, (0.08, 1.0), (3. / 4, 4. / 3))
+    want = _resize(_decode_window(data, window), 32)
+    np.testing.assert_array_equal(got, want)
+    on = preprocessing.preprocess_for_train(data, 32, seed=seed).numpy()
+    flipped += not np.array_equal(on, want)
+  assert flipped > 0
+  assert DataConfig().random_flip  # ImageNet's recipe flips.
+
+
 def test_default_eval_crop_is_bitwise_the_padded_center_crop():
   data = _jpeg_bytes(_pixels(90, 120, seed=1))
   for size in (24, 32):

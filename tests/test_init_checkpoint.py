@@ -22,6 +22,7 @@ from efficientnet_tpu import model as model_lib
 from efficientnet_tpu import state as state_lib
 from efficientnet_tpu.config import ModelConfig
 from efficientnet_tpu.data import preprocessing
+from efficientnet_tpu.data import synthetic
 from tests.helpers import cpu_replicas, small_config
 
 SIZE = 64
@@ -445,3 +446,56 @@ def test_cli_fine_tunes_from_a_run_not_when_resuming_and_refuses_others(
   assert out.err.startswith('error: --init_checkpoint: ') and (
       'shape' in out.err and out.err.count('\n') == 1), out.err
   assert not tf.train.latest_checkpoint(str(tmp_path / 'b'))
+
+
+def _moving_stats(model_dir, layer):
+  """(moving_mean, moving_variance, and the kernel of the conv before it)
+  of `layer` in model_dir's latest checkpoint, by variable path."""
+  source = init_checkpoint._CheckpointSource(  # pylint: disable=protected-access
+      tf.train.latest_checkpoint(str(model_dir)), use_ema_weights=False)
+  reader = tf.train.load_checkpoint(str(model_dir))
+  get = lambda path: reader.get_tensor(source._keys[path])  # pylint: disable=protected-access
+  return get(f'{layer}/moving_mean'), get(f'{layer}/moving_variance')
+
+
+def test_short_fine_tune_evaluates_with_the_datas_bn_statistics(
+    tmp_path, capsys, caplog):
+  # A source whose moving statistics belong to other data: the stem's are
+  # off by 5 in mean and 50x in variance. A 30-step fine-tune at the
+  # default momentum 0.99 kept 0.99^30 = 74% of them, and evaluations
+  # normalized with them (eval cross entropy 36.5 after a 60-step
+  # fine-tune whose train cross entropy was 2.1).
+  source_dir = tmp_path / 'source'
+  cfg = small_config(source_dir, model=dict(num_label_classes=10))
+  source = state_lib.build_model_state(cfg, tf.distribute.get_strategy(), 1)
+  stem_bn = source.model.get_layer('stem_bn')
+  stem_bn.moving_mean.assign(stem_bn.moving_mean + 5.0)
+  stem_bn.moving_variance.assign(stem_bn.moving_variance * 50.0)
+  prefix = source.checkpoint.write(str(source_dir / 'ckpt-1'))
+  kernel = source.model.get_layer('stem_conv').kernel.numpy()
+
+  target = tmp_path / 'target'
+  with caplog.at_level(logging.INFO, logger='absl'):
+    rc, out = _cli(capsys, f'--model_dir={target}',
+                   f'--init_checkpoint={prefix}', '--base_learning_rate=1e-12',
+                   '--train_steps=30', '--iterations_per_loop=30',
+                   '--batch_norm_momentum=0.99', '--verbosity=0')
+  assert rc == 0, out.err
+  assert 'its raw weights, not its EMA averages' in caplog.text
+  mean, variance = _moving_stats(target, 'stem_bn')
+  # Reference: the stem BN's input statistics on the run's (synthetic)
+  # training images, from the unchanged stem kernel (the LR is ~0).
+  data_cfg = small_config(target, data=dict(num_train_images=2048)).data
+  images = next(iter(synthetic.synthetic_input_fn(
+      data_cfg, 10, 16, True, 512)()))['images']
+  x = tf.nn.conv2d(preprocessing.normalize(images), kernel, 2, 'SAME').numpy()
+  ref_mean, ref_var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+  np.testing.assert_allclose(mean, ref_mean, atol=0.05 * np.sqrt(
+      ref_var.max()) + 0.02)
+  np.testing.assert_allclose(variance, ref_var, rtol=0.2)
+  # Resumed without --init_checkpoint (warm-up off now): not refused.
+  rc, out = _cli(capsys, f'--model_dir={target}', '--train_steps=32',
+                 '--iterations_per_loop=2', '--base_learning_rate=1e-12',
+                 '--batch_norm_momentum=0.99')
+  assert rc == 0, out.err
+  assert tf.train.latest_checkpoint(str(target)).endswith('ckpt-32')

@@ -398,3 +398,33 @@ def test_initializers_match_reference_scales():
   limit = 1 / np.sqrt(1000)
   assert dense.max() <= limit and dense.min() >= -limit
   assert dense.max() > 0.95 * limit
+
+
+def test_momentum_warm_up_follows_the_step_and_is_not_a_weight():
+  # numpy reference: m_t = min(M, (1 + t) / (10 + t)); moving <- moving * m_t
+  # + batch * (1 - m_t), from the initial statistics (0, 1).
+  layer = layers.GroupSyncBatchNormalization(momentum=0.99)
+  layer.build((None, 3))
+  step = tf.Variable(0, dtype=tf.int64)
+  layer.warm_up_momentum(step)
+  assert len(layer.weights) == 4  # The step is not tracked as a weight.
+  rng = np.random.default_rng(0)
+  mean, var = np.zeros(3), np.ones(3)
+  for t in range(25):
+    x = rng.normal(3.0, 2.0, size=(64, 3)).astype(np.float32)
+    m = min(0.99, (1 + t) / (10 + t))
+    mean = mean * m + x.mean(0) * (1 - m)
+    var = var * m + x.var(0) * (1 - m)
+    step.assign(t)
+    layer(x, training=True)
+  np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5)
+  np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-5)
+  # After 25 steps the initial statistics weigh prod(m_t) < 1e-5 (fixed
+  # momentum: 0.99^25 = 78%).
+  assert np.prod([(1 + t) / (10 + t) for t in range(25)]) < 1e-5
+  np.testing.assert_allclose(layer.moving_mean.numpy(), 3.0, atol=0.3)
+  layer.warm_up_momentum(None)
+  before = layer.moving_mean.numpy()
+  layer(np.zeros((4, 3), np.float32), training=True)
+  np.testing.assert_allclose(layer.moving_mean.numpy(), before * 0.99,
+                             rtol=1e-6)

@@ -279,3 +279,38 @@ def test_flag_names_reads_the_preset():
   assert {'num_train_images', 'num_eval_images', 'bn_group_size',
           'num_cpu_replicas'} <= names
   assert not {'data_dir', 'model_dir', 'preset'} & names
+
+
+# ---- small_images: a recipe for 28-64 px data sets on one machine ----------
+def test_small_images_preset_validates_and_takes_the_datas_counts(
+    described_data, tmp_path, capsys, caplog):
+  assert 'small_images' in presets.names()
+  # The preset pins no data counts (nor the data source or hardware).
+  assert not {'num_train_images', 'num_eval_images', 'num_label_classes',
+              'data', 'data_dir', 'strategy', 'num_cpu_replicas'} & (
+                  presets.flag_names('small_images'))
+  rc, out, config = _dry_run(
+      capsys, caplog, '--preset=small_images',
+      f'--data_dir={described_data}', f'--model_dir={tmp_path / "run"}')
+  assert rc == 0, out.err
+  assert (config['data']['num_train_images'],
+          config['data']['num_eval_images'],
+          config['model']['num_label_classes']) == (30, 12, 4)
+  assert config['data']['counts_from'] == 'dataset_info.json'
+  # What the preset sets for small images, as the settings a run records.
+  assert config['model']['image_size'] == 32
+  assert config['data']['eval_crop_fraction'] == 1.0
+  assert 0.25 <= config['data']['train_crop_min_area'] <= 0.5
+  assert config['data']['random_flip'] is True
+  assert config['optimizer']['moving_average_decay'] == 0
+  assert config['optimizer']['schedule']['lr_schedule'] == 'cosine'
+  assert config['model']['batch_norm_warmup'] is True
+  # Epochs, not steps: the run's length follows the data's size.
+  assert config['train']['train_steps'] is None
+  assert 'total_steps: ' in out.out
+  # A flag after the preset still wins (digits: no flips).
+  rc, out, config = _dry_run(
+      capsys, caplog, '--preset=small_images', '--norandom_flip',
+      f'--data_dir={described_data}', f'--model_dir={tmp_path / "run2"}')
+  assert rc == 0, out.err
+  assert config['data']['random_flip'] is False

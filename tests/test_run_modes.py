@@ -182,9 +182,13 @@ def test_eval_of_a_run_that_other_hardware_trained(trained, capsys, caplog,
   assert again['top_1_accuracy'] == last['top_1_accuracy']
   assert again['loss'] == pytest.approx(last['loss'], abs=1e-6)
   export_dir = str(tmp_path / 'export')
-  rc, out = _run(capsys, f'--model_dir={model_dir}', '--mode=export',
-                 f'--export_dir={export_dir}')
+  with caplog.at_level(logging.INFO, logger='absl'):
+    rc, out = _run(capsys, f'--model_dir={model_dir}', '--mode=export',
+                   f'--export_dir={export_dir}', '--verbosity=0')
   assert rc == 0, out.err
+  # The run had no EMA: the line says which weights were exported.
+  assert (f'Exported SavedModel to {export_dir} (the raw weights: EMA is '
+          'off)') in caplog.text
   assert _export_top_1(export_dir, trained[1]) == last['top_1_accuracy']
 
 

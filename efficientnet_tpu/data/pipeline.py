@@ -236,7 +236,8 @@ def build_input_fn(data_cfg: DataConfig,
           data_cfg.randaug_num_layers, data_cfg.randaug_magnitude,
           allow_non_jpeg=is_tfds, seed=seed, area_range=area_range,
           aspect_ratio_range=aspect_ratio_range,
-          crop_fraction=data_cfg.eval_crop_fraction)
+          crop_fraction=data_cfg.eval_crop_fraction,
+          flip=data_cfg.random_flip)
       if not skip:
         with tf.control_dependencies(checks.check_payload(
             image_bytes, label, source, is_tfds, num_classes, max_pixels)):

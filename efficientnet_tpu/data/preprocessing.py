@@ -207,8 +207,8 @@ def preprocess_for_train(image_bytes: tf.Tensor,
                          area_range: Tuple[float, float] = (0.08, 1.0),
                          aspect_ratio_range: Tuple[float, float] = (
                              3. / 4, 4. / 3),
-                         crop_fraction: Optional[float] = None
-                        ) -> tf.Tensor:
+                         crop_fraction: Optional[float] = None,
+                         flip: bool = True) -> tf.Tensor:
   """Random crop + flip + resize (+ augmentation): uint8 [S, S, 3].
 
   Not normalized: the train step calls `normalize` on device.
@@ -221,6 +221,8 @@ def preprocess_for_train(image_bytes: tf.Tensor,
       width / height); the defaults are the ImageNet recipe's.
     crop_fraction: of the center crop taken when sampling fails (see
       `center_crop_window`).
+    flip: flip left-right with probability 1/2 (False: never; the seed's
+      crop is the same either way).
   """
   crop_seed = flip_seed = None
   if seed is not None:
@@ -235,9 +237,9 @@ def preprocess_for_train(image_bytes: tf.Tensor,
       allow_non_jpeg)
   # Flipping the uint8 crop before resizing equals flipping the output (the
   # resize kernels are mirror-symmetric) and moves 4x fewer bytes.
-  if flip_seed is None:
+  if flip and flip_seed is None:
     image = tf.image.random_flip_left_right(image)
-  else:
+  elif flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   image = _static_shape(resize(image, image_size, resize_method), image_size)
   return _maybe_augment(image, augment, randaug_num_layers, randaug_magnitude)
