@@ -84,13 +84,26 @@ def explicit_settings(f=FLAGS) -> frozenset:
                    if f[s.name].present > (s.name in from_preset))
 
 
+# Settings that name files or directories: taken literally (never as glob
+# patterns), and they must be UTF-8 for TensorFlow's file layer.
+PATH_SETTINGS = ('model_dir', 'data_dir', 'export_dir', 'checkpoint_path',
+                 'init_checkpoint')
+
+
 def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
   """Turns parsed flags into a validated ExperimentConfig."""
+  from efficientnet_tpu import fileio  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu.data import dataset_info  # pylint: disable=g-import-not-at-top
   values = {s.name: f[s.name].value for s in config_lib.flag_settings()}
   for s in config_lib.flag_settings():
     if s.type is tuple:  # absl lists -> the config's tuples.
       values[s.name] = tuple(values[s.name])
+  for name in PATH_SETTINGS:
+    if values.get(name):
+      try:
+        fileio.check_path_encoding(values[name])
+      except ValueError as e:
+        raise config_lib.ConfigError(name, str(e)) from None
   given = explicit_settings(f)
   kept = frozenset()
   if values['mode'] in ('eval', 'export') and values['model_dir']:
@@ -321,7 +334,12 @@ def input_error_line(e: BaseException):
     match = re.search(r'assertion failed: (.*)', e.message)
     if match is None:
       return None
-    parts = re.findall(r'\[([^\]]*)\]', match.group(1))
+    # `[part] [part] ...` on one line; a part (a file's path) may itself
+    # hold brackets, so parts split at "] [" only.
+    body = match.group(1).strip()
+    end = body.rfind(']')
+    parts = (body[1:end].split('] [') if body.startswith('[') and end > 0
+             else [body])
     line = ' '.join(p.strip() for p in parts if p.strip())
     # Checks that name their own setting (max_corrupt_fraction: ...).
     setting, sep, rest = line.partition(': ')

@@ -212,8 +212,8 @@ class Trainer:
   def global_step(self) -> int:
     return self.state.step
 
-  def _new_checkpoint_manager(self) -> tf.train.CheckpointManager:
-    return tf.train.CheckpointManager(
+  def _new_checkpoint_manager(self) -> run_dir.CheckpointManager:
+    return run_dir.CheckpointManager(
         self.state.checkpoint,
         run_dir.worker_dir(self.role.task, self.cfg.train.model_dir,
                            self.is_writer),
@@ -289,7 +289,7 @@ class Trainer:
       except (tf.errors.OpError, OSError):
         pass
       if self.is_writer:
-        latest = tf.train.latest_checkpoint(directory)
+        latest = run_dir.latest_checkpoint(directory)
         kept = (f'{os.path.basename(latest)} stays the latest checkpoint'
                 if latest else 'no checkpoint was written')
       else:
@@ -495,7 +495,7 @@ class Trainer:
       return
     what = (f'the loss became {loss}' if not math.isfinite(loss) else
             'the weights became non-finite')
-    latest = tf.train.latest_checkpoint(self.cfg.train.model_dir)
+    latest = run_dir.latest_checkpoint(self.cfg.train.model_dir)
     kept = (f'the last finite checkpoint, {os.path.basename(latest)}, stays '
             'the latest' if latest else 'no checkpoint was written')
     raise ConfigError(
@@ -594,7 +594,7 @@ class Trainer:
                       'the run.')
     if evaluator is not None:
       eval_metrics = evaluator.evaluate_and_record(
-          step, tf.train.latest_checkpoint(self.cfg.train.model_dir))
+          step, run_dir.latest_checkpoint(self.cfg.train.model_dir))
       metrics.update({f'eval/{k}': v for k, v in eval_metrics.items()})
     return metrics
 
@@ -624,7 +624,7 @@ class Trainer:
             start_step=loop_start, total_steps=self.total_steps,
             session_start=start)
       except (tf.errors.OpError, OSError) as e:
-        latest = tf.train.latest_checkpoint(self.cfg.train.model_dir)
+        latest = run_dir.latest_checkpoint(self.cfg.train.model_dir)
         raise run_dir.write_error(
             path, e, f'{os.path.basename(latest)} stays the latest '
             'checkpoint' if latest else 'no checkpoint was written') from None

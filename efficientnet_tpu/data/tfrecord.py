@@ -48,7 +48,8 @@ def list_files(data_dir: str, is_training: bool) -> List[str]:
   """Sorted TFRecord shards of the split; one-line error if there are none."""
   pattern = TRAIN_PATTERN if is_training else EVAL_PATTERN
   try:
-    files = sorted(tf.io.gfile.glob(os.path.join(data_dir, pattern)))
+    # Listed, not globbed: data_dir is a name, never a pattern.
+    files = fileio.list_matching(data_dir, pattern)
   except tf.errors.OpError as e:
     raise ConfigError('data_dir', f'could not list {data_dir!r} '
                       f'({type(e).__name__}: {e.message})') from None
