@@ -17,6 +17,7 @@ import logging as py_logging
 import os
 import re
 import sys
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -322,15 +323,27 @@ def _readable(value):
   return value
 
 
-def input_error_line(e: BaseException):
+def input_error_line(e: BaseException, data_dir: Optional[str] = None):
   """One line for an error raised by the input pipeline's checks, or None.
 
   The pipeline's `tf.debugging.Assert`s (bad image, label out of range,
   truncated TFRecord file) and TFRecord CRC failures name the file; the
-  rest of TF's message (graph node, stack) is dropped.
+  rest of TF's message (graph node, stack) is dropped. A record feature of
+  the wrong type (a float label) fails inside TF's Example parser, which
+  names the feature but no file: the line names `data_dir`.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if isinstance(e, tf.errors.InvalidArgumentError):
+    mistyped = re.search(r"Key: ([\w/]+)\.\s+Data types don't match\. "
+                         r'Data type: (\w+) but expected type: (\w+)',
+                         e.message)
+    if mistyped:
+      key, got, want = mistyped.groups()
+      where = f' in {data_dir}' if data_dir else ''
+      return flag_error_line(config_lib.ConfigError(
+          'data_dir', f'a record{where} holds feature {key} as {got}, '
+          f'expected {want} (as efficientnet-tpu-make-tfrecords writes '
+          'it); convert the data set again'))
     match = re.search(r'assertion failed: (.*)', e.message)
     if match is None:
       return None
@@ -394,6 +407,7 @@ def main(argv):
     return 2
   logging.info('Stack: %s', stack.describe(found))
   quiet_tf_info_noise()
+  cfg = None
   try:
     cfg = config_from_flags(FLAGS)
     check_before_start(cfg)
@@ -411,7 +425,7 @@ def main(argv):
       # Stopped on SIGTERM with a checkpoint at the step it stopped after.
       print(f'error: {e}', file=sys.stderr)
       return e.exit_code
-    line = input_error_line(e)
+    line = input_error_line(e, cfg.data.data_dir if cfg else None)
     if line is None:
       raise
     # Bad records found while running: what was written before (checkpoints,

@@ -193,18 +193,48 @@ def read_config(model_dir: str) -> Optional[dict]:
   """model_dir/config.json as a dict; None if absent.
 
   Raises:
-    ConfigError: the file is not valid JSON (e.g. truncated).
+    ConfigError: the file is not valid JSON (e.g. truncated), or a value
+      has the wrong type or is out of range (`check_config_record`).
   """
   path = os.path.join(model_dir, CONFIG_FILENAME)
   if not tf.io.gfile.exists(path):
     return None
+  return read_config_file(path)
+
+
+def read_config_file(path: str) -> dict:
+  """A config.json (or config-stepN.json) file, checked.
+
+  Raises:
+    ConfigError: as `read_config`.
+  """
   with tf.io.gfile.GFile(path) as f:
     text = f.read()
   try:
-    return json.loads(text)
+    data = json.loads(text)
   except ValueError as e:
     raise ConfigError('model_dir', f'{path} is not valid JSON ({e}); '
                       'restore the file or use a new `model_dir`') from None
+  check_config_record(data, path)
+  return data
+
+
+def check_config_record(data, path: str) -> None:
+  """Checks a parsed config file: its settings (`settings_from_dict`) and
+  the numbers under "resolved" that a later run takes from it.
+
+  Raises:
+    ConfigError: one line naming `path` and the key; nothing is coerced.
+  """
+  settings_from_dict(data, where=path)
+  resolved = data.get('resolved') or {}
+  value = resolved.get('per_replica_eval_batch')
+  if value is not None and (not isinstance(value, int) or
+                            isinstance(value, bool) or value < 1):
+    raise ConfigError(
+        'model_dir', f'{path}: "resolved.per_replica_eval_batch" must be a '
+        f'positive whole number, got {json.dumps(value)}; restore the file '
+        '(or use a new `model_dir`)')
 
 
 def check_resumable(cfg: ExperimentConfig) -> None:

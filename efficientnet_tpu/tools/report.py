@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import re
 import statistics
@@ -61,13 +60,7 @@ def _latest_config(model_dir: str) -> Optional[dict]:
       resumed.append((int(match.group(1)), path))
   if not resumed:
     return run_dir.read_config(model_dir)
-  path = max(resumed)[1]
-  with tf.io.gfile.GFile(path) as f:
-    text = f.read()
-  try:
-    return json.loads(text)
-  except ValueError as e:
-    raise ReportError(f'{path} is not valid JSON ({e})') from None
+  return run_dir.read_config_file(max(resumed)[1])
 
 
 def _describe_model(config: Optional[dict]) -> Dict[str, object]:
