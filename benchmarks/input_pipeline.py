@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from efficientnet_tpu import fileio  # pylint: disable=g-import-not-at-top
 from efficientnet_tpu.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
 from efficientnet_tpu.config import DataConfig  # pylint: disable=g-import-not-at-top
 
@@ -129,7 +130,7 @@ def describe(data_dir: str, max_records: int = 1024) -> str:
 
 
 def _train_files(data_dir: str):
-  return sorted(tf.io.gfile.glob(os.path.join(data_dir, 'train-*')))
+  return fileio.list_matching(data_dir, 'train-*')  # data_dir: a name.
 
 
 def _per_record(data_dir: str, batch: int, threads: int,

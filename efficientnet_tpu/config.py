@@ -957,30 +957,114 @@ _RENAMED = {
 _OLD_JIT_COMPILE = {None: 'auto', True: 'true', False: 'false'}
 
 
-def settings_from_dict(d: dict) -> Dict[str, Any]:
+def settings_from_dict(d: dict, where: Optional[str] = None
+                       ) -> Dict[str, Any]:
   """The flat settings of a config.json dict, older layouts included.
 
-  Unknown keys (settings since removed) are dropped.
-  """
-  flat = {}
+  Unknown keys (settings since removed) are dropped. Every known setting's
+  value is checked against its type (a bool is no int, a string no bool:
+  nothing is coerced), its choices and, for floats, finiteness; a section
+  must be an object.
 
-  def collect(node):
+  Args:
+    d: the parsed JSON.
+    where: the file it came from, named in errors.
+
+  Raises:
+    ConfigError: (setting 'model_dir') one line naming the file and the
+      key, e.g. `data.skip_corrupt`.
+  """
+  where = where or 'config.json'
+  by_name = {s.name: s for s in ExperimentConfig.settings()}
+  sections = _section_paths(ExperimentConfig)
+
+  def bad(key, expected, value):
+    shown = json.dumps(value) if _jsonable(value) else repr(value)
+    return ConfigError('model_dir', f'{where}: "{key}" must be {expected}, '
+                       f'got {shown}; restore the file (or use a new '
+                       '`model_dir`)')
+
+  if not isinstance(d, dict):
+    raise bad('(top level)', 'a JSON object of settings', d)
+  flat, keys = {}, {}
+
+  def collect(node, prefix):
     for k, v in node.items():
+      key = f'{prefix}{k}'
       if k == 'resolved':  # What the settings came to (run_dir.write_config).
+        if v is not None and not isinstance(v, dict):
+          raise bad(key, 'an object', v)
         continue
       if isinstance(v, dict):
-        collect(v)
+        collect(v, key + '.')
+      elif key in sections:
+        raise bad(key, 'an object (a section of settings)', v)
       else:
-        flat[_RENAMED.get(k, k)] = v
+        name = _RENAMED.get(k, k)
+        flat[name], keys[name] = v, key
 
-  collect(d)
-  if not isinstance(flat.get('jit_compile', 'auto'), str):
+  collect(d, '')
+  if 'jit_compile' in flat and (flat['jit_compile'] is None or
+                                isinstance(flat['jit_compile'], bool)):
     flat['jit_compile'] = _OLD_JIT_COMPILE[flat['jit_compile']]
-  for name in ('weight_decay_exclude', 'init_exclude'):
-    if name in flat:
-      flat[name] = tuple(flat[name])
-  known = ExperimentConfig.setting_names()
-  return {k: v for k, v in flat.items() if k in known}
+  out = {}
+  for name, value in flat.items():
+    spec = by_name.get(name)
+    if spec is None:
+      continue
+    out[name] = _checked_value(spec, value,
+                               lambda e, v, k=keys[name]: bad(k, e, v))
+  return out
+
+
+def _section_paths(cls, prefix: str = '') -> frozenset:
+  """The dotted keys of config.json's sections: data, optimizer.lars, ..."""
+  paths = set()
+  for f in dataclasses.fields(cls):
+    if 'section' in f.metadata:
+      paths.add(prefix + f.name)
+      paths |= _section_paths(f.metadata['section'], f'{prefix}{f.name}.')
+  return frozenset(paths)
+
+
+def _jsonable(value) -> bool:
+  try:
+    json.dumps(value, allow_nan=False)
+    return True
+  except (TypeError, ValueError):
+    return False
+
+
+def _checked_value(spec: Setting, value, bad):
+  """`value` of setting `spec` from a file, as the config takes it."""
+  if value is None:
+    if spec.optional:
+      return None
+    raise bad(f'a {_TYPE_NAMES[spec.type]}', value)
+  kind = spec.type
+  if kind is bool:
+    ok = isinstance(value, bool)
+  elif kind is int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif kind is float:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+  elif kind is str:
+    ok = isinstance(value, str)
+  else:  # tuple: a list of strings.
+    ok = (isinstance(value, (list, tuple)) and
+          all(isinstance(v, str) for v in value))
+    value = tuple(value) if ok else value
+  if not ok:
+    raise bad(f'a {_TYPE_NAMES[kind]}', value)
+  if spec.choices and value not in spec.choices:
+    raise bad('one of ' + ', '.join(spec.choices), value)
+  return value
+
+
+_TYPE_NAMES = {bool: 'boolean (true or false)', int: 'whole number',
+               float: 'finite number', str: 'string',
+               tuple: 'list of strings'}
 
 
 # Settings that describe the hardware a run trained on, not its model: the

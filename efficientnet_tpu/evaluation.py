@@ -176,7 +176,7 @@ class Evaluator:
       directory = run_dir.worker_dir(
           self.role.task, os.path.join(model_dir, run_dir.BEST_DIRNAME),
           self.is_writer)
-      self._best_manager = tf.train.CheckpointManager(
+      self._best_manager = run_dir.CheckpointManager(
           self.state.checkpoint, directory, max_to_keep=1,
           checkpoint_name='best')
     path = self._best_manager.save(checkpoint_number=step)
@@ -212,10 +212,10 @@ def continuous_eval(state: ModelState, evaluator: Evaluator, model_dir: str,
   if checkpoint_path:
     paths = [run_dir.resolve_checkpoint(model_dir, checkpoint_path)]
   elif timeout <= 0:
-    paths = [tf.train.latest_checkpoint(model_dir)]
+    paths = [run_dir.latest_checkpoint(model_dir)]
     paths = [p for p in paths if p]
   else:
-    paths = tf.train.checkpoints_iterator(model_dir, timeout=timeout)
+    paths = run_dir.checkpoints_iterator(model_dir, timeout=timeout)
   for path in paths:
     step = state.restore(path)
     metrics = evaluator.evaluate_and_record(step, checkpoint_path=path)

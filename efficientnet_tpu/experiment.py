@@ -122,7 +122,7 @@ def maybe_initialize(cfg: ExperimentConfig, state: ModelState):
   init = cfg.train.init
   if not init.init_checkpoint:
     return None
-  if tf.train.latest_checkpoint(cfg.train.model_dir):
+  if run_dir.latest_checkpoint(cfg.train.model_dir):
     logging.info('Resuming from model_dir: --init_checkpoint=%s is not '
                  'loaded.', init.init_checkpoint)
     return None

@@ -1,9 +1,18 @@
-"""Atomic file writes, local or on any tf.io.gfile filesystem (gs://...)."""
+"""Atomic file writes and literal file listing, local or on any
+tf.io.gfile filesystem (gs://...).
+
+Paths are names, never patterns: a directory the user names may hold any
+character its filesystem allows (spaces, quotes, `*?[]{}`), so nothing here
+hands one to a glob. `list_matching` lists the directory and matches only
+the file *names* against the project's own patterns (`train-*`).
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import re
-from typing import Union
+from typing import List, Union
 import uuid
 
 import tensorflow as tf
@@ -58,3 +67,39 @@ def error_reason(e: BaseException) -> str:
   reason = re.sub(r'^\{\{function_node [^}]*\}\}\s*', '', reason)
   reason = re.sub(r'\s*\[Op:\w+\]$', '', reason)
   return reason or type(e).__name__
+
+
+def check_path_encoding(path: str) -> None:
+  """Raises ValueError if TensorFlow's file layer cannot take `path`.
+
+  TF passes paths to its filesystems as UTF-8; a name given as bytes that
+  do not decode (Python holds them as surrogate escapes) cannot be encoded
+  back, and every tf.io.gfile call on it would raise UnicodeEncodeError.
+  """
+  try:
+    path.encode('utf-8')
+  except UnicodeEncodeError:
+    shown = path.encode('utf-8', 'backslashreplace').decode('ascii',
+                                                              'replace')
+    raise ValueError(f'{shown} is not valid UTF-8, which TensorFlow\'s file '
+                     'system layer requires: rename it, or link to it '
+                     'under a UTF-8 name') from None
+
+
+def list_matching(directory: str, name_pattern: str) -> List[str]:
+  """Sorted paths of the entries of `directory` whose name matches.
+
+  `directory` is taken literally, whatever characters it holds (unlike
+  tf.io.gfile.glob, which would read `[1]` or `*` in it as a pattern and
+  list other directories); only `name_pattern`, the caller's own fixed
+  pattern (fnmatch syntax, case-sensitive), matches names. A missing
+  directory has no entries.
+
+  Raises:
+    tf.errors.OpError: the directory exists but cannot be listed.
+  """
+  if not tf.io.gfile.isdir(directory):
+    return []
+  names = (n.rstrip('/') for n in tf.io.gfile.listdir(directory))
+  return sorted(os.path.join(directory, n) for n in names
+                if fnmatch.fnmatchcase(n, name_pattern))

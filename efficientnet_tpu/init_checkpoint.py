@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from efficientnet_tpu import run_dir
 from efficientnet_tpu.data import preprocessing
 
 HEAD_LAYER = 'logits'
@@ -155,7 +156,7 @@ def resolve_source(path: str) -> Tuple[str, str]:
       no HDF5 weights file.
   """
   if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
+    latest = run_dir.latest_checkpoint(path)
     if latest is None:
       raise ValueError(f'load_initial_weights: path {path} is a directory '
                        f'without a checkpoint')

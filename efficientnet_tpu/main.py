@@ -17,6 +17,7 @@ import logging as py_logging
 import os
 import re
 import sys
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -84,13 +85,26 @@ def explicit_settings(f=FLAGS) -> frozenset:
                    if f[s.name].present > (s.name in from_preset))
 
 
+# Settings that name files or directories: taken literally (never as glob
+# patterns), and they must be UTF-8 for TensorFlow's file layer.
+PATH_SETTINGS = ('model_dir', 'data_dir', 'export_dir', 'checkpoint_path',
+                 'init_checkpoint')
+
+
 def config_from_flags(f=FLAGS) -> config_lib.ExperimentConfig:
   """Turns parsed flags into a validated ExperimentConfig."""
+  from efficientnet_tpu import fileio  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu.data import dataset_info  # pylint: disable=g-import-not-at-top
   values = {s.name: f[s.name].value for s in config_lib.flag_settings()}
   for s in config_lib.flag_settings():
     if s.type is tuple:  # absl lists -> the config's tuples.
       values[s.name] = tuple(values[s.name])
+  for name in PATH_SETTINGS:
+    if values.get(name):
+      try:
+        fileio.check_path_encoding(values[name])
+      except ValueError as e:
+        raise config_lib.ConfigError(name, str(e)) from None
   given = explicit_settings(f)
   kept = frozenset()
   if values['mode'] in ('eval', 'export') and values['model_dir']:
@@ -313,19 +327,36 @@ def _readable(value):
   return value
 
 
-def input_error_line(e: BaseException):
+def input_error_line(e: BaseException, data_dir: Optional[str] = None):
   """One line for an error raised by the input pipeline's checks, or None.
 
   The pipeline's `tf.debugging.Assert`s (bad image, label out of range,
   truncated TFRecord file) and TFRecord CRC failures name the file; the
-  rest of TF's message (graph node, stack) is dropped.
+  rest of TF's message (graph node, stack) is dropped. A record feature of
+  the wrong type (a float label) fails inside TF's Example parser, which
+  names the feature but no file: the line names `data_dir`.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if isinstance(e, tf.errors.InvalidArgumentError):
+    mistyped = re.search(r"Key: ([\w/]+)\.\s+Data types don't match\. "
+                         r'Data type: (\w+) but expected type: (\w+)',
+                         e.message)
+    if mistyped:
+      key, got, want = mistyped.groups()
+      where = f' in {data_dir}' if data_dir else ''
+      return flag_error_line(config_lib.ConfigError(
+          'data_dir', f'a record{where} holds feature {key} as {got}, '
+          f'expected {want} (as efficientnet-tpu-make-tfrecords writes '
+          'it); convert the data set again'))
     match = re.search(r'assertion failed: (.*)', e.message)
     if match is None:
       return None
-    parts = re.findall(r'\[([^\]]*)\]', match.group(1))
+    # `[part] [part] ...` on one line; a part (a file's path) may itself
+    # hold brackets, so parts split at "] [" only.
+    body = match.group(1).strip()
+    end = body.rfind(']')
+    parts = (body[1:end].split('] [') if body.startswith('[') and end > 0
+             else [body])
     line = ' '.join(p.strip() for p in parts if p.strip())
     # Checks that name their own setting (max_corrupt_fraction: ...).
     setting, sep, rest = line.partition(': ')
@@ -380,6 +411,7 @@ def main(argv):
     return 2
   logging.info('Stack: %s', stack.describe(found))
   quiet_tf_info_noise()
+  cfg = None
   try:
     cfg = config_from_flags(FLAGS)
     check_before_start(cfg)
@@ -397,7 +429,7 @@ def main(argv):
       # Stopped on SIGTERM with a checkpoint at the step it stopped after.
       print(f'error: {e}', file=sys.stderr)
       return e.exit_code
-    line = input_error_line(e)
+    line = input_error_line(e, cfg.data.data_dir if cfg else None)
     if line is None:
       raise
     # Bad records found while running: what was written before (checkpoints,

@@ -16,6 +16,12 @@
   .lock                  the training run's lock (run_lock)
 
 Every rewritten file is written atomically (`fileio.write_atomically`).
+model_dir is a name, never a pattern: TF's own checkpoint helpers
+(tf.train.latest_checkpoint, CheckpointManager's pruning,
+checkpoints_iterator) glob `model_dir/ckpt-N.*`, which for a model_dir such
+as `/runs/a[1]` or `/runs/b*` misses the run's own checkpoints or deletes a
+sibling run's; the run uses the literal ones below (`latest_checkpoint`,
+`CheckpointManager`, `checkpoints_iterator`).
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import List, Optional
+import time
+from typing import Iterator, List, Optional
 import uuid
+
+from absl import logging
 
 import tensorflow as tf
 
@@ -46,6 +55,88 @@ CHECKPOINT_STATE_FILENAME = 'checkpoint'
 # fine-tune resumed without --init_checkpoint turns batch_norm_warmup off).
 _RESUMABLE_MODEL_FIELDS = ('use_bfloat16', 'use_float16', 'bn_group_size',
                            'bn_group_batch_size', 'batch_norm_warmup')
+
+
+def latest_checkpoint(directory: str) -> Optional[str]:
+  """The latest checkpoint the `checkpoint` file of `directory` names, if
+  its .index file exists; else None.
+
+  tf.train.latest_checkpoint, but taking `directory` literally (TF's globs
+  the prefix: a directory named with `[`, `*` or `?` finds nothing, or
+  another directory's files).
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  if not (state and state.model_checkpoint_path):
+    return None
+  path = state.model_checkpoint_path
+  if tf.io.gfile.exists(path + '.index'):
+    return path
+  logging.error("Couldn't find the files of checkpoint %s", path)
+  return None
+
+
+def checkpoint_files(prefix: str) -> List[str]:
+  """The files of checkpoint `prefix` on disk: PREFIX.index and its
+  PREFIX.data-NNNNN-of-NNNNN shards, found by name (no glob)."""
+  directory, name = os.path.split(prefix)
+  shard = re.compile(re.escape(name) + r'\.data-\d{5}-of-\d{5}')
+  if not tf.io.gfile.isdir(directory):
+    return []
+  return [os.path.join(directory, entry)
+          for entry in sorted(tf.io.gfile.listdir(directory))
+          if entry == name + '.index' or shard.fullmatch(entry)]
+
+
+class CheckpointManager(tf.train.CheckpointManager):
+  """tf.train.CheckpointManager whose pruning deletes by name.
+
+  TF's deletes the files matching the glob `PREFIX.data-?????-of-?????`:
+  with model_dir `/runs/b*` that includes `/runs/b_other/ckpt-1.*`, another
+  run's checkpoint; with `/runs/a[1]` none of the run's own. This one
+  deletes exactly the old checkpoint's files (`checkpoint_files`); the
+  rest (which to keep, `keep_checkpoint_every_n_hours`) is TF's
+  `_sweep`, unchanged since TF 2.x.
+  """
+
+  def _sweep(self):
+    if not self._max_to_keep:
+      return
+    while len(self._maybe_delete) > self._max_to_keep:
+      filename, timestamp = self._maybe_delete.popitem(last=False)
+      if (self._keep_checkpoint_every_n_hours
+          and (timestamp - self._keep_checkpoint_every_n_hours * 3600.
+               >= self._last_preserved_timestamp)):
+        self._last_preserved_timestamp = timestamp
+        continue
+      for path in checkpoint_files(filename):
+        try:
+          tf.io.gfile.remove(path)
+        except tf.errors.NotFoundError:
+          pass  # Another process deleted it first.
+
+
+def checkpoints_iterator(directory: str,
+                         timeout: Optional[float] = None,
+                         seconds_to_sleep: float = 1.0) -> Iterator[str]:
+  """Each new latest checkpoint of `directory` (`latest_checkpoint`), until
+  none appears for `timeout` seconds (None: forever).
+
+  tf.train.checkpoints_iterator without a timeout_fn, taking `directory`
+  literally.
+  """
+  last = None
+  while True:
+    stop = time.time() + timeout if timeout is not None else None
+    while True:
+      path = latest_checkpoint(directory)
+      if path is not None and path != last:
+        break
+      if stop is not None and time.time() + seconds_to_sleep > stop:
+        logging.info('Timed out waiting for a checkpoint in %s.', directory)
+        return
+      time.sleep(seconds_to_sleep)
+    last = path
+    yield path
 
 
 def check_writable(model_dir: str) -> None:
@@ -103,18 +194,48 @@ def read_config(model_dir: str) -> Optional[dict]:
   """model_dir/config.json as a dict; None if absent.
 
   Raises:
-    ConfigError: the file is not valid JSON (e.g. truncated).
+    ConfigError: the file is not valid JSON (e.g. truncated), or a value
+      has the wrong type or is out of range (`check_config_record`).
   """
   path = os.path.join(model_dir, CONFIG_FILENAME)
   if not tf.io.gfile.exists(path):
     return None
+  return read_config_file(path)
+
+
+def read_config_file(path: str) -> dict:
+  """A config.json (or config-stepN.json) file, checked.
+
+  Raises:
+    ConfigError: as `read_config`.
+  """
   with tf.io.gfile.GFile(path) as f:
     text = f.read()
   try:
-    return json.loads(text)
+    data = json.loads(text)
   except ValueError as e:
     raise ConfigError('model_dir', f'{path} is not valid JSON ({e}); '
                       'restore the file or use a new `model_dir`') from None
+  check_config_record(data, path)
+  return data
+
+
+def check_config_record(data, path: str) -> None:
+  """Checks a parsed config file: its settings (`settings_from_dict`) and
+  the numbers under "resolved" that a later run takes from it.
+
+  Raises:
+    ConfigError: one line naming `path` and the key; nothing is coerced.
+  """
+  settings_from_dict(data, where=path)
+  resolved = data.get('resolved') or {}
+  value = resolved.get('per_replica_eval_batch')
+  if value is not None and (not isinstance(value, int) or
+                            isinstance(value, bool) or value < 1):
+    raise ConfigError(
+        'model_dir', f'{path}: "resolved.per_replica_eval_batch" must be a '
+        f'positive whole number, got {json.dumps(value)}; restore the file '
+        '(or use a new `model_dir`)')
 
 
 def check_resumable(cfg: ExperimentConfig) -> None:
@@ -289,9 +410,9 @@ def resolve_checkpoint(model_dir: str,
       checkpoint.
   """
   if not checkpoint_path:
-    return tf.train.latest_checkpoint(model_dir)
+    return latest_checkpoint(model_dir)
   if checkpoint_path == 'best':
-    path = tf.train.latest_checkpoint(os.path.join(model_dir, BEST_DIRNAME))
+    path = latest_checkpoint(os.path.join(model_dir, BEST_DIRNAME))
     if path is None:
       raise ConfigError('checkpoint_path', f'best: no {BEST_DIRNAME}/ '
                         f'checkpoint in {model_dir} (it is kept by '

@@ -173,8 +173,8 @@ class Trainer:
   def global_step(self) -> int:
     return self.state.step
 
-  def _new_checkpoint_manager(self) -> tf.train.CheckpointManager:
-    return tf.train.CheckpointManager(
+  def _new_checkpoint_manager(self) -> run_dir.CheckpointManager:
+    return run_dir.CheckpointManager(
         self.state.checkpoint,
         run_dir.worker_dir(self.role.task, self.cfg.train.model_dir,
                            self.is_writer),
@@ -250,7 +250,7 @@ class Trainer:
       except (tf.errors.OpError, OSError):
         pass
       if self.is_writer:
-        latest = tf.train.latest_checkpoint(directory)
+        latest = run_dir.latest_checkpoint(directory)
         kept = (f'{os.path.basename(latest)} stays the latest checkpoint'
                 if latest else 'no checkpoint was written')
       else:
@@ -456,7 +456,7 @@ class Trainer:
       return
     what = (f'the loss became {loss}' if not math.isfinite(loss) else
             'the weights became non-finite')
-    latest = tf.train.latest_checkpoint(self.cfg.train.model_dir)
+    latest = run_dir.latest_checkpoint(self.cfg.train.model_dir)
     kept = (f'the last finite checkpoint, {os.path.basename(latest)}, stays '
             'the latest' if latest else 'no checkpoint was written')
     raise ConfigError(
@@ -562,7 +562,7 @@ class Trainer:
       logging.warning('Training had ended when the signal came: finishing '
                       'the run.')
     if evaluator is not None:
-      latest = tf.train.latest_checkpoint(self.cfg.train.model_dir)
+      latest = run_dir.latest_checkpoint(self.cfg.train.model_dir)
       # A rerun of a finished run reports its recorded evaluation rather
       # than adding a second point at the same step.
       eval_metrics = (history.recorded_eval(
@@ -603,7 +603,7 @@ class Trainer:
             start_step=loop_start, total_steps=self.total_steps,
             session_start=start)
       except (tf.errors.OpError, OSError) as e:
-        latest = tf.train.latest_checkpoint(self.cfg.train.model_dir)
+        latest = run_dir.latest_checkpoint(self.cfg.train.model_dir)
         raise run_dir.write_error(
             path, e, f'{os.path.basename(latest)} stays the latest '
             'checkpoint' if latest else 'no checkpoint was written') from None

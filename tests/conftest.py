@@ -40,6 +40,10 @@ FLOOR = (
     # LARS and LAMB against numpy, and on replicas against one device
     # (Keras optimizer internals: slots, iterations, serialization).
     'tests/test_optimizers.py',
+    # Checkpoint pruning by name overrides CheckpointManager._sweep (TF
+    # internals), in a model_dir a glob would misread.
+    'tests/test_literal_paths.py::'
+    'test_training_prunes_its_own_checkpoints_and_nothing_else',
     'tests/test_lamb.py',
     'tests/test_ema.py',
     'tests/test_float16.py::test_overflow_on_one_replica_skips_the_step_everywhere',

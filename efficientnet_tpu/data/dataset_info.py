@@ -25,6 +25,7 @@ Local paths and any tf.io.gfile filesystem (gs://...) work alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Dict, List, Optional
@@ -157,41 +158,76 @@ def read(data_dir: str) -> Optional[DatasetInfo]:
 
 
 def _parse(data, where: str) -> DatasetInfo:
-  if not isinstance(data, dict):
-    raise ValueError(f'{where}: expected a JSON object')
-  if data.get('format') != FORMAT:
-    raise ValueError(f'{where}: expected "format": {FORMAT}, got '
-                     f'{data.get("format")!r}')
+  """Checks every field's type and range (nothing is coerced: a string, a
+  float or a bool is no count) and builds the info. Errors name the key."""
+  obj = functools.partial(_object, where=where)
+  data = obj(data, '(top level)', 'a JSON object')
+  fmt = data.get('format')
+  if fmt != FORMAT or isinstance(fmt, bool) or not isinstance(fmt, int):
+    raise ValueError(f'{where}: expected "format": {FORMAT}, got {fmt!r}')
   splits = {}
-  for name, s in data['splits'].items():
-    files = {str(f): FileInfo(records=_int(e['records'], f'{name} {f} records'),
-                              bytes=_int(e['bytes'], f'{name} {f} bytes'))
-             for f, e in s['files'].items()}
+  for name, s in obj(data['splits'], 'splits').items():
+    s = obj(s, f'splits.{name}')
+    files = {}
+    for f, e in obj(s['files'], f'splits.{name}.files').items():
+      e = obj(e, f'splits.{name}.files.{f}')
+      key = f'splits.{name}.files.{f}'
+      files[f] = FileInfo(
+          records=_int(e['records'], f'{name} {f} records', f'{key}.records'),
+          bytes=_int(e['bytes'], f'{name} {f} bytes', f'{key}.bytes'))
     split = SplitInfo(files=files,
                       num_classes=_int(s.get('num_classes', 0),
-                                       f'{name} num_classes'))
-    if 'num_records' in s and s['num_records'] != split.num_records:
-      raise ValueError(f'{where}: split {name!r} has num_records '
-                       f'{s["num_records"]!r} but its files hold '
-                       f'{split.num_records}')
-    splits[str(name)] = split
-  classes = [ClassInfo(label=_int(c['label'], 'class label'),
-                       synset=str(c.get('synset', '')),
-                       text=str(c.get('text', '')))
-             for c in data['classes']]
-  info = DatasetInfo(splits=splits, classes=classes,
-                     label_base=data['label_base'])
-  if 'num_classes' in data and data['num_classes'] != info.num_classes:
-    raise ValueError(f'{where}: num_classes {data["num_classes"]!r} but '
-                     f'{info.num_classes} classes listed')
+                                       f'{name} num_classes',
+                                       f'splits.{name}.num_classes'))
+    if 'num_records' in s:
+      described = _int(s['num_records'], f'{name} num_records',
+                       f'splits.{name}.num_records')
+      if described != split.num_records:
+        raise ValueError(f'{where}: split {name!r} has num_records '
+                         f'{described!r} but its files hold '
+                         f'{split.num_records}')
+    splits[name] = split
+  classes = []
+  if not isinstance(data['classes'], list):
+    raise ValueError(f'{where}: expected a list for "classes", got '
+                     f'{data["classes"]!r}')
+  for i, c in enumerate(data['classes']):
+    c = obj(c, f'classes[{i}]')
+    texts = {}
+    for k in ('synset', 'text'):
+      texts[k] = c.get(k, '')
+      if not isinstance(texts[k], str):
+        raise ValueError(f'{where}: expected a string for '
+                         f'"classes[{i}].{k}", got {texts[k]!r}')
+    classes.append(ClassInfo(label=_int(c['label'], 'class label',
+                                        f'classes[{i}].label'), **texts))
+  label_base = data['label_base']
+  if isinstance(label_base, bool) or not isinstance(label_base, int):
+    raise ValueError(f'{where}: label_base must be 0 or 1, got '
+                     f'{label_base!r}')
+  info = DatasetInfo(splits=splits, classes=classes, label_base=label_base)
+  if 'num_classes' in data:
+    described = _int(data['num_classes'], 'num_classes', 'num_classes')
+    if described != info.num_classes:
+      raise ValueError(f'{where}: num_classes {described!r} but '
+                       f'{info.num_classes} classes listed')
   _validate(info, where)
   return info
 
 
-def _int(value, what: str) -> int:
+def _object(value, key: str, what: str = 'an object', *, where: str):
+  if not isinstance(value, dict):
+    raise ValueError(f'{where}: expected {what} for "{key}", got '
+                     f'{value!r}' if key != '(top level)' else
+                     f'{where}: expected {what}, got {type(value).__name__}')
+  return value
+
+
+def _int(value, what: str, key: str = '') -> int:
   if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    where = f' (key "{key}")' if key else ''
     raise ValueError(f'expected a non-negative integer for {what}, got '
-                     f'{value!r}')
+                     f'{value!r}{where}')
   return value
 
 

@@ -11,6 +11,7 @@ to the element spec of `contract`.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 from absl import logging
@@ -19,6 +20,7 @@ import tensorflow as tf
 from efficientnet_tpu.config import ConfigError, DataConfig
 from efficientnet_tpu.data import checks
 from efficientnet_tpu.data import contract
+from efficientnet_tpu.data import dataset_info
 from efficientnet_tpu.data import eval_shards
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data import stream
@@ -87,12 +89,59 @@ def check_data_files(data_cfg: DataConfig, mode: str,
     tfrecord.list_files(data_cfg.data_dir, is_training=True)
   if evaluates:
     files = tfrecord.list_files(data_cfg.data_dir, is_training=False)
+    check_description(data_cfg.data_dir, 'validation', files)
     counts = tfrecord.record_counts(files, cache_dir,
                                     create_cache_dir=mode != 'eval')
     _check_num_eval_images(
         data_cfg, sum(counts.values()),
         f'{len(files)} {tfrecord.EVAL_PATTERN!r} files in '
         f'{data_cfg.data_dir!r}', say_narrowed=True)
+
+
+def check_description(data_dir: str, split: str, files) -> None:
+  """Refuses shards that disagree with data_dir's dataset_info.json.
+
+  The description gives the split's record count (the run's
+  `num_eval_images` unless one is given) from the shards it lists, by name
+  and byte size: a shard it lists that is gone, one it does not list, or
+  one rewritten since (another size) makes every result computed from it
+  wrong, so the run stops before any work (and before counting anything).
+  A shard with its described size is taken at its described count; the
+  eval itself checks that it holds as many records (`tfrecord`'s
+  `_read_counted_file`, `_eval_tail`).
+
+  Args:
+    data_dir: the TFRecord directory.
+    split: 'validation' or 'train'.
+    files: the split's files (`tfrecord.list_files`).
+
+  Raises:
+    ConfigError: one line naming the file, the key and the first shards
+      that disagree.
+  """
+  try:
+    info = dataset_info.read(data_dir)
+  except ValueError as e:
+    raise ConfigError('data_dir', str(e)) from None
+  if info is None or split not in info.splits:
+    return
+  described = info.splits[split].files
+  found = dict(zip((os.path.basename(f) for f in files),
+                   tfrecord.file_sizes(files)))
+  problems = [f'{n} is described but missing'
+              for n in sorted(set(described) - set(found))]
+  problems += [f'{n} ({found[n]} bytes) is not described'
+               for n in sorted(set(found) - set(described)) if found[n]]
+  problems += [f'{n} has {found[n]} bytes, described {e.bytes}'
+               for n, e in sorted(described.items())
+               if n in found and found[n] != e.bytes]
+  if problems:
+    raise ConfigError(
+        'data_dir', f'{dataset_info.path(data_dir)}: "splits.{split}.files" '
+        f'describes {len(described)} shards of '
+        f'{info.splits[split].num_records} records, which the {split}-* '
+        f'files in {data_dir} are not ({"; ".join(problems[:3])}); describe '
+        f'the files again: efficientnet-tpu-make-tfrecords --index={data_dir}')
 
 
 def _check_num_eval_images(data_cfg: DataConfig, found: int, where: str,
@@ -219,7 +268,7 @@ def build_input_fn(data_cfg: DataConfig,
           data_cfg, files, is_training, ctx, start_step, global_batch_size,
           count_cache_dir,
           eval_plan=None if is_training else eval_plan(
-              ctx.num_input_pipelines))
+              ctx.num_input_pipelines), eval_counts=counts)
       decode = functools.partial(
           tfrecord.parse_record,
           include_background_label=data_cfg.include_background_label)
@@ -345,7 +394,12 @@ def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
 
   where = data_cfg.data_dir if not is_tfds else data_cfg.data
   message = (f'Eval split in {where!r} has fewer records than '
-             f'num_eval_images={data_cfg.num_eval_images}')
+             f'num_eval_images={data_cfg.num_eval_images}'
+             + ('' if is_tfds else
+                f' (counted from its {dataset_info.FILENAME} or the '
+                f'cached {tfrecord.COUNTS_FILE}): describe the files '
+                f'again (efficientnet-tpu-make-tfrecords --index={where}) '
+                'or delete the cache from model_dir'))
 
   def check_count(position, example):
     # Real examples come first: padding must not start before this

@@ -48,7 +48,8 @@ def list_files(data_dir: str, is_training: bool) -> List[str]:
   """Sorted TFRecord shards of the split; one-line error if there are none."""
   pattern = TRAIN_PATTERN if is_training else EVAL_PATTERN
   try:
-    files = sorted(tf.io.gfile.glob(os.path.join(data_dir, pattern)))
+    # Listed, not globbed: data_dir is a name, never a pattern.
+    files = fileio.list_matching(data_dir, pattern)
   except tf.errors.OpError as e:
     raise ConfigError('data_dir', f'could not list {data_dir!r} '
                       f'({type(e).__name__}: {e.message})') from None
@@ -340,6 +341,39 @@ def _read_tfrecord_file(filename: tf.Tensor, file_size: tf.Tensor,
   return items.scan(tf.constant(0, tf.int64), count_bytes).unbatch()
 
 
+def _read_counted_file(filename: tf.Tensor, file_size: tf.Tensor,
+                       take: tf.Tensor, whole: tf.Tensor) -> tf.data.Dataset:
+  """The first `take` (record, filename) pairs of one eval file.
+
+  A file read `whole` must end with its take-th record: the bytes read by
+  then must be the file's size, checked as that record is read (always:
+  it is a real eval example), so more records than its description or
+  cached count says stop the eval with an error naming the file. Fewer
+  are found by the eval's own check (`pipeline._eval_tail`).
+  """
+  def track(consumed, item):
+    record, name = item
+    consumed += tf.cast(tf.strings.length(record), tf.int64) + (
+        _RECORD_OVERHEAD)
+    return consumed, (record, name, consumed)
+
+  def check(position, item):
+    record, name, consumed = item
+    more = tf.logical_and(
+        tf.logical_and(whole, tf.equal(position, take - 1)),
+        consumed < file_size)
+    with tf.control_dependencies([tf.debugging.Assert(
+        tf.logical_not(more),
+        ['Eval file', name, 'holds more records than the', take,
+         f'that {dataset_info.FILENAME} or the cached {COUNTS_FILE} gives '
+         'it: describe the files again (efficientnet-tpu-make-tfrecords '
+         '--index=DIR) or delete the cache from model_dir'])]):
+      return tf.identity(record), name
+
+  return (_read_tfrecord_file(filename, file_size).take(take)
+          .scan(tf.constant(0, tf.int64), track).enumerate().map(check))
+
+
 def parse_record(record: tf.Tensor, filename: tf.Tensor,
                  include_background_label: bool):
   """(image_bytes, label, filename) of one serialized Example."""
@@ -358,26 +392,34 @@ def read_records(data_cfg: DataConfig, files: List[str], is_training: bool,
                  ctx: tf.distribute.InputContext, start_step: int = 0,
                  global_batch_size: int = 0,
                  count_cache_dir: Optional[str] = None,
-                 eval_plan: Optional[eval_shards.EvalShardPlan] = None
+                 eval_plan: Optional[eval_shards.EvalShardPlan] = None,
+                 eval_counts: Optional[List[int]] = None
                 ) -> tf.data.Dataset:
   """This pipeline's share of `files`: (record, filename) pairs for eval;
   for training (position, (record, filename)) from the resumable stream,
   `position` counting this pipeline's records since the run's first step.
   Parse the records with `parse_record`. Eval with an `eval_plan` reads
   only this pipeline's files (sharded by file), else every file, keeping
-  every k-th record (sharded by record)."""
+  every k-th record (sharded by record). `eval_counts`: the record count
+  the plan took for each file (its description or cached count): a file
+  read whole must end after that many records, or the eval stops with an
+  error naming it (a result over the wrong images is never reported)."""
   num, index = ctx.num_input_pipelines, ctx.input_pipeline_id
   strict = not (is_training and data_cfg.skip_corrupt)
   if not is_training and eval_plan is not None:
     mine = eval_plan.files[index]
     names = [files[i] for i, _ in mine]
+    # The last file used may be taken in part (num_eval_images); the others
+    # are read whole, and must hold no more records than counted.
+    whole = [eval_counts is not None and n == eval_counts[i]
+             for i, n in mine]
     ds = tf.data.Dataset.from_tensor_slices(
         (tf.constant(names, tf.string),
          tf.constant(file_sizes(names), tf.int64),
-         tf.constant([n for _, n in mine], tf.int64)))
-    # The last file used may be taken in part (num_eval_images).
-    return ds.interleave(lambda f, size, take: _read_tfrecord_file(
-        f, size).take(take), cycle_length=max(1, min(16, len(names))),
+         tf.constant([n for _, n in mine], tf.int64),
+         tf.constant(whole, tf.bool)))
+    return ds.interleave(_read_counted_file,
+                         cycle_length=max(1, min(16, len(names))),
                          num_parallel_calls=tf.data.AUTOTUNE,
                          deterministic=True)
   if not is_training:

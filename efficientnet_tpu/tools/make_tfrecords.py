@@ -65,6 +65,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from efficientnet_tpu import fileio
 from efficientnet_tpu.config import DataConfig
 from efficientnet_tpu.data import dataset_info as info_lib
 from efficientnet_tpu.data import tfrecord
@@ -882,7 +883,8 @@ def index(data_dir: str, num_threads: int = 32, progress: bool = True,
   found = {}
   for split in info_lib.SPLITS:
     try:
-      files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f'{split}-*')))
+      # Listed, not globbed: data_dir is a name, never a pattern.
+      files = fileio.list_matching(data_dir, f'{split}-*')
     except tf.errors.OpError as e:
       raise ConversionError(f'--index: could not list {data_dir!r} '
                             f'({e.message})') from None
@@ -1008,6 +1010,14 @@ def main(argv: Sequence[str]) -> int:
     if bool(args.index) == bool(args.output_dir):
       raise ConversionError('--output_dir/--index: expected exactly one of '
                             'them')
+    for name in ('input_dir', 'output_dir', 'index', 'val_labels',
+                 'tfds_data_dir', 'synset_texts'):
+      value = getattr(args, name, None)
+      try:
+        if value:
+          fileio.check_path_encoding(value)
+      except ValueError as e:
+        raise ConversionError(f'--{name}: {e}') from None
     if args.index:
       info, out_dir = index(args.index, args.num_threads or 32,
                             progress=not args.no_progress), args.index

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import re
 import statistics
@@ -38,7 +37,7 @@ import tensorflow as tf
 from efficientnet_tpu import fileio
 from efficientnet_tpu import history
 from efficientnet_tpu import run_dir
-from efficientnet_tpu.config import ExperimentConfig
+from efficientnet_tpu.config import ConfigError, ExperimentConfig
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 PLOTS = ('loss', 'accuracy', 'learning_rate', 'throughput', 'eval_accuracy')
@@ -56,19 +55,13 @@ def plot_path(output_dir: str, name: str) -> str:
 def _latest_config(model_dir: str) -> Optional[dict]:
   """The config of the latest (resumed) run; None if there is none."""
   resumed = []
-  for path in tf.io.gfile.glob(os.path.join(model_dir, 'config-step*.json')):
+  for path in fileio.list_matching(model_dir, 'config-step*.json'):
     match = re.fullmatch(r'config-step(\d+)\.json', os.path.basename(path))
     if match:
       resumed.append((int(match.group(1)), path))
   if not resumed:
     return run_dir.read_config(model_dir)
-  path = max(resumed)[1]
-  with tf.io.gfile.GFile(path) as f:
-    text = f.read()
-  try:
-    return json.loads(text)
-  except ValueError as e:
-    raise ReportError(f'{path} is not valid JSON ({e})') from None
+  return run_dir.read_config_file(max(resumed)[1])
 
 
 def _describe_model(config: Optional[dict]) -> Dict[str, object]:
@@ -327,6 +320,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   try:
+    for path in (args.model_dir, args.output_dir):
+      try:
+        if path:
+          fileio.check_path_encoding(path)
+      except ValueError as e:
+        raise ReportError(str(e)) from None
     summary = summarize(args.model_dir)
     paths = [] if args.no_plots else write_plots(
         history.latest(history.read(args.model_dir)),
@@ -334,6 +333,9 @@ def main(argv: Sequence[str]) -> int:
         learning_rate_curve(_latest_config(args.model_dir)))
   except ReportError as e:
     print(f'error: {e}', file=sys.stderr)
+    return 2
+  except ConfigError as e:  # config.json unreadable or mistyped.
+    print(f'error: {e.message}', file=sys.stderr)
     return 2
   except (tf.errors.OpError, OSError) as e:  # Unwritable output_dir.
     reason = (getattr(e, 'message', None) or str(e)).strip()
