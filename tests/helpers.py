@@ -51,3 +51,38 @@ def free_ports(n):
 
 def strategy_for(cfg):
   return distribute.build_strategy(cfg.distribute)
+
+
+def run_main(capsys, *args):
+  """Parses `args` as the command line would and runs the trainer's main.
+
+  Returns:
+    (exit status, capsys's captured stdout and stderr).
+  """
+  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from efficientnet_tpu import main as main_lib
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(['efficientnet-tpu-train', *args])
+    rc = main_lib.main(['efficientnet-tpu-train'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  return rc, capsys.readouterr()
+
+
+def file_digests(directory, with_mtime: bool = False) -> dict:
+  """{relative path: sha256 (and mtime in ns)} of every file under
+  `directory` ({} if there is none): what a test compares to show that
+  nothing there was written."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(path, directory)] = (
+          (digest, os.stat(path).st_mtime_ns) if with_mtime else digest)
+  return out

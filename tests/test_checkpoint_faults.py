@@ -7,7 +7,6 @@ holds), and the bytes of the files before the run.
 """
 
 import errno
-import hashlib
 import logging
 import os
 import resource
@@ -22,7 +21,7 @@ import tensorflow as tf
 from efficientnet_tpu import experiment
 from efficientnet_tpu import run_dir
 from efficientnet_tpu.config import ConfigError
-from tests.helpers import small_config, strategy_for
+from tests.helpers import file_digests, small_config, strategy_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,15 +56,7 @@ def run(trained, tmp_path):
   return model_dir
 
 
-def _digest(root):
-  """{relative path: sha256} of every file under root."""
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for name in files:
-      path = os.path.join(dirpath, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-  return out
+_digest = file_digests
 
 
 def _tf_leftover(tmp_path, step):

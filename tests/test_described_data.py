@@ -11,7 +11,6 @@ eval reads them (a count edited by hand), on --mode=eval and on the eval
 of train_and_eval.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from efficientnet_tpu import config as config_lib
 from efficientnet_tpu import main as main_lib
 from efficientnet_tpu.data import dataset_info
 from efficientnet_tpu.tools import make_tfrecords
+from tests.helpers import file_digests, run_main
 from tests.test_input_pipeline import _jpeg, write_split
 
 FLAGS = flags.FLAGS
@@ -32,25 +32,10 @@ CLASSES = 3
 LABEL = lambda f, j: (f + j) % CLASSES + 1  # pylint: disable=unnecessary-lambda-assignment
 
 
-def _run(capsys, *args):
-  FLAGS.unparse_flags()
-  try:
-    FLAGS(['efficientnet-tpu-train', *args])
-    rc = main_lib.main(['efficientnet-tpu-train'])
-  finally:
-    FLAGS.unparse_flags()
-  return rc, capsys.readouterr()
+_run = run_main
 
 
-def _snapshot(directory):
-  """{relative path: sha256} of every file under directory ({} if none)."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      with open(os.path.join(root, name), 'rb') as f:
-        out[os.path.relpath(os.path.join(root, name), directory)] = (
-            hashlib.sha256(f.read()).hexdigest())
-  return out
+_snapshot = file_digests
 
 
 def _assert_one_line(rc, out, start):

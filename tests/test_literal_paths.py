@@ -12,7 +12,6 @@ One tiny train_and_eval run (2 loops, keep_checkpoint_max=1) is shared by
 the module; eval, init_checkpoint, report and the converter reuse it.
 """
 
-import hashlib
 import json
 import os
 
@@ -26,6 +25,7 @@ from efficientnet_tpu.data import dataset_info
 from efficientnet_tpu.data import tfrecord
 from efficientnet_tpu.tools import make_tfrecords
 from efficientnet_tpu.tools import report
+from tests.helpers import file_digests, run_main
 from tests.test_input_pipeline import write_split
 
 FLAGS = flags.FLAGS
@@ -36,27 +36,11 @@ HOSTILE = 'run "a\' [1] *'
 SIBLING = 'run "a\' 1 b'
 
 
-def _run(capsys, *args):
-  FLAGS.unparse_flags()
-  try:
-    FLAGS(['efficientnet-tpu-train', *args])
-    rc = main_lib.main(['efficientnet-tpu-train'])
-  finally:
-    FLAGS.unparse_flags()
-  return rc, capsys.readouterr()
+_run = run_main
 
 
 def _snapshot(directory):
-  """{relative path: (sha256, mtime_ns)} of every file under directory."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-      out[os.path.relpath(path, directory)] = (digest,
-                                               os.stat(path).st_mtime_ns)
-  return out
+  return file_digests(directory, with_mtime=True)
 
 
 def _fake_checkpoint(directory, steps):

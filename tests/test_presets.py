@@ -208,16 +208,21 @@ def _dry_run(capsys, caplog, *args):
   return rc, out, config
 
 
+def _assert_the_descriptions_counts(config):
+  """The counts `described_data`'s dataset_info.json gives, not a preset's."""
+  assert (config['data']['num_train_images'],
+          config['data']['num_eval_images'],
+          config['model']['num_label_classes']) == (30, 12, 4)
+  assert config['data']['counts_from'] == 'dataset_info.json'
+
+
 def test_preset_on_described_data_takes_its_counts(described_data, tmp_path,
                                                    capsys, caplog):
   rc, out, config = _dry_run(
       capsys, caplog, '--preset=cpu_smoke', '--data=tfrecord',
       f'--data_dir={described_data}', f'--model_dir={tmp_path / "run"}')
   assert rc == 0, out.err
-  assert (config['data']['num_train_images'],
-          config['data']['num_eval_images'],
-          config['model']['num_label_classes']) == (30, 12, 4)
-  assert config['data']['counts_from'] == 'dataset_info.json'
+  _assert_the_descriptions_counts(config)
   # The preset's other settings stand.
   assert config['distribute']['num_cpu_replicas'] == 4
   assert config['train']['train_steps'] == 120
@@ -293,10 +298,7 @@ def test_small_images_preset_validates_and_takes_the_datas_counts(
       capsys, caplog, '--preset=small_images',
       f'--data_dir={described_data}', f'--model_dir={tmp_path / "run"}')
   assert rc == 0, out.err
-  assert (config['data']['num_train_images'],
-          config['data']['num_eval_images'],
-          config['model']['num_label_classes']) == (30, 12, 4)
-  assert config['data']['counts_from'] == 'dataset_info.json'
+  _assert_the_descriptions_counts(config)
   # What the preset sets for small images, as the settings a run records.
   assert config['model']['image_size'] == 32
   assert config['data']['eval_crop_fraction'] == 1.0

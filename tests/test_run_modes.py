@@ -24,20 +24,14 @@ from efficientnet_tpu import main as main_lib
 from efficientnet_tpu import presets
 from efficientnet_tpu.data import dataset_info
 from efficientnet_tpu.tools import make_tfrecords
+from tests.helpers import run_main
 from tests.test_input_pipeline import write_split
 
 FLAGS = flags.FLAGS
 CLASSES = 4
 
 
-def _run(capsys, *args):
-  FLAGS.unparse_flags()
-  try:
-    FLAGS(['efficientnet-tpu-train', *args])
-    rc = main_lib.main(['efficientnet-tpu-train'])
-  finally:
-    FLAGS.unparse_flags()
-  return rc, capsys.readouterr()
+_run = run_main
 
 
 def _jpeg(seed):
