@@ -57,15 +57,12 @@ class Evaluator:
     self.is_writer = role.is_eval_writer
     self.input_dtype = tf.bfloat16 if cfg.model.use_bfloat16 else tf.float32
     self._on_tpu = distribute.is_tpu(strategy)
-    with strategy.scope():
-      self._sums = {
-          name: replicated.sum_variable(f'eval_{name}')
-          for name in ('loss', 'top_1', 'top_5', 'count')
-      }
+    self._sums = replicated.Accumulators(
+        strategy, 'eval', ('loss', 'top_1', 'top_5', 'count'))
     jit = distribute.resolve_jit_compile(strategy, cfg.train.jit_compile)
     self._logits_fn = (tf.function(self._logits, jit_compile=True)
                        if jit else self._logits)
-    self._dataset = None
+    self._iterator = None
     self._eval_loop_fn = None
     self._writer = None
     self._best_manager = None
@@ -91,12 +88,23 @@ class Evaluator:
   def evaluate(self) -> Dict[str, float]:
     """One full pass over the eval set; returns exact metrics."""
     if self._eval_loop_fn is None:
-      self._dataset = replicated.distribute_input(self.strategy,
-                                                  self.input_fn)
+      steps, input_fn = self.num_steps, self.input_fn
+
+      def passes(ctx):
+        # Every pass reads the same `steps` batches per replica: one
+        # iterator serves them all (a new one per pass costs eager ops
+        # per replica on the host).
+        per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        return input_fn(ctx).take(steps * per_pipeline).repeat()
+
+      self._iterator = iter(replicated.distribute_input(self.strategy,
+                                                        passes))
       self._eval_loop_fn = replicated.replicated_loop(
           self.strategy, self._replica_eval_step)
-    for v in self._sums.values():
-      v.assign(0.0)
+    # Host work per pass: one compiled call each for the reset, the
+    # synchronization, the EMA swaps, the steps and the read, whatever the
+    # number of replicas.
+    self._sums.reset()
     ema = self.state.ema
     start = time.time()
     # Eval normalizes with the moving statistics: the same on every replica.
@@ -104,9 +112,9 @@ class Evaluator:
     if ema is not None:
       ema.swap()
     try:
-      self._eval_loop_fn(iter(self._dataset),
+      self._eval_loop_fn(self._iterator,
                          tf.constant(self.num_steps, tf.int32))
-      sums = {k: float(v.numpy()) for k, v in self._sums.items()}
+      sums = self._sums.read()
     finally:
       if ema is not None:
         ema.swap()
