@@ -124,7 +124,6 @@ def progress_line(step: int, total_steps: int,
   return line + f' elapsed {_hms(metrics["elapsed_s"])} ETA {eta}'
 
 
-
 class Trainer:
   """Trains a `ModelState` with the replicated host loop; checkpoints it."""
 
@@ -442,6 +441,8 @@ class Trainer:
       seconds = time.time() - start
       if compiling and i == 0:
         compile_s = seconds
+        logging.info('Compiled the training step in %.1f s (one step '
+                     'included).', compile_s)
       else:
         timed_steps += self.global_step - before
         elapsed += seconds
@@ -452,9 +453,6 @@ class Trainer:
         not self._stop_by_agreement and self.stop.requested)
     # Skipped float16 steps advance `iterations` too: every step counts.
     num_steps = self.last_loop_steps = self.global_step - first_step
-    if compile_s is not None:
-      logging.info('Compiled the training step in %.1f s (one step '
-                   'included).', compile_s)
     if not num_steps:
       return {}
     examples = max(sums['examples'], 1)
