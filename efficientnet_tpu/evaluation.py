@@ -57,15 +57,12 @@ class Evaluator:
     self.is_writer = role.is_eval_writer
     self.input_dtype = tf.bfloat16 if cfg.model.use_bfloat16 else tf.float32
     self._on_tpu = distribute.is_tpu(strategy)
-    with strategy.scope():
-      self._sums = {
-          name: replicated.sum_variable(f'eval_{name}')
-          for name in ('loss', 'top_1', 'top_5', 'count')
-      }
+    self._sums = replicated.Accumulators(
+        strategy, 'eval', ('loss', 'top_1', 'top_5', 'count'))
     jit = distribute.resolve_jit_compile(strategy, cfg.train.jit_compile)
     self._logits_fn = (tf.function(self._logits, jit_compile=True)
                        if jit else self._logits)
-    self._dataset = None
+    self._iterator = None
     self._eval_loop_fn = None
     self._writer = None
     self._best_manager = None
@@ -92,19 +89,29 @@ class Evaluator:
     """One full pass over the eval set; returns exact metrics."""
     compile_s = None
     if self._eval_loop_fn is None:
-      self._dataset = replicated.distribute_input(self.strategy,
-                                                  self.input_fn)
+      steps, input_fn = self.num_steps, self.input_fn
+
+      def passes(ctx):
+        # Every pass reads the same `steps` batches per replica: one
+        # iterator serves them all (a new one per pass costs eager ops
+        # per replica on the host).
+        per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        return input_fn(ctx).take(steps * per_pipeline).repeat()
+
+      self._iterator = iter(replicated.distribute_input(self.strategy,
+                                                        passes))
       self._eval_loop_fn = replicated.replicated_loop(
           self.strategy, self._replica_eval_step)
-    iterator = iter(self._dataset)
     if self._eval_loop_fn.experimental_get_tracing_count() == 0:
       # A zero-step call traces and optimizes the loop, so that the eval's
       # time and images/s are the evaluation's, not its one-time tracing.
       start = time.time()
-      self._eval_loop_fn(iterator, tf.constant(0, tf.int32))
+      self._eval_loop_fn(self._iterator, tf.constant(0, tf.int32))
       compile_s = time.time() - start
-    for v in self._sums.values():
-      v.assign(0.0)
+    # Host work per pass: one compiled call each for the reset, the
+    # synchronization, the EMA swaps, the steps and the read, whatever the
+    # number of replicas.
+    self._sums.reset()
     ema = self.state.ema
     start = time.time()
     # Eval normalizes with the moving statistics: the same on every replica.
@@ -112,8 +119,9 @@ class Evaluator:
     if ema is not None:
       ema.swap()
     try:
-      self._eval_loop_fn(iterator, tf.constant(self.num_steps, tf.int32))
-      sums = {k: float(v.numpy()) for k, v in self._sums.items()}
+      self._eval_loop_fn(self._iterator,
+                         tf.constant(self.num_steps, tf.int32))
+      sums = self._sums.read()
     finally:
       if ema is not None:
         ema.swap()

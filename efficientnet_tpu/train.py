@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -70,13 +70,16 @@ def progress_line(step: int, total_steps: int,
   line = (f'step {step}/{total_steps} (epoch {metrics["epoch"]:.2f}): '
           f'loss={metrics["loss"]:.4g} '
           f'top_1={metrics["top_1_accuracy"]:.4g} '
-          f'lr={metrics["learning_rate"]:.4g} '
-          f'images/s={metrics["images_per_second"]:.4g} '
-          f'({metrics["images_per_second_per_replica"]:.4g}/replica)')
+          f'lr={metrics["learning_rate"]:.4g} ')
+  if 'images_per_second' in metrics:
+    line += (f'images/s={metrics["images_per_second"]:.4g} '
+             f'({metrics["images_per_second_per_replica"]:.4g}/replica)')
+  else:  # The loop's only step ran with the compile.
+    line += f'compile={metrics["compile_time_s"]:.1f}s'
   if 'skipped_records' in metrics:
     line += f' skipped_records={metrics["skipped_records"]:g}'
-  return (line + f' elapsed {_hms(metrics["elapsed_s"])}'
-          f' ETA {_hms(metrics["eta_s"])}')
+  eta = _hms(metrics['eta_s']) if 'eta_s' in metrics else 'unknown'
+  return line + f' elapsed {_hms(metrics["elapsed_s"])} ETA {eta}'
 
 
 class Trainer:
@@ -124,12 +127,9 @@ class Trainer:
     self.is_writer = role.is_train_writer
     self.summary_images = summary_images
 
-    with strategy.scope():
-      self._loss_sum = replicated.sum_variable('train_loss_sum')
-      self._cross_entropy_sum = replicated.sum_variable(
-          'train_cross_entropy_sum')
-      self._correct_sum = replicated.sum_variable('train_correct_sum')
-      self._example_sum = replicated.sum_variable('train_example_sum')
+    # Per-replica sums of the loop's metrics (zeroed and read once a loop).
+    self._sums = replicated.Accumulators(
+        strategy, 'train', ('loss', 'cross_entropy', 'correct', 'examples'))
     # Not autograph-converted (it has no tensor-dependent Python control
     # flow): TF 2.18's conversion cache can hand a later Trainer's jitted
     # method the conversion of another method of this class ("tf__normalize()
@@ -354,26 +354,31 @@ class Trainer:
     # logits: comparable with eval's, unlike the loss (smoothing, L2).
     cross_entropy = losses.smoothed_cross_entropy(
         labels, logits, self.cfg.model.num_label_classes, 0.0)
-    self._loss_sum.assign_add(loss)
-    self._cross_entropy_sum.assign_add(tf.reduce_sum(cross_entropy))
-    self._correct_sum.assign_add(tf.reduce_sum(correct))
-    self._example_sum.assign_add(tf.cast(tf.size(labels), tf.float32))
+    self._sums['loss'].assign_add(loss)
+    self._sums['cross_entropy'].assign_add(tf.reduce_sum(cross_entropy))
+    self._sums['correct'].assign_add(tf.reduce_sum(correct))
+    self._sums['examples'].assign_add(tf.cast(tf.size(labels), tf.float32))
 
   def train_loop(self, num_steps: int) -> Dict[str, float]:
     """Runs `num_steps` steps in one host call; returns loop metrics.
 
-    The first call compiles the loop first, with a zero-step call (on a
-    pod: minutes), and reports it as `compile_time_s`;
-    `images_per_second` never includes compilation.
+    The first call compiles the loop. The compile happens at the first
+    call that takes a step (TPUStrategy compiles the replicated program
+    then; a zero-step call traces but compiles nothing, and XLA functions
+    compile at their first run too), so that call takes one step alone
+    and is reported as `compile_time_s` (one step included); the loop's
+    other steps run in a second call. `images_per_second`,
+    `step_time_ms` (and the ETA) come from the steps after the compile
+    only: a loop of one step, the first, has none of them.
 
     A stop request (`self.stop`) ends the loop before its next step:
     `last_loop_steps` says how many it took, `last_loop_stopped` whether
     it stopped on a request. The metrics are those of the steps taken; {}
     if none was.
     """
-    num_steps_t = tf.constant(num_steps, tf.int32)
-    compile_s = None
-    if self._train_loop_fn is None:
+    calls = [num_steps]
+    compiling = self._train_loop_fn is None
+    if compiling:
       self._train_loop_fn = replicated.stoppable_loop(
           self.strategy, self._replica_train_step, self.stop.flag,
           agree=self._stop_by_agreement)
@@ -382,42 +387,54 @@ class Trainer:
                    self.num_replicas,
                    ', XLA' if self.jit_compile or distribute.is_tpu(
                        self.strategy) else '')
-      start = time.time()
-      # A zero-step call traces, optimizes and (TPU) XLA-compiles the loop
-      # without taking a step or a batch.
-      self._train_loop_fn(self._train_iterator, tf.constant(0, tf.int32))
-      compile_s = time.time() - start
-      logging.info('Compiled the training step in %.1f s.', compile_s)
-    for v in (self._loss_sum, self._cross_entropy_sum, self._correct_sum,
-              self._example_sum):
-      v.assign(0.0)
+      calls = [1, num_steps - 1] if num_steps > 1 else [1]
+    self._sums.reset()
     first_step = self.global_step
-    start = time.time()
-    stopped = self._train_loop_fn(self._train_iterator, num_steps_t)
-    loss_sum = self._loss_sum.numpy()  # Blocks until the loop finished.
-    elapsed = time.time() - start
+    compile_s = None
+    timed_steps, elapsed, stopped = 0, 0.0, False
+    for i, steps in enumerate(calls):
+      before = self.global_step
+      start = time.time()
+      stopped = bool(self._train_loop_fn(
+          self._train_iterator, tf.constant(steps, tf.int32)).numpy())
+      # Reading the sums blocks until the steps have run.
+      sums = self._sums.read()
+      seconds = time.time() - start
+      if compiling and i == 0:
+        compile_s = seconds
+        logging.info('Compiled the training step in %.1f s (one step '
+                     'included).', compile_s)
+      else:
+        timed_steps += self.global_step - before
+        elapsed += seconds
+      if stopped:
+        break
     # One process: its own request counts, also one after the last step.
-    self.last_loop_stopped = bool(stopped.numpy()) or (
+    self.last_loop_stopped = stopped or (
         not self._stop_by_agreement and self.stop.requested)
     # Skipped float16 steps advance `iterations` too: every step counts.
     num_steps = self.last_loop_steps = self.global_step - first_step
     if not num_steps:
       return {}
-    examples = max(self._example_sum.numpy(), 1)
-    images_per_second = num_steps * self.cfg.train.train_batch_size / elapsed
+    examples = max(sums['examples'], 1)
     metrics = {
-        'loss': float(loss_sum / num_steps),
-        'cross_entropy': float(self._cross_entropy_sum.numpy() / examples),
-        'top_1_accuracy': float(self._correct_sum.numpy() / examples),
+        'loss': sums['loss'] / num_steps,
+        'cross_entropy': sums['cross_entropy'] / examples,
+        'top_1_accuracy': sums['correct'] / examples,
         'learning_rate': float(self.state.learning_rate(
             self.optimizer.iterations - 1)),
-        'images_per_second': float(images_per_second),
-        'images_per_second_per_replica': float(images_per_second /
-                                               self.num_replicas),
-        'step_time_ms': float(1000.0 * elapsed / num_steps),
     }
+    if timed_steps:
+      images_per_second = (timed_steps * self.cfg.train.train_batch_size /
+                           elapsed)
+      metrics.update(
+          images_per_second=float(images_per_second),
+          images_per_second_per_replica=float(images_per_second /
+                                              self.num_replicas),
+          step_time_ms=float(1000.0 * elapsed / timed_steps))
     if compile_s is not None:
       metrics['compile_time_s'] = float(compile_s)
+      metrics['compile_steps'] = num_steps - timed_steps
     if self._skipped is not None:
       # This process's input pipelines since it started (read ahead of
       # the steps by the prefetch buffers); warns about new bad files.
@@ -539,7 +556,8 @@ class Trainer:
                    self.total_steps)
     else:
       self.write_input_images(step)
-    start, first_step, compile_s = time.time(), step, 0.0
+    # The compile (and the step it ran) of this process, for the ETA.
+    start, first_step, compiled = time.time(), step, (0.0, 0)
     while step < self.total_steps:
       next_eval = min(self.total_steps, (step // interval + 1) * interval)
       num_steps = min(self.cfg.loop_steps, next_eval - step)
@@ -549,9 +567,10 @@ class Trainer:
       checkpoint_path = None
       if step > loop_start:
         metrics = loop_metrics
+        compiled = (compiled[0] + metrics.get('compile_time_s', 0.0),
+                    compiled[1] + metrics.get('compile_steps', 0))
         checkpoint_path = self._finish_loop(metrics, loop_start, step, start,
-                                            first_step, compile_s)
-        compile_s += metrics.get('compile_time_s', 0.0)
+                                            first_step, compiled)
       if self.last_loop_stopped:
         raise self._preempted(step, checkpoint_path)
       if evaluator is not None and (step == next_eval and
@@ -579,20 +598,26 @@ class Trainer:
 
   def _finish_loop(self, metrics: Dict[str, float], loop_start: int,
                    step: int, start: float, first_step: int,
-                   compile_s: float) -> str:
-    """Checks, logs and records a loop's steps, then saves the checkpoint."""
+                   compiled: Tuple[float, int]) -> str:
+    """Checks, logs and records a loop's steps, then saves the checkpoint.
+
+    `compiled`: the seconds and steps of this process's compile calls so
+    far (this loop's included), which the ETA leaves out.
+    """
     # Before anything of this loop is written: a diverged run keeps its
     # last finite checkpoint as the latest, and ends (on every worker:
     # the loss is all-reduced, the weights are replicated).
     self.check_finite(metrics, loop_start, step)
     metrics['epoch'] = step / self.steps_per_epoch
     # Wall time of this process, checkpoints and evaluations included;
-    # the ETA extrapolates it without the one-time tracing.
-    compile_s += metrics.get('compile_time_s', 0.0)
+    # the ETA extrapolates it without the one-time compile (and the step
+    # timed with it). Before any step after the compile there is none.
     elapsed = time.time() - start
-    per_step = (elapsed - compile_s) / (step - first_step)
     metrics['elapsed_s'] = elapsed
-    metrics['eta_s'] = per_step * (self.total_steps - step)
+    compile_s, compile_steps = compiled
+    if step - first_step > compile_steps:
+      per_step = (elapsed - compile_s) / (step - first_step - compile_steps)
+      metrics['eta_s'] = per_step * (self.total_steps - step)
     logging.info(progress_line(step, self.total_steps, metrics))
     self.write_summaries(metrics, step)
     if self.is_writer:

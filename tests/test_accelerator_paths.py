@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
 
 from efficientnet_tpu import distribute
 from efficientnet_tpu import experiment
@@ -119,6 +120,37 @@ def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
   assert tf.train.latest_checkpoint(str(tmp_path / 'gpu')).endswith('ckpt-6')
 
 
+def test_float16_and_group_bn_with_collective_ops_like_the_cpu_path(
+    tmp_path):
+  """float16's loss-scale tf.cond around the optimizer's all-reduce, and
+  batch norm over both replicas, with MirroredStrategy's default
+  cross-device ops on GPUs (collective all-reduce: NCCL there, RING on
+  these CPUs) against the CPU path (ReductionToOneDevice)."""
+  overrides = dict(model=dict(use_float16=True, bn_group_size=0,
+                              image_size=32),
+                   optimizer=dict(moving_average_decay=0.9),
+                   train=dict(eval_batch_size=16))
+  ref_cfg = small_config(tmp_path / 'ref', num_replicas=2, **overrides)
+  ref, initial, ref_metrics = _train_and_eval(ref_cfg, cpu_replicas(2))
+  cfg = small_config(tmp_path / 'gpu', num_replicas=2, **overrides)
+  with forced_gpu_path():
+    strategy = _gpu_mirrored(2)
+    assert isinstance(strategy.extended._cross_device_ops,  # pylint: disable=protected-access
+                      cross_device_ops_lib.CollectiveAllReduce)
+    trainer, _, metrics = _train_and_eval(cfg, strategy, initial)
+  assert trainer.bn_group_size == 2 and trainer.global_step == 4
+  update = max(np.abs(a - b).max() for a, b in zip(_weights(ref), initial))
+  mismatch = max(np.abs(a - b).max()
+                 for a, b in zip(_weights(trainer), _weights(ref)))
+  assert update > 1e-2
+  assert mismatch <= 1e-6 * update, (mismatch, update)
+  scale = lambda t: (float(t.state.loss_scale.scale.numpy()),
+                     int(t.state.loss_scale.good_steps.numpy()))
+  assert scale(trainer) == scale(ref)
+  assert metrics['eval/num_examples'] == ref_metrics['eval/num_examples']
+  assert metrics['eval/top_1_accuracy'] == ref_metrics['eval/top_1_accuracy']
+
+
 def test_whole_step_under_xla_is_what_fails_on_the_gpu_path(tmp_path):
   """Why XLA covers only the forward/backward pass: the previous policy
   (the whole replica step in a jit function) fails on the all-GPU path."""
@@ -220,9 +252,15 @@ def test_bad_tf_config_is_a_one_line_error(monkeypatch):
 
 
 @pytest.mark.slow
-def test_chief_and_worker_on_localhost_only_the_chief_writes(tmp_path):
+@pytest.mark.parametrize('flags', [
+    ['--jit_compile=true'],
+    # float16's loss-scale cond and batch norm over both tasks, with the
+    # collective ops between the processes.
+    ['--use_float16', '--bn_group_size=0']], ids=['xla', 'float16_bn'])
+def test_chief_and_worker_on_localhost_only_the_chief_writes(tmp_path, flags):
   """Vertex AI's layout: a chief task plus workers, MultiWorkerMirrored
-  on the GPU path (forced), XLA on the forward/backward pass."""
+  on the GPU path (forced); XLA on the forward/backward pass, or float16
+  with batch norm over the cluster."""
   chief, worker = [f'127.0.0.1:{p}' for p in free_ports(2)]
   cluster = {'chief': [chief], 'worker': [worker]}
   model_dir = tmp_path / 'run'
@@ -243,7 +281,7 @@ def test_chief_and_worker_on_localhost_only_the_chief_writes(tmp_path):
          '--num_eval_images=37', '--optimizer=momentum',
          '--lr_scaling=none', '--base_learning_rate=0.1',
          '--lr_schedule=constant', '--lr_warmup_epochs=0',
-         '--moving_average_decay=0.9', '--jit_compile=true',
+         '--moving_average_decay=0.9', *flags,
          f'--export_dir={tmp_path / "export"}'],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outs = []
