@@ -31,7 +31,8 @@ def _tiny_model(config, bn_group_size=1, **unused):
   a fraction of the time on 8 replicas."""
   inputs = keras.Input((config.image_size, config.image_size, 3))
   x = keras.layers.Conv2D(4, 3, strides=2, use_bias=False)(inputs)
-  x = layers.make_batch_norm(config, bn_group_size, 'bn')(x)
+  x = layers.make_batch_norm(layers.BatchNormSpec(
+      momentum=config.batch_norm_momentum, group_size=bn_group_size), 'bn')(x)
   x = keras.layers.GlobalAveragePooling2D()(x)
   return keras.Model(inputs,
                      keras.layers.Dense(config.num_label_classes)(x))
