@@ -268,6 +268,12 @@ class _LegacyH5Source:
       if weights:
         self._layers[name] = weights
     self._used = set()
+    # Keras names the input normalization `normalization_N` when the model
+    # that saved the file was not the first with such a layer in its
+    # process.
+    self._normalization = next(
+        (n for n in sorted(self._layers)
+         if re.fullmatch(KERAS_NORMALIZATION_LAYER + r'(_\d+)?', n)), None)
 
   def _weights(self, name):
     """{short weight name: array} of layer `name`."""
@@ -289,12 +295,12 @@ class _LegacyH5Source:
 
   def leftover(self) -> List[str]:
     return sorted(n for n in set(self._layers) - self._used
-                  if n != KERAS_NORMALIZATION_LAYER)
+                  if n != self._normalization)
 
   def normalization(self):
-    if KERAS_NORMALIZATION_LAYER not in self._layers:
+    if self._normalization is None:
       return None
-    weights = self._weights(KERAS_NORMALIZATION_LAYER)
+    weights = self._weights(self._normalization)
     return weights.get('mean'), weights.get('variance')
 
 

@@ -46,7 +46,17 @@ def _train_and_eval(cfg, strategy, initial=None):
 
 
 def _gpu_mirrored(n):
-  """MirroredStrategy as on n GPUs: default (collective) cross-device ops."""
+  """MirroredStrategy as on n GPUs: default (collective) cross-device ops.
+
+  Each with collective keys of its own: strategies of one process start
+  their group and instance keys at the same values, so a later one's
+  all-reduce of another shape met an earlier one's state in TF's collective
+  executor ("Shape mismatch in the collective instance 100") when this
+  module's tests ran in another order. A process of the application builds
+  one strategy.
+  """
+  # pylint: disable=protected-access
+  tf.distribute.MirroredStrategy._collective_key_base += 10000
   return tf.distribute.MirroredStrategy([f'/cpu:{i}' for i in range(n)])
 
 

@@ -105,6 +105,10 @@ def _keras_weights(kmodel):
 def b0(tmp_path_factory):
   """keras.applications B0: the model, its .weights.h5 and Keras 2 .h5."""
   d = tmp_path_factory.mktemp('b0')
+  # Not the process's first Normalization layer: Keras then names the
+  # model's input normalization `normalization_N`, as in a file saved by a
+  # process that built other models first.
+  keras.layers.Normalization()
   kmodel = _keras_model('efficientnet-b0')
   kmodel.save_weights(str(d / 'b0.weights.h5'))
   _write_keras2_h5(kmodel, d / 'efficientnetb0.h5')
