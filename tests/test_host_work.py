@@ -96,6 +96,17 @@ def test_host_work_per_loop_does_not_grow_with_the_replicas(tmp_path,
   assert sum(v for k, v in two.items() if k.startswith('__inference')) >= 8
 
 
+def _recording_trainer(tmp_path, monkeypatch, steps, per_loop):
+  """(cfg, a 1-replica trainer, the metrics of each loop it writes)."""
+  cfg = small_config(tmp_path, train=dict(train_steps=steps,
+                                          iterations_per_loop=per_loop))
+  trainer = experiment.build_trainer(cfg, cpu_replicas(1))
+  loops = []
+  monkeypatch.setattr(trainer, 'write_summaries',
+                      lambda metrics, step: loops.append(dict(metrics)))
+  return cfg, trainer, loops
+
+
 class _FakeClock:
   """train.py's `time`: only what the test advances passes."""
 
@@ -131,12 +142,7 @@ def test_first_loop_reports_its_compile_apart_from_its_steps(
     return timed
 
   monkeypatch.setattr(replicated, 'stoppable_loop', lazily_compiled_loop)
-  cfg = small_config(tmp_path, train=dict(train_steps=6,
-                                          iterations_per_loop=3))
-  trainer = experiment.build_trainer(cfg, cpu_replicas(1))
-  loops = []
-  monkeypatch.setattr(trainer, 'write_summaries',
-                      lambda metrics, step: loops.append(dict(metrics)))
+  cfg, trainer, loops = _recording_trainer(tmp_path, monkeypatch, 6, 3)
   trainer.train()
   first, second = loops
   batch = cfg.train.train_batch_size
@@ -154,12 +160,7 @@ def test_first_loop_reports_its_compile_apart_from_its_steps(
 def test_a_first_loop_of_one_step_has_no_throughput_yet(tmp_path, tiny_model,
                                                         monkeypatch):
   del tiny_model
-  cfg = small_config(tmp_path, train=dict(train_steps=3,
-                                          iterations_per_loop=1))
-  trainer = experiment.build_trainer(cfg, cpu_replicas(1))
-  loops = []
-  monkeypatch.setattr(trainer, 'write_summaries',
-                      lambda metrics, step: loops.append(dict(metrics)))
+  _, trainer, loops = _recording_trainer(tmp_path, monkeypatch, 3, 1)
   start = time.time()
   trainer.train()
   assert len(loops) == 3
