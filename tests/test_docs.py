@@ -58,8 +58,10 @@ def _launch_flags():
 def _argparse_flags(paths):
   names = set()
   for path in paths:
-    names.update(re.findall(r"add_argument\(\s*'--([a-z][a-z0-9_]*)'",
-                            path.read_text()))
+    # argparse's, and pytest's options of tests/conftest.py.
+    names.update(re.findall(
+        r"add_?(?:argument|option)\(\s*'--([a-z][a-z0-9_]*)'",
+        path.read_text()))
   return names
 
 
@@ -73,6 +75,8 @@ def test_the_sources_are_read():
       _launch_flags())
   assert {'input_dir', 'check'} <= _argparse_flags(
       (REPO / 'efficientnet_tpu' / 'tools').glob('*.py'))
+  assert {'reverse_order'} <= _argparse_flags([REPO / 'tests' /
+                                               'conftest.py'])
 
 
 @pytest.mark.parametrize('path', DOCS, ids=lambda p: str(p.relative_to(REPO)))
@@ -80,7 +84,8 @@ def test_every_flag_in_the_docs_exists(path):
   known = (_main_flags() | _launch_flags() | THIRD_PARTY | PLACEHOLDERS
            | (PAPER_CODE if path.name in PAPER_DOCS else set())
            | _argparse_flags((REPO / 'efficientnet_tpu' / 'tools').glob('*.py'))
-           | _argparse_flags((REPO / 'benchmarks').glob('*.py')))
+           | _argparse_flags((REPO / 'benchmarks').glob('*.py'))
+           | _argparse_flags([REPO / 'tests' / 'conftest.py']))
   unknown = [f'--{name}' for name in _mentioned(path) if name not in known]
   assert not unknown, f'{path.relative_to(REPO)} mentions unknown flags: {unknown}'
 
