@@ -95,7 +95,7 @@ def header_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
             _big_endian_u32(image_bytes, 20))
 
   is_png = tf.logical_and(
-      tf.equal(tf.strings.substr(image_bytes, 0, 8), b'\x89PNG\r\n\x1a\n'),
+      tf.equal(tf.strings.substr(image_bytes, 0, 8), _PNG_SIGNATURE),
       tf.strings.length(image_bytes) >= 24)
   return tf.case([(tf.io.is_jpeg(image_bytes), jpeg), (is_png, png)],
                  default=lambda: tf.constant(0, tf.int64), exclusive=True)
