@@ -27,7 +27,8 @@ def _check_pngs(directory):
     assert len(data) > 5000, (name, len(data))  # Axes, lines and labels.
 
 
-def test_report_of_a_resumed_train_and_eval_run(tmp_path, capsys):
+def test_report_of_a_resumed_train_and_eval_run(tmp_path, capsys,
+                                                monkeypatch):
   model_dir = tmp_path / 'run'
   cfg = small_config(model_dir, train=dict(
       mode='train_and_eval', train_steps=4, iterations_per_loop=2,
@@ -83,10 +84,21 @@ def test_report_of_a_resumed_train_and_eval_run(tmp_path, capsys):
   assert 'in 2 process(es)' in out
   _check_pngs(model_dir)
 
-  # --output_dir: the plots go there.
+  # --output_dir: the plots go there; the summary and the plots share one
+  # read of the latest config and one parse of it.
+  reads, parses = [], []
+  for name in ('read_config', 'read_config_file'):
+    real = getattr(run_dir, name)
+    monkeypatch.setattr(run_dir, name,
+                        lambda *a, _real=real, **k: reads.append(a) or
+                        _real(*a, **k))
+  from_dict = report.ExperimentConfig.from_dict.__func__
+  monkeypatch.setattr(report.ExperimentConfig, 'from_dict', classmethod(
+      lambda cls, d: parses.append(d) or from_dict(cls, d)))
   assert report.main([str(model_dir), '--output_dir',
                       str(tmp_path / 'plots')]) == 0
   _check_pngs(tmp_path / 'plots')
+  assert len(reads) == 1 and len(parses) == 1, (reads, len(parses))
 
 
 def _train(start_step, step, loss, elapsed, session):

@@ -26,7 +26,7 @@ import os
 import re
 import statistics
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 # A console tool: TF's C++ start-up lines would bury its one-line errors.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -64,15 +64,44 @@ def _latest_config(model_dir: str) -> Optional[dict]:
   return run_dir.read_config_file(max(resumed)[1])
 
 
-def _describe_model(config: Optional[dict]) -> Dict[str, object]:
-  """Model name, image size and total steps of a config dict (None where
-  the file is missing or from a version this one cannot read)."""
+def _parse_config(config: Optional[dict]) -> Optional[ExperimentConfig]:
+  """The ExperimentConfig of a config dict; None where the file is missing
+  or from a version this one cannot read."""
   if config is None:
-    return {'model': None, 'image_size': None, 'total_steps': None}
+    return None
   try:
-    cfg = ExperimentConfig.from_dict(config)
+    return ExperimentConfig.from_dict(config)
   except (TypeError, KeyError, ValueError):
-    model = config.get('model', {})
+    return None
+
+
+class RunFiles:
+  """A run directory's history and latest config, each read and parsed once
+  (the summary and the plots share them)."""
+
+  def __init__(self, model_dir: str):
+    """Reads them.
+
+    Raises:
+      ReportError: model_dir does not exist or holds an unreadable file.
+    """
+    if not tf.io.gfile.isdir(model_dir):
+      raise ReportError(f'{model_dir}: no such directory')
+    self.model_dir = model_dir
+    try:
+      self.raw = history.read(model_dir)
+      self.config = _latest_config(model_dir)
+    except ValueError as e:  # ConfigError too.
+      raise ReportError(str(e).splitlines()[0]) from None
+    self.cfg = _parse_config(self.config)
+
+
+def _describe_model(config: Optional[dict],
+                    cfg: Optional[ExperimentConfig]) -> Dict[str, object]:
+  """Model name, image size and total steps of a config (None where the
+  file is missing or from a version this one cannot read: `cfg` None)."""
+  if cfg is None:
+    model = (config or {}).get('model', {})
     return {'model': model.get('name', model.get('model_name')),
             'image_size': model.get('image_size'), 'total_steps': None}
   return {'model': cfg.model.model_name, 'image_size': cfg.model.image_size,
@@ -98,8 +127,13 @@ def _eval_point(record: dict) -> Dict[str, object]:
           'cross_entropy': m.get('loss')}
 
 
-def summarize(model_dir: str) -> Dict[str, object]:
+def summarize(model_dir: str,
+              run: Optional[RunFiles] = None) -> Dict[str, object]:
   """Where the run in `model_dir` stands, as numbers.
+
+  Args:
+    model_dir: the run directory.
+    run: its files, when already read (`RunFiles(model_dir)`).
 
   Returns:
     A dict: model, image_size, step (the last train loop's), total_steps,
@@ -114,13 +148,9 @@ def summarize(model_dir: str) -> Dict[str, object]:
     ReportError: model_dir does not exist, holds no history or an
       unreadable file.
   """
-  if not tf.io.gfile.isdir(model_dir):
-    raise ReportError(f'{model_dir}: no such directory')
-  try:
-    raw = history.read(model_dir)
-    described = _describe_model(_latest_config(model_dir))
-  except ValueError as e:  # ConfigError too.
-    raise ReportError(str(e).splitlines()[0]) from None
+  run = run or RunFiles(model_dir)
+  raw = run.raw
+  described = _describe_model(run.config, run.cfg)
   if not raw:
     raise ReportError(
         f'{model_dir}: no {history.FILENAME} or {run_dir.RESULTS_FILENAME} '
@@ -218,15 +248,17 @@ def run_name(model_dir: str) -> str:
   return os.path.basename(model_dir.rstrip('/')) or model_dir
 
 
-def learning_rate_curve(config: Optional[dict]):
+def learning_rate_curve(config: Union[None, dict, ExperimentConfig]):
   """(steps, lr) of the run's schedule over its whole length, from its
-  config; None where the config is missing or cannot be read."""
-  if config is None:
+  config (a dict as config.json holds it, or parsed); None where the config
+  is missing or cannot be read."""
+  cfg = (config if isinstance(config, ExperimentConfig) else
+         _parse_config(config))
+  if cfg is None:
     return None
   # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import schedules
   try:
-    cfg = ExperimentConfig.from_dict(config)
     return schedules.curve(schedules.for_experiment(cfg),
                            cfg.total_train_steps)
   except (TypeError, KeyError, ValueError):
@@ -326,11 +358,11 @@ def main(argv: Sequence[str]) -> int:
           fileio.check_path_encoding(path)
       except ValueError as e:
         raise ReportError(str(e)) from None
-    summary = summarize(args.model_dir)
+    run = RunFiles(args.model_dir)
+    summary = summarize(args.model_dir, run)
     paths = [] if args.no_plots else write_plots(
-        history.latest(history.read(args.model_dir)),
-        args.output_dir or args.model_dir, run_name(args.model_dir),
-        learning_rate_curve(_latest_config(args.model_dir)))
+        history.latest(run.raw), args.output_dir or args.model_dir,
+        run_name(args.model_dir), learning_rate_curve(run.cfg))
   except ReportError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
