@@ -223,15 +223,17 @@ def _defaults(cls, *names: str) -> dict:
 def cached_train_input(cfg):
   """The configured training input cut to ONE cached batch per replica.
 
-  Returns `start step -> input_fn` for `experiment.build_trainer`: each
-  input pipeline's first batch, `.take(1).cache().repeat()`, so the timed
+  Returns `start step -> contract.TrainInput` for
+  `experiment.build_trainer`: each input pipeline's first batch,
+  `.take(1).cache().repeat()` (no skip counts), so the timed
   loop is the real replicated step and host loop, without synthetic image
   generation competing for the 2 cores.
   """
   from efficientnet_tpu import experiment  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu.data import contract  # pylint: disable=g-import-not-at-top
   real = experiment.train_input(cfg)
-  return lambda step: (
-      lambda ctx: real(step)(ctx).take(1).cache().repeat())
+  return lambda step: contract.TrainInput(
+      lambda ctx: real(step).fn(ctx).take(1).cache().repeat())
 
 
 def exit_now(code: int = 0) -> None:

@@ -6,7 +6,7 @@ Writes (or reuses) TFRecords of synthetic JPEGs shaped like ImageNet's
 ImageNet TFRecord directory (`--data_dir` holding train-*), then measures
 images/sec per core and process CPU time per image of
   (a) decode: read + parse + `tf.io.decode_jpeg` of the whole image,
-  (b) full:   the real training pipeline (`data.pipeline.build_input_fn`):
+  (b) full:   the real training pipeline (`data.pipeline.build_input`):
               read, byte-count check, parse, payload check, fused random
               crop + decode, flip, resize, round to uint8, batch; once with
               bicubic (the default) and once with --resize_method=bilinear.
@@ -282,8 +282,8 @@ def main(argv=None) -> None:
     cfg = DataConfig(data='tfrecord', data_dir=args.data_dir,
                      augment_name=args.augment, resize_method=method,
                      shuffle_buffer=256)
-    return data_pipeline.build_input_fn(
-        cfg, size, True, batch, private_threadpool_size=threads)(None)
+    return data_pipeline.build_input(
+        cfg, size, True, batch, private_threadpool_size=threads).fn(None)
 
   configs = {
       'decode': lambda: decode_only(args.data_dir, batch, threads),

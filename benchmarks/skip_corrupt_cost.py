@@ -57,8 +57,8 @@ def main():
       cfg = DataConfig(data='tfrecord', data_dir=data_dir,
                        shuffle_buffer=64, num_train_images=800,
                        skip_corrupt=skip)
-      it = iter(pipeline.build_input_fn(cfg, 224, True, args.batch,
-                                        num_classes=5)(None))
+      it = iter(pipeline.build_input(cfg, 224, True, args.batch,
+                                     num_classes=5).fn(None))
       next(it)  # Fill the buffers.
       start = time.perf_counter()
       for _ in range(args.batches):

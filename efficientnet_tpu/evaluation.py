@@ -6,9 +6,9 @@ per-replica averages), so N eval images give metrics over exactly N images
 whatever the batch, replica and host counts.
 
 The evaluator needs no trainer: it is handed the model state (model, EMA,
-checkpoint), the eval input function and the run directory's roles, so it
-runs the same beside training (train_and_eval), alone (`--mode=eval`) or as
-a side-car evaluator task.
+checkpoint), the eval input (`contract.EvalInput`) and the run directory's
+roles, so it runs the same beside training (train_and_eval), alone
+(`--mode=eval`) or as a side-car evaluator task.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from efficientnet_tpu import run_dir
 from efficientnet_tpu import summaries
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import preprocessing
-from efficientnet_tpu.data.contract import InputFn
+from efficientnet_tpu.data.contract import EvalInput
 from efficientnet_tpu.state import ModelState
 
 
@@ -35,7 +35,7 @@ class Evaluator:
   """Evaluates a `ModelState`'s model (EMA weights when enabled)."""
 
   def __init__(self, cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
-               state: ModelState, input_fn: InputFn, num_steps: int,
+               state: ModelState, eval_input: EvalInput, num_steps: int,
                role: distribute.ClusterRole = distribute.ClusterRole()):
     """Takes what evaluation needs.
 
@@ -43,15 +43,16 @@ class Evaluator:
       cfg: the experiment (classes, precision, XLA, model_dir).
       strategy: the replicas `state` lives on.
       state: model, EMA and checkpoint (restored by the caller).
-      input_fn: the eval input (padded, masked batches; `data` package).
-      num_steps: eval batches per replica (the whole eval set, or fewer).
+      eval_input: the eval input (padded, masked batches; `data` package).
+      num_steps: eval batches per replica: `eval_input.steps` on the
+        strategy's input pipelines (the whole eval set), or fewer.
       role: whether this process writes eval results (EVAL_WRITER).
     """
     self.cfg = cfg
     self.strategy = strategy
     self.state = state
     self.role = role
-    self.input_fn = input_fn
+    self.eval_input = eval_input
     self.num_steps = num_steps
     # Eval summaries, eval_results.jsonl and best/ (see writer_roles).
     self.is_writer = role.is_eval_writer
@@ -89,7 +90,7 @@ class Evaluator:
     """One full pass over the eval set; returns exact metrics."""
     compile_s = None
     if self._eval_loop_fn is None:
-      steps, input_fn = self.num_steps, self.input_fn
+      steps, input_fn = self.num_steps, self.eval_input.fn
 
       def passes(ctx):
         # Every pass reads the same `steps` batches per replica: one

@@ -2,7 +2,7 @@
 
   main (flags -> ExperimentConfig) -> run_experiment:
     distribute.build_strategy -> state.build_model_state
-    -> data.pipeline input functions -> train.Trainer / evaluation.Evaluator
+    -> data.pipeline inputs -> train.Trainer / evaluation.Evaluator
     -> export.export_saved_model
 
 The trainer and the evaluator build nothing themselves; `build_trainer`,
@@ -41,9 +41,10 @@ from efficientnet_tpu.state import ModelState, build_model_state
 SIDECAR_EVAL_TIMEOUT_S = 3600
 
 
-def train_input(cfg: ExperimentConfig) -> Callable[[int], contract.InputFn]:
+def train_input(cfg: ExperimentConfig
+               ) -> Callable[[int], contract.TrainInput]:
   """start step -> the configured training input, continuing there."""
-  return lambda start_step: pipeline.make_input_fn(
+  return lambda start_step: pipeline.make_input(
       cfg.data, cfg.model.num_label_classes, cfg.model.image_size, True,
       cfg.train.train_batch_size, start_step=start_step,
       count_cache_dir=cfg.train.model_dir)
@@ -51,8 +52,8 @@ def train_input(cfg: ExperimentConfig) -> Callable[[int], contract.InputFn]:
 
 def build_trainer(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                   state: Optional[ModelState] = None,
-                  input_for_step: Optional[Callable[[int], contract.InputFn]]
-                  = None,
+                  input_for_step: Optional[
+                      Callable[[int], contract.TrainInput]] = None,
                   role: Optional[distribute.ClusterRole] = None,
                   plan: Optional[replica_plan.ReplicaPlan] = None
                   ) -> train.Trainer:
@@ -68,32 +69,30 @@ def build_trainer(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
 
 def build_evaluator(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
                     state: ModelState,
-                    input_fn: Optional[contract.InputFn] = None,
+                    eval_input: Optional[contract.EvalInput] = None,
                     role: Optional[distribute.ClusterRole] = None
                     ) -> evaluation.Evaluator:
-  """An Evaluator of `state` on the configured eval set (or `input_fn`)."""
-  batch = cfg.eval_batch_size_on(strategy.num_replicas_in_sync)
-  if input_fn is None:
+  """An Evaluator of `state` on the configured eval set (or `eval_input`)."""
+  if eval_input is None:
     # TFRecord eval counts its files (cached in the model dir, where
     # check_data_files put them) and is then sharded by file.
-    input_fn = pipeline.make_input_fn(
+    eval_input = pipeline.make_input(
         cfg.data, cfg.model.num_label_classes, cfg.model.image_size, False,
-        batch, count_cache_dir=cfg.train.model_dir)
-  num_steps = contract.eval_steps(
-      input_fn, distribute.num_input_pipelines(strategy),
-      cfg.data.num_eval_images, batch)
+        cfg.eval_batch_size_on(strategy.num_replicas_in_sync),
+        count_cache_dir=cfg.train.model_dir)
+  num_steps = eval_input.steps(distribute.num_input_pipelines(strategy))
   if cfg.train.eval_steps:
     num_steps = min(num_steps, cfg.train.eval_steps)
-  return evaluation.Evaluator(cfg, strategy, state, input_fn, num_steps,
+  return evaluation.Evaluator(cfg, strategy, state, eval_input, num_steps,
                               role or distribute.cluster_role(cfg.distribute))
 
 
 def evaluator_for(trainer: train.Trainer,
-                  input_fn: Optional[contract.InputFn] = None
+                  eval_input: Optional[contract.EvalInput] = None
                   ) -> evaluation.Evaluator:
   """An Evaluator of `trainer`'s model state, with its role."""
   return build_evaluator(trainer.cfg, trainer.strategy, trainer.state,
-                         input_fn, trainer.role)
+                         eval_input, trainer.role)
 
 
 @contextlib.contextmanager

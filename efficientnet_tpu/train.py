@@ -37,7 +37,7 @@ from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import checks
 from efficientnet_tpu.data import mixing
 from efficientnet_tpu.data import preprocessing
-from efficientnet_tpu.data.contract import InputFn
+from efficientnet_tpu.data.contract import TrainInput
 from efficientnet_tpu.state import ModelState, UnreadableCheckpoint
 
 
@@ -86,7 +86,7 @@ class Trainer:
   """Trains a `ModelState` with the replicated host loop; checkpoints it."""
 
   def __init__(self, cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
-               state: ModelState, train_input: Callable[[int], InputFn],
+               state: ModelState, train_input: Callable[[int], TrainInput],
                role: distribute.ClusterRole = distribute.ClusterRole(),
                summary_images: int = 8,
                plan: Optional[replica_plan.ReplicaPlan] = None):
@@ -96,8 +96,8 @@ class Trainer:
       cfg: the experiment.
       strategy: the replicas; `state` lives on them.
       state: model, optimizer, schedule, EMA and checkpoint.
-      train_input: start step -> the training input function; the stream
-        continues there after a resume (see `data.stream`).
+      train_input: start step -> the training input (`data.contract`); the
+        stream continues there after a resume (see `data.stream`).
       role: this process's writer roles and task.
       summary_images: how many images of the first training batch `train`
         shows in TensorBoard (`summaries.INPUT_IMAGES_TAG`); 0: none.
@@ -277,9 +277,9 @@ class Trainer:
     if not is_training:
       raise ValueError('is_training: the trainer reads training input only; '
                        'evaluation.Evaluator reads the eval input')
-    input_fn = self._train_input(self.global_step)
-    self._skipped = getattr(input_fn, 'skipped', None)
-    return replicated.distribute_input(self.strategy, input_fn)
+    train_input = self._train_input(self.global_step)
+    self._skipped = train_input.skipped
+    return replicated.distribute_input(self.strategy, train_input.fn)
 
   def normalize(self, images: tf.Tensor) -> tf.Tensor:
     """uint8 images from the host -> normalized compute dtype, on device.
@@ -500,9 +500,9 @@ class Trainer:
     ctx = tf.distribute.InputContext(
         num_input_pipelines=distribute.num_input_pipelines(self.strategy),
         input_pipeline_id=0, num_replicas_in_sync=self.num_replicas)
-    input_fn = self._train_input(step)
-    with checks.report_on_error(getattr(input_fn, 'skipped', None)):
-      batch = next(iter(input_fn(ctx).take(1)))
+    train_input = self._train_input(step)
+    with checks.report_on_error(train_input.skipped):
+      batch = next(iter(train_input.fn(ctx).take(1)))
     summaries.write_image_grid(self.summary_writer,
                                batch['images'][:self.summary_images].numpy(),
                                step)

@@ -99,9 +99,9 @@ def run_inputs(data_dir, bad_data_dir, results, arrays):
                                        num_replicas_in_sync=REPLICAS)
       for where in ('remote', 'local'):
         key = f'{name}/{i}/{where}'
-        # A new input function per run: skip_corrupt counts per function.
-        input_fn = pipeline.build_input_fn(cfg, SIZE, training, GLOBAL_BATCH,
-                                           num_classes=CLASSES)
+        # A new input per run: skip_corrupt counts per input.
+        input_fn = pipeline.build_input(cfg, SIZE, training, GLOBAL_BATCH,
+                                        num_classes=CLASSES).fn
         callbacks = CALLBACKS[0]
         try:
           batches, device = _batches(input_fn, ctx,

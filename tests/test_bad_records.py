@@ -35,10 +35,10 @@ def _train(d, n_batches, batch=4, **kw):
   kw.setdefault('skip_corrupt', True)
   cfg = DataConfig(data='tfrecord', data_dir=str(d), shuffle_buffer=8,
                    num_train_images=100, **kw)
-  fn = data_pipeline.build_input_fn(cfg, SIZE, True, batch, num_classes=5)
-  for _ in fn(None).take(n_batches):
+  train = data_pipeline.build_input(cfg, SIZE, True, batch, num_classes=5)
+  for _ in train.fn(None).take(n_batches):
     pass
-  return fn
+  return train
 
 
 def test_skips_are_counted_per_file_and_warned_once(tmp_path, caplog):
@@ -49,17 +49,17 @@ def test_skips_are_counted_per_file_and_warned_once(tmp_path, caplog):
                                   (_jpeg((1, 2, 3))[:-100], 2)])
   bad_label = tmp_path / 'train-00002-of-00003'
   _write(bad_label, good[:4] + [(_jpeg((4, 5, 6)), 6)])
-  fn = _train(tmp_path, 40)  # 160 examples: about 9 epochs of 18 good.
+  train = _train(tmp_path, 40)  # 160 examples: about 9 epochs of 18 good.
   with caplog.at_level(logging.WARNING):
-    total = fn.skipped.report()  # What the trainer does after each loop.
-    assert fn.skipped.report() == total  # Warned already: no new lines.
-  per_file = fn.skipped.per_file
+    total = train.skipped.report()  # What the trainer does after each loop.
+    assert train.skipped.report() == total  # Warned already: no new lines.
+  per_file = train.skipped.per_file
   assert set(per_file) == {str(bad_payload), str(bad_label)}
   # Each epoch reads every bad record once: 2 : 1 between the files, up to
   # the epoch the pipeline is reading ahead in.
   epochs = per_file[str(bad_label)]
   assert epochs >= 8 and abs(per_file[str(bad_payload)] - 2 * epochs) <= 2
-  assert total == fn.skipped.total == sum(per_file.values())
+  assert total == train.skipped.total == sum(per_file.values())
   warnings = [r.getMessage() for r in caplog.records
               if 'Skipping bad training records' in r.getMessage()]
   assert len(warnings) == 2, warnings  # Once per file, not per record.
@@ -97,8 +97,8 @@ def test_records_that_fail_to_decode_are_counted_and_bounded(tmp_path):
          [(_jpeg((i, 0, 0)), 1) for i in range(6)])
   bad = tmp_path / 'train-00001-of-00002'
   _write(bad, [(_bad_header_jpeg(), 2)] * 3)
-  fn = _train(tmp_path, 10)
-  assert fn.skipped.per_file[str(bad)] >= 3
+  train = _train(tmp_path, 10)
+  assert train.skipped.per_file[str(bad)] >= 3
   os.remove(tmp_path / 'train-00000-of-00002')
   os.rename(bad, tmp_path / 'train-00000-of-00001')
   with pytest.raises(tf.errors.InvalidArgumentError) as e:
@@ -126,8 +126,8 @@ def test_bad_fraction_over_the_limit_stops_training(tmp_path, limit, fails):
     line = main_lib.input_error_line(e.value)
     assert line.startswith('--max_corrupt_fraction: ') and '\n' not in line
   else:
-    fn = _train(tmp_path, batches, batch=10, max_corrupt_fraction=limit)
-    assert fn.skipped.total >= reads // 10
+    train = _train(tmp_path, batches, batch=10, max_corrupt_fraction=limit)
+    assert train.skipped.total >= reads // 10
 
 
 def _png(h, w):
@@ -154,11 +154,11 @@ def test_pixel_limit_refuses_or_skips_before_decoding(tmp_path):
   line = main_lib.input_error_line(e.value)
   assert line.startswith(f'--max_image_pixels: the image in {big} declares '
                          '5120 pixels, over the limit of 5000'), line
-  fn = _train(tmp_path, 5, max_image_pixels=5000)
-  assert fn.skipped.per_file[str(big)] >= 1
+  train = _train(tmp_path, 5, max_image_pixels=5000)
+  assert train.skipped.per_file[str(big)] >= 1
   # At the limit the image is used.
-  fn = _train(tmp_path, 5, max_image_pixels=5120)
-  assert fn.skipped.total == 0
+  train = _train(tmp_path, 5, max_image_pixels=5120)
+  assert train.skipped.total == 0
 
 
 def _plant_every_reason(d):
@@ -186,23 +186,23 @@ def test_every_bad_record_is_counted_once_under_its_file(tmp_path, caplog):
   under its file, whatever the readers ahead do after the stop; `report`
   (what the trainer calls) warns once per file with its reason."""
   planted = _plant_every_reason(tmp_path)
-  fn = data_pipeline.build_input_fn(
+  train = data_pipeline.build_input(
       DataConfig(data='tfrecord', data_dir=str(tmp_path), shuffle_buffer=8,
                  num_train_images=100, skip_corrupt=True, deterministic=True,
                  max_image_pixels=5000), SIZE, True, 4, num_classes=5)
   with pytest.raises(tf.errors.InvalidArgumentError):
-    for _ in fn(None):
+    for _ in train.fn(None):
       pass
   # The record the stream stops on is not counted: the one before it is
   # the last of epoch 99 of 100, each reading the 10 records once.
   counted = checks.MAX_BAD_READS_IN_A_ROW - 1
   epochs = checks.MAX_BAD_READS_IN_A_ROW // 10
-  assert fn.skipped.total == counted
-  per_file = fn.skipped.per_file
+  assert train.skipped.total == counted
+  per_file = train.skipped.per_file
   assert set(per_file) == set(planted)
   assert sorted(per_file.values()) == [2 * epochs - 1] + [2 * epochs] * 4
   with caplog.at_level(logging.WARNING):
-    assert fn.skipped.report() == counted
+    assert train.skipped.report() == counted
   warnings = [r.getMessage() for r in caplog.records
               if 'Skipping bad training records' in r.getMessage()]
   assert len(warnings) == len(planted), warnings

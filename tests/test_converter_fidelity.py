@@ -201,7 +201,7 @@ def test_trainer_eval_pipeline_sees_what_serving_sees(converted):
   cfg = DataConfig(data='tfrecord', data_dir=str(converted),
                    num_eval_images=len(names), resize_method='bicubic')
   images = []
-  for batch in data_pipeline.build_input_fn(cfg, SIZE, False, 32)(None):
+  for batch in data_pipeline.build_input(cfg, SIZE, False, 32).fn(None):
     keep = batch['mask'].numpy() == 1
     images.extend(batch['images'].numpy()[keep])
   assert len(images) == len(names)
@@ -212,8 +212,8 @@ def test_trainer_eval_pipeline_sees_what_serving_sees(converted):
   # And training reads every record (PNG ones included) without error.
   train_cfg = DataConfig(data='tfrecord', data_dir=str(converted),
                          shuffle_buffer=4)
-  batch = next(iter(data_pipeline.build_input_fn(train_cfg, SIZE, True,
-                                                 2)(None)))
+  batch = next(iter(data_pipeline.build_input(train_cfg, SIZE, True,
+                                              2).fn(None)))
   assert batch['images'].shape == (2, SIZE, SIZE, 3)
 
 

@@ -152,7 +152,7 @@ def test_pipeline_threads_the_crop_settings(tmp_path):
                    eval_crop_fraction=1.0)
   whole = _resize(_decode_window(data, [0, 0, 36, 36]), 16)
   for is_training in (True, False):
-    ds = data_pipeline.build_input_fn(cfg, 16, is_training, 4)(
+    ds = data_pipeline.build_input(cfg, 16, is_training, 4).fn(
         tf.distribute.InputContext())
     images = next(iter(ds))['images'].numpy()
     for image in images:

@@ -1,5 +1,5 @@
 """Tests for the synthetic source (data/synthetic.py through
-`pipeline.make_input_fn`), the eval padding (data/contract.py) and
+`pipeline.make_input`), the eval padding (data/contract.py) and
 `pipeline.check_data_files`."""
 
 import collections
@@ -53,9 +53,9 @@ def test_eval_padding_covers_every_example_exactly_once(
 
 def _synthetic(is_training, **kw):
   cfg = config_lib.DataConfig(num_train_images=64, num_eval_images=21, **kw)
-  return data_pipeline.make_input_fn(cfg, num_classes=5, image_size=8,
-                                     is_training=is_training,
-                                     global_batch_size=8)
+  return data_pipeline.make_input(cfg, num_classes=5, image_size=8,
+                                  is_training=is_training,
+                                  global_batch_size=8).fn
 
 
 def test_synthetic_element_spec():
@@ -73,7 +73,7 @@ def test_synthetic_element_spec():
   batches = list(evaluation.as_numpy_iterator())
   assert len(batches) == 6
   assert sum(b['mask'].sum() for b in batches) == 21
-  # Like every InputFn, None means one pipeline feeding one replica.
+  # Like every `InputFn`, None means one pipeline feeding one replica.
   assert _synthetic(True)(None).element_spec['images'].shape[0] == 8
 
 

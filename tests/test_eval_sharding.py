@@ -79,9 +79,9 @@ def test_128_hosts_1024_replicas_count_every_image_once(pod_dir):
   assert [counts[f] for f in files] == sizes
   plan = eval_shards.plan([counts[f] for f in files], total, hosts,
                           global_batch)
-  # The steps that the real input function reports for this slice.
-  fn = data_pipeline.build_input_fn(cfg, SIZE, False, global_batch)
-  assert contract.eval_steps(fn, hosts, total, global_batch) == plan.steps
+  # The steps that the real eval input reports for this slice.
+  eval_input = data_pipeline.build_input(cfg, SIZE, False, global_batch)
+  assert eval_input.steps(hosts) == plan.steps
   per_host = []
   for host in range(hosts):
     ctx = _ctx(hosts, host, replicas)
@@ -127,13 +127,13 @@ def test_few_hosts_through_the_eval_input_function(
   write_split(str(tmp_path / 'data'), 'validation', sizes, _label)
   cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path / 'data'),
                    num_eval_images=num_eval_images)
-  fn = data_pipeline.build_input_fn(cfg, SIZE, False, global_batch,
-                                    count_cache_dir=str(tmp_path))
+  eval_input = data_pipeline.build_input(cfg, SIZE, False, global_batch,
+                                         count_cache_dir=str(tmp_path))
   assert os.path.exists(tmp_path / tfrecord.COUNTS_FILE)
-  steps = contract.eval_steps(fn, hosts, num_eval_images, global_batch)
+  steps = eval_input.steps(hosts)
   seen, files_per_host = [], []
   for host in range(hosts):
-    batches = list(fn(_ctx(hosts, host, replicas)))
+    batches = list(eval_input.fn(_ctx(hosts, host, replicas)))
     assert len(batches) == steps * replicas // hosts
     mine = _seen(batches)
     files_per_host.append({f for f, _ in mine})
@@ -154,9 +154,10 @@ def test_by_record_when_counts_are_unknown(tmp_path):
   write_split(str(tmp_path), 'validation', sizes, _label)
   cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path),
                    num_eval_images=15)
-  fn = data_pipeline.build_input_fn(cfg, SIZE, False, 4)
-  assert contract.eval_steps(fn, 2, 15, 4) == contract.num_eval_steps(15, 4)
-  per_host = [_seen(fn(_ctx(2, h, 2))) for h in range(2)]
+  eval_input = data_pipeline.build_input(cfg, SIZE, False, 4)
+  assert eval_input.file_counts is None
+  assert eval_input.steps(2) == contract.num_eval_steps(15, 4)
+  per_host = [_seen(eval_input.fn(_ctx(2, h, 2))) for h in range(2)]
   assert {f for f, _ in per_host[0]} == {f for f, _ in per_host[1]} == {
       0, 1, 2}
   assert sorted(per_host[0] + per_host[1]) == [
@@ -176,8 +177,9 @@ def test_stale_dataset_info_is_not_trusted(tmp_path):
                                                           files[1]: 2}
   cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path / 'd'),
                    num_eval_images=5)
-  fn = data_pipeline.build_input_fn(cfg, SIZE, False, 4)
-  assert contract.eval_steps(fn, 2, 5, 4) == contract.num_eval_steps(5, 4)
+  eval_input = data_pipeline.build_input(cfg, SIZE, False, 4)
+  assert eval_input.file_counts is None
+  assert eval_input.steps(2) == contract.num_eval_steps(5, 4)
 
 
 def test_known_counts_below_num_eval_images_fail_up_front(pod_dir):
@@ -187,7 +189,7 @@ def test_known_counts_below_num_eval_images_fail_up_front(pod_dir):
   with pytest.raises(ConfigError, match=rf'^num_eval_images: '
                      rf'{sum(sizes) + 1} requested but the eval split has '
                      rf'{sum(sizes)} records'):
-    data_pipeline.build_input_fn(cfg, SIZE, False, 8)
+    data_pipeline.build_input(cfg, SIZE, False, 8)
 
 
 @pytest.mark.parametrize('seed', range(20))

@@ -17,9 +17,9 @@ def _single_device_metrics(trainer):
   """Top-1/top-5 of the model over every eval image, one device, numpy."""
   cfg = trainer.cfg
   n = cfg.data.num_eval_images
-  input_fn = data_pipeline.make_input_fn(cfg.data, cfg.model.num_label_classes,
-                                         cfg.model.image_size, False, n)
-  batch = next(iter(input_fn(tf.distribute.InputContext())))
+  eval_input = data_pipeline.make_input(
+      cfg.data, cfg.model.num_label_classes, cfg.model.image_size, False, n)
+  batch = next(iter(eval_input.fn(tf.distribute.InputContext())))
   assert batch['mask'].numpy().sum() == n
   logits = trainer.model(trainer.normalize(batch['images']),
                          training=False).numpy()

@@ -181,7 +181,7 @@ def test_first_float16_update_is_close_to_float32(tmp_path):
   ref_model.set_weights([v.numpy() for v in trainer.model.variables])
   for v, w in zip(ref_model.trainable_variables, w0):
     v.assign(w)
-  batch = next(iter(experiment.train_input(cfg)(0)(
+  batch = next(iter(experiment.train_input(cfg)(0).fn(
       tf.distribute.InputContext())))
   with tf.GradientTape() as tape:
     logits = ref_model(preprocessing.normalize(batch['images']),

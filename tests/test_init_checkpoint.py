@@ -490,8 +490,8 @@ def test_short_fine_tune_evaluates_with_the_datas_bn_statistics(
   # Reference: the stem BN's input statistics on the run's (synthetic)
   # training images, from the unchanged stem kernel (the LR is ~0).
   data_cfg = small_config(target, data=dict(num_train_images=2048)).data
-  images = next(iter(synthetic.synthetic_input_fn(
-      data_cfg, 10, 16, True, 512)()))['images']
+  images = next(iter(synthetic.synthetic_input(
+      data_cfg, 10, 16, True, 512).fn()))['images']
   x = tf.nn.conv2d(preprocessing.normalize(images), kernel, 2, 'SAME').numpy()
   ref_mean, ref_var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
   np.testing.assert_allclose(mean, ref_mean, atol=0.05 * np.sqrt(

@@ -85,13 +85,14 @@ def test_train_and_eval_input_graphs_hold_no_python_callback(
   checked = 0
   for cfg in _configs(tmp_path, data_dir, source):
     train_for_step = experiment.train_input(cfg)
-    eval_fn = data_pipeline.make_input_fn(
+    eval_input = data_pipeline.make_input(
         cfg.data, cfg.model.num_label_classes, cfg.model.image_size, False,
         cfg.train.eval_batch_size, count_cache_dir=str(tmp_path))
     ctx = tf.distribute.InputContext(2, 1, 2)
-    datasets = {'train': train_for_step(0)(ctx), 'eval': eval_fn(ctx)}
+    datasets = {'train': train_for_step(0).fn(ctx),
+                'eval': eval_input.fn(ctx)}
     if cfg.data.augment_name == 'none':  # Resuming changes only the stream.
-      datasets['resumed train'] = train_for_step(3)(ctx)
+      datasets['resumed train'] = train_for_step(3).fn(ctx)
     for name, ds in datasets.items():
       found = PYTHON_CALLBACK_OPS & op_types(ds)
       assert not found, (

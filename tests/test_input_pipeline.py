@@ -104,7 +104,7 @@ def test_normalization_constants():
 @pytest.mark.parametrize('background', [False, True])
 def test_eval_labels_round_trip(eval_dir, background):
   cfg = _cfg(eval_dir, include_background_label=background)
-  ds = data_pipeline.build_input_fn(cfg, SIZE, False, 8)(None)
+  ds = data_pipeline.build_input(cfg, SIZE, False, 8).fn(None)
   labels, masks = [], []
   for b in ds:
     labels.append(b['labels'].numpy())
@@ -117,7 +117,7 @@ def test_eval_labels_round_trip(eval_dir, background):
 @pytest.mark.parametrize('background', [False, True])
 def test_train_labels_round_trip(train_dir, background):
   cfg = _cfg(train_dir, include_background_label=background)
-  ds = data_pipeline.build_input_fn(cfg, SIZE, True, 8)(None)
+  ds = data_pipeline.build_input(cfg, SIZE, True, 8).fn(None)
   seen = set()
   for b in ds.take(20):
     seen.update(b['labels'].numpy().tolist())
@@ -147,15 +147,15 @@ def _check_eval_coverage(batches_per_pipeline, global_batch, replicas, k):
     (1, 8, 1), (1, 8, 4), (2, 8, 2), (2, 8, 4), (3, 12, 3), (3, 12, 6),
     (4, 8, 4), (4, 8, 8)])
 def test_eval_covers_each_image_once(eval_dir, k, global_batch, replicas):
-  fn = data_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False,
-                                    global_batch)
+  fn = data_pipeline.build_input(_cfg(eval_dir), SIZE, False,
+                                 global_batch).fn
   batches = [list(fn(_ctx(k, i, replicas))) for i in range(k)]
   _check_eval_coverage(batches, global_batch, replicas, k)
 
 
 def test_eval_more_records_than_num_eval_images(eval_dir):
   cfg = _cfg(eval_dir, num_eval_images=30)
-  fn = data_pipeline.build_input_fn(cfg, SIZE, False, 8)
+  fn = data_pipeline.build_input(cfg, SIZE, False, 8).fn
   real = []
   for i in range(2):
     for b in fn(_ctx(2, i, 2)):
@@ -165,7 +165,7 @@ def test_eval_more_records_than_num_eval_images(eval_dir):
 
 def test_eval_fewer_records_than_num_eval_images_fails(eval_dir):
   cfg = _cfg(eval_dir, num_eval_images=45)
-  ds = data_pipeline.build_input_fn(cfg, SIZE, False, 8)(None)
+  ds = data_pipeline.build_input(cfg, SIZE, False, 8).fn(None)
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match='fewer records than num_eval_images=45'):
     list(ds)
@@ -175,7 +175,7 @@ def test_eval_through_mirrored_strategy(eval_dir):
   strategy = tf.distribute.MirroredStrategy(
       [f'/cpu:{i}' for i in range(4)],
       cross_device_ops=tf.distribute.ReductionToOneDevice())
-  fn = data_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False, 8)
+  fn = data_pipeline.build_input(_cfg(eval_dir), SIZE, False, 8).fn
   dist = strategy.distribute_datasets_from_function(fn)
   steps, real = 0, []
   for batch in dist:
@@ -193,7 +193,7 @@ def test_eval_through_mirrored_strategy(eval_dir):
 def test_train_pipelines_see_disjoint_files(train_dir):
   files_seen = []
   for i in range(3):
-    fn = data_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 12)
+    fn = data_pipeline.build_input(_cfg(train_dir), SIZE, True, 12).fn
     seen = set()
     for b in fn(_ctx(3, i, 3)).take(40):
       seen.update((b['labels'].numpy() + 1) // 100)
@@ -204,15 +204,15 @@ def test_train_pipelines_see_disjoint_files(train_dir):
 
 
 def test_fewer_train_files_than_pipelines(train_dir):
-  fn = data_pipeline.build_input_fn(_cfg(train_dir), SIZE, True, 11)
+  fn = data_pipeline.build_input(_cfg(train_dir), SIZE, True, 11).fn
   with pytest.raises(ConfigError, match='input pipelines .11.'):
     fn(_ctx(11, 0, 11))
 
 
 def test_element_spec_is_uint8(train_dir, eval_dir):
   """Normalization and the cast to the compute dtype happen on device."""
-  train = data_pipeline.build_input_fn(_cfg(train_dir), SIZE, True,
-                                       8)(_ctx(1, 0, 2))
+  train = data_pipeline.build_input(_cfg(train_dir), SIZE, True,
+                                    8).fn(_ctx(1, 0, 2))
   assert set(train.element_spec) == {'images', 'labels'}
   assert train.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3],
                                                        tf.uint8)
@@ -220,8 +220,8 @@ def test_element_spec_is_uint8(train_dir, eval_dir):
   b = next(iter(train))
   assert b['images'].dtype == tf.uint8
   assert b['images'].shape == (4, SIZE, SIZE, 3)
-  ev = data_pipeline.build_input_fn(_cfg(eval_dir), SIZE, False,
-                                    8)(_ctx(1, 0, 2))
+  ev = data_pipeline.build_input(_cfg(eval_dir), SIZE, False,
+                                 8).fn(_ctx(1, 0, 2))
   assert set(ev.element_spec) == {'images', 'labels', 'mask'}
   assert ev.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3],
                                                     tf.uint8)
@@ -233,7 +233,7 @@ def test_element_spec_is_uint8(train_dir, eval_dir):
 def test_images_are_raw_rgb_solid_colors(eval_dir, train_dir, training):
   """Solid-colour JPEGs: every pixel is the colour on the 0..255 scale."""
   data_dir = train_dir if training else eval_dir
-  ds = data_pipeline.build_input_fn(_cfg(data_dir), SIZE, training, 8)(None)
+  ds = data_pipeline.build_input(_cfg(data_dir), SIZE, training, 8).fn(None)
   n = 0
   for b in ds.take(5):
     masks = b['mask'].numpy() if 'mask' in b else np.ones(8)
@@ -251,7 +251,7 @@ def test_images_are_raw_rgb_solid_colors(eval_dir, train_dir, training):
 
 def test_training_is_repeated_and_augment_runs(train_dir):
   cfg = _cfg(train_dir, augment_name='randaugment', randaug_magnitude=15)
-  ds = data_pipeline.build_input_fn(cfg, SIZE, True, 16)(None)
+  ds = data_pipeline.build_input(cfg, SIZE, True, 16).fn(None)
   n = 0
   for b in ds.take(6):  # 96 > 40 images: must wrap around.
     assert b['images'].dtype == tf.uint8
@@ -266,7 +266,7 @@ def test_training_is_repeated_and_augment_runs(train_dir):
 def test_no_files_names_directory_and_pattern(tmp_path):
   for training, pattern in ((True, 'train-*'), (False, 'validation-*')):
     with pytest.raises(ConfigError) as e:
-      data_pipeline.build_input_fn(_cfg(tmp_path), SIZE, training, 8)
+      data_pipeline.build_input(_cfg(tmp_path), SIZE, training, 8)
     msg = str(e.value)
     assert '\n' not in msg and str(tmp_path) in msg and pattern in msg
 
@@ -285,16 +285,16 @@ def _write_with_bad_payload(d, prefix):
 def test_non_jpeg_payload_error_names_file(tmp_path):
   bad = _write_with_bad_payload(tmp_path, 'validation')
   cfg = _cfg(tmp_path, num_eval_images=14)
-  ds = data_pipeline.build_input_fn(cfg, SIZE, False, 2)(None)
+  ds = data_pipeline.build_input(cfg, SIZE, False, 2).fn(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match=bad):
     list(ds)
   with pytest.raises(ConfigError):  # No train-* files here.
-    data_pipeline.build_input_fn(_cfg(tmp_path), SIZE, True, 2)
+    data_pipeline.build_input(_cfg(tmp_path), SIZE, True, 2)
 
 
 def _assert_strict_train_fails(d, match, batches):
   """The strict training pipeline on d fails within `batches` batches."""
-  strict = data_pipeline.build_input_fn(_cfg(d), SIZE, True, 2)(None)
+  strict = data_pipeline.build_input(_cfg(d), SIZE, True, 2).fn(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match=match):
     for _ in strict.take(batches):
       pass
@@ -302,8 +302,8 @@ def _assert_strict_train_fails(d, match, batches):
 
 def _skip_corrupt_labels(d, batches):
   """1-based labels of `batches` batches of skip_corrupt training on d."""
-  skip = data_pipeline.build_input_fn(_cfg(d, skip_corrupt=True),
-                                      SIZE, True, 2)(None)
+  skip = data_pipeline.build_input(_cfg(d, skip_corrupt=True),
+                                   SIZE, True, 2).fn(None)
   seen = set()
   for b in skip.take(batches):
     seen.update((b['labels'].numpy() + 1).tolist())
@@ -329,8 +329,8 @@ def _write_corrupt_frame(d, prefix):
 
 def test_corrupt_record_error_names_file(tmp_path):
   path = _write_corrupt_frame(tmp_path, 'validation')
-  ds = data_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=6), SIZE,
-                                    False, 2)(None)
+  ds = data_pipeline.build_input(_cfg(tmp_path, num_eval_images=6), SIZE,
+                                 False, 2).fn(None)
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r'Corrupt or truncated TFRecord in\W+' + path):
     list(ds)
@@ -373,7 +373,7 @@ def test_eval_long_files_cover_each_image_once(tmp_path):
   """Files longer than one read batch keep every record, in order."""
   ids = iter(range(1, 38))
   write_split(str(tmp_path), 'validation', [35, 2], lambda f, j: next(ids))
-  fn = data_pipeline.build_input_fn(_cfg(tmp_path), SIZE, False, 8)
+  fn = data_pipeline.build_input(_cfg(tmp_path), SIZE, False, 8).fn
   batches = [list(fn(_ctx(2, i, 2))) for i in range(2)]
   _check_eval_coverage(batches, 8, 2, 2)
   # One pipeline: interleaving 2 files, then file 0's remainder in order.
@@ -408,16 +408,16 @@ def test_truncated_file_error_names_file(tmp_path):
   path = os.path.join(tmp_path, 'validation-00000-of-00002')
   data = open(path, 'rb').read()
   open(path, 'wb').write(data[:-40])
-  ds = data_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=6), SIZE,
-                                    False, 2)(None)
+  ds = data_pipeline.build_input(_cfg(tmp_path, num_eval_images=6), SIZE,
+                                 False, 2).fn(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match=path):
     list(ds)
 
 
 def test_zero_based_labels_rejected(tmp_path):
   write_split(str(tmp_path), 'validation', [3], lambda f, j: j)
-  ds = data_pipeline.build_input_fn(_cfg(tmp_path, num_eval_images=3), SIZE,
-                                    False, 3)(None)
+  ds = data_pipeline.build_input(_cfg(tmp_path, num_eval_images=3), SIZE,
+                                 False, 3).fn(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match='1-based'):
     list(ds)
 
@@ -428,7 +428,7 @@ def test_zero_based_labels_rejected(tmp_path):
 def test_tfds_not_installed_or_not_prepared(tmp_path):
   cfg = DataConfig(data='tfds:imagenet2012', data_dir=str(tmp_path))
   with pytest.raises(ConfigError) as e:
-    data_pipeline.build_input_fn(cfg, SIZE, False, 8)
+    data_pipeline.build_input(cfg, SIZE, False, 8)
   assert '\n' not in str(e.value)
   assert 'imagenet2012' in str(e.value)
 
@@ -476,21 +476,21 @@ def test_tfds_prepared_dataset(tmp_path):
   _prepare_tfds(tfds, str(tmp_path))
   cfg = DataConfig(data=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
                    num_eval_images=7)
-  fn = data_pipeline.build_input_fn(cfg, SIZE, False, 4)
+  fn = data_pipeline.build_input(cfg, SIZE, False, 4).fn
   real = []
   for i in range(2):
     for b in fn(_ctx(2, i, 2)):
       real.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   # tfds labels are 0-based class indices: kept as is without background.
   assert sorted(real) == sorted(_TFDS_TEST_LABELS)
-  train = data_pipeline.build_input_fn(cfg, SIZE, True, 4)(None)
+  train = data_pipeline.build_input(cfg, SIZE, True, 4).fn(None)
   b = next(iter(train))
   assert b['images'].shape == (4, SIZE, SIZE, 3)
   assert b['images'].dtype == tf.uint8
   bg = DataConfig(data=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
                   num_eval_images=7, include_background_label=True)
   labels = []
-  for b in data_pipeline.build_input_fn(bg, SIZE, False, 4)(None):
+  for b in data_pipeline.build_input(bg, SIZE, False, 4).fn(None):
     labels.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   assert sorted(labels) == sorted(l + 1 for l in _TFDS_TEST_LABELS)
 
@@ -507,19 +507,19 @@ def test_labels_outside_the_classes_fail_or_are_skipped(tmp_path, bad_label):
   bad = _write_with_bad_label(tmp_path, 'validation', bad_label)
   _write_with_bad_label(tmp_path, 'train', bad_label)
   cfg = _cfg(tmp_path, num_eval_images=8)
-  ev = data_pipeline.build_input_fn(cfg, SIZE, False, 2,
-                                    num_classes=5)(None)
+  ev = data_pipeline.build_input(cfg, SIZE, False, 2,
+                                 num_classes=5).fn(None)
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=f'Label out of range in.*{bad}'):
     list(ev)
-  train = data_pipeline.build_input_fn(cfg, SIZE, True, 2,
-                                       num_classes=5)(None)
+  train = data_pipeline.build_input(cfg, SIZE, True, 2,
+                                    num_classes=5).fn(None)
   with pytest.raises(tf.errors.InvalidArgumentError, match='Label out of'):
     for _ in train.take(50):
       pass
-  skip = data_pipeline.build_input_fn(_cfg(tmp_path, skip_corrupt=True),
-                                      SIZE, True, 2,
-                                      num_classes=5)(None)
+  skip = data_pipeline.build_input(_cfg(tmp_path, skip_corrupt=True),
+                                   SIZE, True, 2,
+                                   num_classes=5).fn(None)
   seen = set()
   for b in skip.take(40):
     seen.update((b['labels'].numpy() + 1).tolist())

@@ -142,11 +142,11 @@ def test_round_trip_through_pipeline(folder, tmp_path):
   cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path),
                    num_eval_images=7, shuffle_buffer=8)
   got = []
-  for b in data_pipeline.build_input_fn(cfg, 16, False, 4)(None):
+  for b in data_pipeline.build_input(cfg, 16, False, 4).fn(None):
     got.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   want = [LABEL[s] - 1 for s, _ in expected['validation'].values()]
   assert sorted(got) == sorted(want)
-  train = data_pipeline.build_input_fn(cfg, 16, True, 5)(None)
+  train = data_pipeline.build_input(cfg, 16, True, 5).fn(None)
   seen = set()
   for b in train.take(12):
     seen.update(b['labels'].numpy().tolist())
@@ -213,7 +213,7 @@ def test_from_tfds_image_folder(tmp_path):
   cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path / 'out'),
                    num_eval_images=5, include_background_label=True)
   got = []
-  for b in data_pipeline.build_input_fn(cfg, 16, False, 2)(None):
+  for b in data_pipeline.build_input(cfg, 16, False, 2).fn(None):
     got.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   assert sorted(got) == [1, 1, 2, 2, 2]
 

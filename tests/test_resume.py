@@ -33,12 +33,13 @@ def train_dir(tmp_path_factory):
 
 def _batches(cfg, ctx, start_step, n, global_batch):
   if cfg.data == 'synthetic':
-    fn = data_pipeline.make_input_fn(cfg, 5, SIZE, True, global_batch,
+    train = data_pipeline.make_input(cfg, 5, SIZE, True, global_batch,
                                      start_step=start_step)
   else:
-    fn = data_pipeline.build_input_fn(cfg, SIZE, True, global_batch,
+    train = data_pipeline.build_input(cfg, SIZE, True, global_batch,
                                       start_step=start_step)
-  return [{k: v.numpy() for k, v in b.items()} for b in fn(ctx).take(n)]
+  return [{k: v.numpy() for k, v in b.items()}
+          for b in train.fn(ctx).take(n)]
 
 
 def _assert_same(got, want):
@@ -90,9 +91,9 @@ def test_resume_with_skip_corrupt_counts_the_broken_file(tmp_path):
   assert readable == 2 and counts == [readable + 1]
   cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path),
                    num_train_images=6, shuffle_buffer=4, skip_corrupt=True)
-  fn = data_pipeline.build_input_fn(cfg, SIZE, True, 2, start_step=7)
-  assert len(list(fn(_ctx(1, 0, 1)).take(4))) == 4
-  assert fn.skipped.total >= 1
+  train = data_pipeline.build_input(cfg, SIZE, True, 2, start_step=7)
+  assert len(list(train.fn(_ctx(1, 0, 1)).take(4))) == 4
+  assert train.skipped.total >= 1
 
 
 # ---- a real kill -9 -----------------------------------------------------------

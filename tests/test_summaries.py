@@ -38,7 +38,7 @@ def test_tags_values_and_input_images_of_a_train_and_eval_run(tmp_path):
   trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   # Reference: the first batch and the logits of the first step (training
   # mode: batch statistics), on the initial weights, in numpy.
-  batch = next(iter(experiment.train_input(cfg)(0)(None)))
+  batch = next(iter(experiment.train_input(cfg)(0).fn(None)))
   images, labels = batch['images'].numpy(), batch['labels'].numpy()
   initial = [v.numpy() for v in trainer.model.variables]
   logits = trainer.model(preprocessing.normalize(images),

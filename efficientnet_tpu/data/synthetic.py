@@ -6,7 +6,7 @@ exercise the whole training and eval path without files.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import tensorflow as tf
 
@@ -49,14 +49,15 @@ def _synthetic_source(data_cfg: DataConfig, num_classes: int,
   return tf.data.Dataset.range(num_images), make
 
 
-def synthetic_input_fn(data_cfg: DataConfig, num_classes: int,
-                       image_size: int, is_training: bool,
-                       global_batch_size: int,
-                       start_step: int = 0) -> contract.InputFn:
+def synthetic_input(data_cfg: DataConfig, num_classes: int,
+                    image_size: int, is_training: bool,
+                    global_batch_size: int, start_step: int = 0
+                   ) -> Union[contract.TrainInput, contract.EvalInput]:
   """Synthetic data with the real pipeline's element spec, sharded per host.
 
-  Training resumes at `start_step`: the stream continues where a run
-  stopped at that step.
+  Training (a `contract.TrainInput`, which never skips) resumes at
+  `start_step`: the stream continues where a run stopped at that step. Eval
+  (a `contract.EvalInput`) is sharded by example.
   """
   num_images = (data_cfg.num_train_images if is_training
                 else data_cfg.num_eval_images)
@@ -92,4 +93,7 @@ def synthetic_input_fn(data_cfg: DataConfig, num_classes: int,
           contract.num_eval_steps(num_images, global_batch_size))
     return ds.prefetch(tf.data.AUTOTUNE)
 
-  return input_fn
+  if is_training:
+    return contract.TrainInput(input_fn)
+  return contract.EvalInput(input_fn, num_eval_images=num_images,
+                            global_batch_size=global_batch_size)

@@ -349,7 +349,7 @@ def _read_counted_file(filename: tf.Tensor, file_size: tf.Tensor,
   then must be the file's size, checked as that record is read (always:
   it is a real eval example), so more records than its description or
   cached count says stop the eval with an error naming the file. Fewer
-  are found by the eval's own check (`pipeline._eval_tail`).
+  are found by the eval's own check (`pipeline.batch_eval`).
   """
   def track(consumed, item):
     record, name = item
