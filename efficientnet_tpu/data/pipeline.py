@@ -1,7 +1,7 @@
 """Input functions: one entry point per data source, and the checks of the
 data files that run before any work.
 
-`make_input_fn` dispatches on `DataConfig.data`: the synthetic source, or
+`make_input_fn` dispatches on `DataConfig.source`: the synthetic source, or
 the real pipeline `build_input_fn` over TFRecords (`tfrecord`) or a tfds
 dataset (`tfds`), which validates each record (`checks`), decodes, crops,
 resizes and augments it (`preprocessing`) in one fused map, then batches it
@@ -33,7 +33,7 @@ def make_input_fn(data_cfg: DataConfig, num_classes: int, image_size: int,
                   is_training: bool, global_batch_size: int,
                   start_step: int = 0,
                   count_cache_dir: Optional[str] = None) -> contract.InputFn:
-  """Returns the input function for `data_cfg.data`.
+  """Returns the input function for `data_cfg.source`.
 
   Every source yields the element spec of `contract`. Training input
   continues the stream of a run resumed at `start_step` (see
@@ -42,7 +42,7 @@ def make_input_fn(data_cfg: DataConfig, num_classes: int, image_size: int,
   files' record counts are known (see `build_input_fn`): run
   `contract.eval_steps(input_fn, ...)` eval steps.
   """
-  if data_cfg.data == 'synthetic':
+  if data_cfg.source == 'synthetic':
     return synthetic.synthetic_input_fn(data_cfg, num_classes, image_size,
                                         is_training, global_batch_size,
                                         start_step)
@@ -70,9 +70,9 @@ def check_data_files(data_cfg: DataConfig, mode: str,
     ConfigError: one line naming the flag to change.
   """
   evaluates = mode in ('eval', 'train_and_eval')
-  if data_cfg.data == 'synthetic':
+  if data_cfg.source == 'synthetic':
     return
-  if data_cfg.data != 'tfrecord':
+  if data_cfg.source != 'tfrecord':
     if not tf.io.gfile.isdir(data_cfg.data_dir):
       raise ConfigError('data_dir', f'expected a prepared '
                         f'tensorflow-datasets directory, '
@@ -82,7 +82,7 @@ def check_data_files(data_cfg: DataConfig, mode: str,
       split = tfds_source.split_name(builder, False, data_cfg)
       _check_num_eval_images(
           data_cfg, builder.info.splits[split].num_examples,
-          f'split {split!r} of {data_cfg.data} in {data_cfg.data_dir!r}',
+          f'split {split!r} of {data_cfg.source} in {data_cfg.data_dir!r}',
           say_narrowed=True)
     return
   if mode in ('train', 'train_and_eval'):
@@ -221,10 +221,10 @@ def build_input_fn(data_cfg: DataConfig,
     ConfigError: no matching files, tfds dataset not prepared, etc. Listing
       happens here, before any strategy call.
   """
-  if data_cfg.data == 'synthetic':
+  if data_cfg.source == 'synthetic':
     raise ValueError('build_input_fn reads real data; use make_input_fn '
                      "for data='synthetic'")
-  is_tfds = data_cfg.data.startswith('tfds:')
+  is_tfds = data_cfg.source.startswith('tfds:')
   files = None
   if is_tfds:
     tfds_source.load_builder(data_cfg)  # Fail early, on the caller's thread.
@@ -392,7 +392,7 @@ def _eval_tail(ds: tf.data.Dataset, decode, ctx: tf.distribute.InputContext,
   ds = ds.map(eval_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = contract.batch_eval_examples(ds, batch, replicas_per_pipeline, steps)
 
-  where = data_cfg.data_dir if not is_tfds else data_cfg.data
+  where = data_cfg.data_dir if not is_tfds else data_cfg.source
   message = (f'Eval split in {where!r} has fewer records than '
              f'num_eval_images={data_cfg.num_eval_images}'
              + ('' if is_tfds else
