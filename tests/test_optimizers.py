@@ -367,7 +367,7 @@ def test_four_replicas_match_one_replica(opt_cfg):
   ys = [rng.integers(0, NUM_CLASSES, size=(GLOBAL_BATCH,)).astype(np.int32)
         for _ in range(steps)]
   init = _conv_model().get_weights()
-  lr = 0.5 if opt_cfg.optimizer == 'lars' else 0.1
+  lr = 0.5 if opt_cfg.name == 'lars' else 0.1
 
   one, it1 = _train(cpu_replicas(1), init, xs, ys, opt_cfg, lr)
   four, it4 = _train(cpu_replicas(4), init, xs, ys, opt_cfg, lr)
