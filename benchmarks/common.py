@@ -10,7 +10,6 @@ this way are what the benchmarks claim.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -213,9 +212,8 @@ def experiment_config(model_dir: str, *, num_replicas: int, batch: int,
 
 
 def _defaults(cls, *names: str) -> dict:
-  """The dataclass defaults of `names` in the config section `cls`."""
-  values = {f.name: f.default for f in dataclasses.fields(cls)
-            if f.name in names}
+  """The defaults of the settings `names` of the config section `cls`."""
+  values = {s.name: s.default for s in cls.settings() if s.name in names}
   assert len(values) == len(names), (cls, names)
   return values
 

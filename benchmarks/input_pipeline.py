@@ -279,7 +279,7 @@ def main(argv=None) -> None:
   size, batch, threads = args.image_size, args.batch, args.threads
 
   def full(method):
-    cfg = DataConfig(data='tfrecord', data_dir=args.data_dir,
+    cfg = DataConfig(source='tfrecord', data_dir=args.data_dir,
                      augment_name=args.augment, resize_method=method,
                      shuffle_buffer=256)
     return data_pipeline.build_input(

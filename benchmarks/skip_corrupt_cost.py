@@ -54,7 +54,7 @@ def main():
   rates = {False: [], True: []}
   for _ in range(args.rounds):
     for skip in (False, True):
-      cfg = DataConfig(data='tfrecord', data_dir=data_dir,
+      cfg = DataConfig(source='tfrecord', data_dir=data_dir,
                        shuffle_buffer=64, num_train_images=800,
                        skip_corrupt=skip)
       it = iter(pipeline.build_input(cfg, 224, True, args.batch,

@@ -88,7 +88,7 @@ def _parse_configs(text):
 
 
 def build_ours(resolution: int, bf16: bool) -> keras.Model:
-  cfg = ModelConfig(model_name='efficientnet-b0', image_size=resolution,
+  cfg = ModelConfig(name='efficientnet-b0', image_size=resolution,
                     num_label_classes=NUM_CLASSES, use_bfloat16=bf16)
   return model_lib.build_model(cfg, bn_group_size=1)
 
@@ -107,7 +107,7 @@ def build_keras(resolution: int, bf16: bool) -> keras.Model:
 
 
 def build_optimizer(kind: str):
-  cfg = OptimizerConfig(optimizer=kind, weight_decay=1e-5)
+  cfg = OptimizerConfig(name=kind, weight_decay=1e-5)
   return optimizers.build_optimizer(cfg, 0.01)
 
 

@@ -1,15 +1,21 @@
 """Typed configuration for efficientnet_tpu: every setting, defined once.
 
-Each setting is a dataclass field whose name is its command-line flag (the
-TPUEstimator-era names of tensorflow/tpu where they exist), with its type,
-default, help text and choices in the field's metadata (`setting(...)`).
-`main.py` generates its absl flags from these definitions and
-`tools/gen_flags_doc.py` the flag reference, so a new setting is one field.
+Each setting is a dataclass field with its type, default, help text,
+choices and name in the field's metadata (`setting(...)`). The setting's
+name is its command-line flag (the TPUEstimator-era names of
+tensorflow/tpu where they exist), its config.json key and the name errors
+give; the field reads well in code and may differ (`cfg.data.source` is
+`--data`, `cfg.train.init.checkpoint` is `--init_checkpoint`). `main.py`
+generates its absl flags from these definitions and `tools/gen_flags_doc.py`
+the flag reference, so a new setting is one field.
 
-Validation lives here too: each section checks its own fields in
-`__post_init__`, `ExperimentConfig` the rules across sections, and every
-error is a `ConfigError` that names the setting (the CLI prints it as the
-flag). Settings named inside a message are written `` `name=value` ``.
+Configs are immutable (frozen dataclasses) and built complete: a section
+resolves its defaults that depend on other values (`_defaults`) while it is
+constructed, then checks itself (`_validate`); `ExperimentConfig` does the
+same across sections. Change one by building another:
+`cfg.with_settings(train_steps=6)` or `dataclasses.replace`. Every error is
+a `ConfigError` that names the setting (the CLI prints it as the flag).
+Settings named inside a message are written `` `name=value` ``.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ def _check(cond: bool, setting: str, expected: str, got) -> None:
 
 
 def setting(default, help: str, *, choices: Optional[Tuple] = None,  # pylint: disable=redefined-builtin
-            flag: bool = True):
+            flag: bool = True, name: Optional[str] = None):
   """A setting: a dataclass field with its help text and allowed values.
 
   Args:
@@ -83,9 +89,17 @@ def setting(default, help: str, *, choices: Optional[Tuple] = None,  # pylint: d
     help: one or two sentences for `--help` and docs/flags.md.
     choices: allowed values of a str setting (an enum flag).
     flag: False for settings that only code sets (tests, derived values).
+    name: the setting's name where it differs from the field's: its flag,
+      its config.json key and the name its errors give (the field
+      `DataConfig.source` is the setting `data`, flag `--data`).
   """
   return dataclasses.field(default=default, metadata=dict(
-      help=help, choices=choices, flag=flag))
+      help=help, choices=choices, flag=flag, name=name))
+
+
+def _setting_name(f: dataclasses.Field) -> str:
+  """The setting name of a field (see `setting`'s `name`)."""
+  return f.metadata.get('name') or f.name
 
 
 def section(cls):
@@ -103,7 +117,9 @@ class Setting:
   help: str
   choices: Optional[Tuple]
   title: str  # The group it is listed under.
-  path: Tuple[str, ...]  # Attribute path from ExperimentConfig.
+  # Attribute path from ExperimentConfig; its last element is the field's
+  # name, which may differ from the setting's (`setting`'s `name`).
+  path: Tuple[str, ...]
   flag: bool  # False: set by code only (tests, derived values).
 
 
@@ -111,9 +127,29 @@ class Section:
   """Base of the config dataclasses: walks and builds them by setting name.
 
   Setting names are unique across the whole `ExperimentConfig`, so a flat
-  `{name: value}` mapping (the flags) builds the nested config.
+  `{name: value}` mapping (the flags) builds the nested config. Field names
+  need not be (`optimizer.lars.epsilon`, `optimizer.lamb.epsilon`).
+
+  Sections are frozen dataclasses, complete once constructed: the generated
+  `__init__` ends in `__post_init__`, which fills the defaults that follow
+  from other values (`_defaults`) and then checks the result (`_validate`),
+  so no caller ever holds an instance with a default unresolved.
   """
   TITLE: ClassVar[str] = ''
+
+  def __post_init__(self):
+    # The only writes to a frozen config: inside its __init__, before
+    # anyone else holds it.
+    for name, value in self._defaults().items():
+      object.__setattr__(self, name, value)
+    self._validate()
+
+  def _defaults(self) -> Dict[str, Any]:
+    """{field: value} of the defaults left to resolve (e.g. None ones)."""
+    return {}
+
+  def _validate(self) -> None:
+    """Raises ConfigError, naming the setting, on a value out of range."""
 
   @classmethod
   def settings(cls, path: Tuple[str, ...] = ()) -> Iterator[Setting]:
@@ -124,7 +160,7 @@ class Section:
         yield from f.metadata['section'].settings(path + (f.name,))
         continue
       kind, optional = _unwrap(hints[f.name])
-      yield Setting(name=f.name, type=kind, optional=optional,
+      yield Setting(name=_setting_name(f), type=kind, optional=optional,
                     default=f.default, help=f.metadata['help'],
                     choices=f.metadata['choices'], title=cls.TITLE,
                     path=path + (f.name,), flag=f.metadata['flag'])
@@ -151,21 +187,21 @@ class Section:
         mine = {k: values.pop(k) for k in list(values)
                 if k in sub.setting_names()}
         kwargs[f.name] = sub.from_settings(**mine)
-      elif f.name in values:
-        kwargs[f.name] = values.pop(f.name)
+      elif _setting_name(f) in values:
+        kwargs[f.name] = values.pop(_setting_name(f))
     if values:
       raise TypeError(f'{cls.__name__}: no settings named {sorted(values)}')
     return cls(**kwargs)
 
   @classmethod
   def setting_names(cls) -> frozenset:
-    """Every field name of this section and its subsections."""
+    """Every setting name of this section and its subsections."""
     names = set()
     for f in dataclasses.fields(cls):
       if 'section' in f.metadata:
         names |= f.metadata['section'].setting_names()
       else:
-        names.add(f.name)
+        names.add(_setting_name(f))
     return frozenset(names)
 
   def to_settings(self) -> Dict[str, Any]:
@@ -176,7 +212,30 @@ class Section:
       if 'section' in f.metadata:
         out.update(value.to_settings())
       else:
-        out[f.name] = value
+        out[_setting_name(f)] = value
+    return out
+
+  def with_settings(self, **values):
+    """A copy with these settings (by setting name, in any subsection).
+
+    Built and checked like a new config from this one's settings, so
+    defaults already resolved stay as they are: a copy with another
+    `model_name` keeps this one's `image_size`.
+    """
+    return type(self).from_settings(**dict(self.to_settings(), **values))
+
+  def to_dict(self) -> Dict[str, Any]:
+    """The settings nested by section, keyed by setting name (config.json).
+
+    Lists are tuples here (json writes them as lists).
+    """
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if 'section' in f.metadata:
+        out[f.name] = value.to_dict()
+      else:
+        out[_setting_name(f)] = value
     return out
 
 
@@ -205,7 +264,7 @@ def _choice(value, name: str, allowed) -> None:
          value)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DistributeConfig(Section):
   """Which tf.distribute strategy to build."""
   TITLE: ClassVar[str] = 'Cluster'
@@ -236,9 +295,12 @@ class DistributeConfig(Section):
       'it a multi-host TPU slice or a multi-process TF_CONFIG cluster '
       'refuses local paths: use gs:// (or another remote scheme).')
 
-  def __post_init__(self):
+  def _defaults(self):
     if self.strategy is None:
-      self.strategy = 'tpu' if self.tpu else 'cpu'
+      return {'strategy': 'tpu' if self.tpu else 'cpu'}
+    return {}
+
+  def _validate(self):
     _choice(self.strategy, 'strategy', STRATEGIES)
     if self.tpu and self.strategy != 'tpu':
       raise ConfigError('tpu', f'{self.tpu!r} is given but '
@@ -265,7 +327,7 @@ class DistributeConfig(Section):
     return None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataConfig(Section):
   """Where images come from and how they are preprocessed."""
   TITLE: ClassVar[str] = 'Data'
@@ -273,9 +335,9 @@ class DataConfig(Section):
       None, 'Directory (local or gs://) of ImageNet TFRecords '
       'train-*-of-* / validation-*-of-*, or a prepared tensorflow-datasets '
       'data_dir with --data=tfds:.')
-  data: Optional[str] = setting(
+  source: Optional[str] = setting(
       None, "Data source: 'synthetic', 'tfrecord' or 'tfds:NAME'. Default: "
-      'tfrecord when --data_dir is set, else synthetic.')
+      'tfrecord when --data_dir is set, else synthetic.', name='data')
   num_train_images: Optional[int] = setting(
       None, 'Images in the train split (epochs, the LR schedule). Default: '
       "from dataset_info.json beside the shards, else ImageNet's 1281167.")
@@ -338,27 +400,30 @@ class DataConfig(Section):
   counts_from: Optional[str] = setting(None, 'Source of the counts.',
                                        flag=False)
 
-  def __post_init__(self):
-    if self.data is None:
-      self.data = 'tfrecord' if self.data_dir else 'synthetic'
-    unset = self.num_train_images is None or self.num_eval_images is None
-    if self.num_train_images is None:
-      self.num_train_images = IMAGENET_COUNTS['num_train_images']
-    if self.num_eval_images is None:
-      self.num_eval_images = IMAGENET_COUNTS['num_eval_images']
+  def _defaults(self):
+    out = {}
+    if self.source is None:
+      out['source'] = 'tfrecord' if self.data_dir else 'synthetic'
+    for name in ('num_train_images', 'num_eval_images'):
+      if getattr(self, name) is None:
+        out[name] = IMAGENET_COUNTS[name]
     if self.counts_from is None:
-      self.counts_from = 'ImageNet defaults' if unset else 'settings'
-    ok = (self.data in ('synthetic', 'tfrecord') or
-          (self.data.startswith('tfds:') and len(self.data) > 5))
-    _check(ok, 'data', "'synthetic', 'tfrecord' or 'tfds:NAME'", self.data)
-    if self.data == 'synthetic' and self.data_dir:
+      out['counts_from'] = 'ImageNet defaults' if out.keys() & {
+          'num_train_images', 'num_eval_images'} else 'settings'
+    return out
+
+  def _validate(self):
+    ok = (self.source in ('synthetic', 'tfrecord') or
+          (self.source.startswith('tfds:') and len(self.source) > 5))
+    _check(ok, 'data', "'synthetic', 'tfrecord' or 'tfds:NAME'", self.source)
+    if self.source == 'synthetic' and self.data_dir:
       raise ConfigError(
           'data_dir', f'{self.data_dir} is given but `data=synthetic` (set '
           'by a preset or flag) reads no files; add `data=tfrecord` (or '
           'tfds:NAME) after the preset, or drop it')
-    if self.data != 'synthetic':
+    if self.source != 'synthetic':
       _check(bool(self.data_dir), 'data_dir',
-             f'a directory with `data={self.data}`', self.data_dir)
+             f'a directory with `data={self.source}`', self.data_dir)
     _check(self.num_train_images >= 1, 'num_train_images', 'an integer >= 1',
            self.num_train_images)
     _check(self.num_eval_images >= 1, 'num_eval_images', 'an integer >= 1',
@@ -376,9 +441,9 @@ class DataConfig(Section):
     _check(self.max_image_pixels >= 1, 'max_image_pixels', 'an integer >= 1',
            self.max_image_pixels)
     if self.deterministic:
-      _check(not self.data.startswith('tfds:'), 'deterministic',
+      _check(not self.source.startswith('tfds:'), 'deterministic',
              '`data=tfrecord` or synthetic (tfds readers do not resume '
-             'exactly)', self.data)
+             'exactly)', self.source)
       _check(self.augment_name == 'none', 'deterministic',
              '`augment_name=none` (RandAugment and AutoAugment draw from '
              'stateful random ops)', self.augment_name)
@@ -402,18 +467,18 @@ class DataConfig(Section):
              self.eval_crop_fraction)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelConfig(Section):
   """EfficientNet architecture.
 
   `width_coefficient`, `depth_coefficient`, `image_size` and `dropout_rate`
-  default to the compound-scaling table for `model_name`; setting them
+  default to the compound-scaling table for `name` (`model_name`); setting them
   builds a scaled-down (or custom) variant, which the tests and smoke runs
   use.
   """
   TITLE: ClassVar[str] = 'Model'
-  model_name: str = setting('efficientnet-b0', 'EfficientNet variant.',
-                            choices=tuple(MODEL_TABLE))
+  name: str = setting('efficientnet-b0', 'EfficientNet variant.',
+                      choices=tuple(MODEL_TABLE), name='model_name')
   num_label_classes: Optional[int] = setting(
       None, 'Classes; 1001 keeps label 0 as background (labels in the '
       'records are 1-based). Default: from dataset_info.json beside the '
@@ -458,19 +523,14 @@ class ModelConfig(Section):
   depth_divisor: int = setting(8, 'Channel counts round to multiples of '
                                'this.', flag=False)
 
-  def __post_init__(self):
-    if self.num_label_classes is None:
-      self.num_label_classes = IMAGENET_COUNTS['num_label_classes']
-    _choice(self.model_name, 'model_name', tuple(MODEL_TABLE))
-    w, d, r, p = MODEL_TABLE[self.model_name]
-    if self.width_coefficient is None:
-      self.width_coefficient = w
-    if self.depth_coefficient is None:
-      self.depth_coefficient = d
-    if self.image_size is None:
-      self.image_size = r
-    if self.dropout_rate is None:
-      self.dropout_rate = p
+  def _defaults(self):
+    _choice(self.name, 'model_name', tuple(MODEL_TABLE))
+    table = dict(zip(('width_coefficient', 'depth_coefficient', 'image_size',
+                      'dropout_rate'), MODEL_TABLE[self.name]),
+                 num_label_classes=IMAGENET_COUNTS['num_label_classes'])
+    return {k: v for k, v in table.items() if getattr(self, k) is None}
+
+  def _validate(self):
     _check(self.num_label_classes >= 2, 'num_label_classes',
            'an integer >= 2', self.num_label_classes)
     _check(self.width_coefficient > 0, 'width_coefficient', 'a value > 0',
@@ -529,7 +589,7 @@ class ModelConfig(Section):
     return g
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ScheduleConfig(Section):
   """The learning rate: its peak, warmup and decay."""
   TITLE: ClassVar[str] = 'Learning-rate schedule'
@@ -550,7 +610,7 @@ class ScheduleConfig(Section):
   end_learning_rate: float = setting(
       0.0, 'Final LR of --lr_schedule=poly and cosine.')
 
-  def __post_init__(self):
+  def _validate(self):
     _choice(self.lr_schedule, 'lr_schedule', LR_SCHEDULES)
     _choice(self.lr_scaling, 'lr_scaling', LR_SCALINGS)
     _check(self.base_learning_rate > 0, 'base_learning_rate', 'a value > 0',
@@ -582,55 +642,57 @@ class ScheduleConfig(Section):
     return int(self.lr_warmup_epochs * steps_per_epoch)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LarsConfig(Section):
   """LARS (You et al. 2017, arXiv 1708.03888), used with `optimizer=lars`."""
   TITLE: ClassVar[str] = 'Optimizer: LARS'
-  lars_eeta: float = setting(0.001, 'LARS trust coefficient.')
-  lars_epsilon: float = setting(0.0, 'LARS epsilon in the trust ratio.')
+  eeta: float = setting(0.001, 'LARS trust coefficient.', name='lars_eeta')
+  epsilon: float = setting(0.0, 'LARS epsilon in the trust ratio.',
+                           name='lars_epsilon')
 
-  def __post_init__(self):
-    _check(self.lars_eeta > 0, 'lars_eeta', 'a value > 0', self.lars_eeta)
-    _check(self.lars_epsilon >= 0, 'lars_epsilon', 'a value >= 0',
-           self.lars_epsilon)
+  def _validate(self):
+    _check(self.eeta > 0, 'lars_eeta', 'a value > 0', self.eeta)
+    _check(self.epsilon >= 0, 'lars_epsilon', 'a value >= 0', self.epsilon)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LambConfig(Section):
   """LAMB (You et al. 2019, arXiv 1904.00962), used with `optimizer=lamb`."""
   TITLE: ClassVar[str] = 'Optimizer: LAMB'
-  lamb_beta_1: float = setting(0.9, 'LAMB first-moment decay.')
-  lamb_beta_2: float = setting(0.999, 'LAMB second-moment decay.')
-  lamb_epsilon: float = setting(1e-6, 'LAMB epsilon added to sqrt(v_hat).')
+  beta_1: float = setting(0.9, 'LAMB first-moment decay.',
+                          name='lamb_beta_1')
+  beta_2: float = setting(0.999, 'LAMB second-moment decay.',
+                          name='lamb_beta_2')
+  epsilon: float = setting(1e-6, 'LAMB epsilon added to sqrt(v_hat).',
+                           name='lamb_epsilon')
 
-  def __post_init__(self):
-    for name in ('lamb_beta_1', 'lamb_beta_2'):
-      value = getattr(self, name)
+  def _validate(self):
+    for name, value in (('lamb_beta_1', self.beta_1),
+                        ('lamb_beta_2', self.beta_2)):
       _check(0 <= value < 1, name, 'a value in [0, 1)', value)
-    _check(self.lamb_epsilon > 0, 'lamb_epsilon', 'a value > 0',
-           self.lamb_epsilon)
+    _check(self.epsilon > 0, 'lamb_epsilon', 'a value > 0', self.epsilon)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RMSPropConfig(Section):
   """TF1-style RMSProp of the original recipe, with `optimizer=rmsprop`."""
   TITLE: ClassVar[str] = 'Optimizer: RMSProp'
-  rmsprop_decay: float = setting(0.9, 'RMSProp decay (rho).')
-  rmsprop_epsilon: float = setting(1e-3, 'RMSProp epsilon.')
+  decay: float = setting(0.9, 'RMSProp decay (rho).', name='rmsprop_decay')
+  epsilon: float = setting(1e-3, 'RMSProp epsilon.', name='rmsprop_epsilon')
 
-  def __post_init__(self):
-    _check(0 <= self.rmsprop_decay < 1, 'rmsprop_decay', 'a value in [0, 1)',
-           self.rmsprop_decay)
-    _check(self.rmsprop_epsilon > 0, 'rmsprop_epsilon', 'a value > 0',
-           self.rmsprop_epsilon)
+  def _validate(self):
+    _check(0 <= self.decay < 1, 'rmsprop_decay', 'a value in [0, 1)',
+           self.decay)
+    _check(self.epsilon > 0, 'rmsprop_epsilon', 'a value > 0', self.epsilon)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class OptimizerConfig(Section):
   """Optimizer, regularization and EMA; the schedule and per-optimizer
   settings are subsections."""
   TITLE: ClassVar[str] = 'Optimization'
-  optimizer: str = setting('rmsprop', 'Optimizer.', choices=OPTIMIZERS)
+  name: str = setting('rmsprop', 'Optimizer.', choices=OPTIMIZERS,
+                      name='optimizer')
   momentum: float = setting(0.9, 'Momentum (LARS, RMSProp, momentum; '
                             'LAMB uses --lamb_beta_1).')
   nesterov: bool = setting(False, 'Nesterov momentum (LARS, momentum).')
@@ -658,8 +720,12 @@ class OptimizerConfig(Section):
   lamb: LambConfig = section(LambConfig)
   rmsprop: RMSPropConfig = section(RMSPropConfig)
 
-  def __post_init__(self):
-    _choice(self.optimizer, 'optimizer', OPTIMIZERS)
+  def _defaults(self):
+    # A list (from code) is kept as the tuple a flag or config.json gives.
+    return {'weight_decay_exclude': tuple(self.weight_decay_exclude)}
+
+  def _validate(self):
+    _choice(self.name, 'optimizer', OPTIMIZERS)
     _check(0 <= self.momentum < 1, 'momentum', 'a value in [0, 1)',
            self.momentum)
     _check(self.weight_decay >= 0, 'weight_decay', 'a value >= 0',
@@ -674,37 +740,38 @@ class OptimizerConfig(Section):
              value)
     _check(0 <= self.mixup_switch_prob <= 1, 'mixup_switch_prob',
            'a value in [0, 1]', self.mixup_switch_prob)
-    self.weight_decay_exclude = tuple(self.weight_decay_exclude)
     _check_regexes('weight_decay_exclude', self.weight_decay_exclude)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class InitConfig(Section):
   """Initial weights of a new run (fine-tuning); see docs/fine_tuning.md."""
   TITLE: ClassVar[str] = 'Fine-tuning'
-  init_checkpoint: Optional[str] = setting(
+  checkpoint: Optional[str] = setting(
       None, 'Initial weights for a new run: one of our checkpoints (a '
       'prefix, or a model_dir for its latest), or a keras.applications '
       'EfficientNet weights file (.weights.h5 / .h5). A run that resumes '
-      'from a checkpoint in --model_dir ignores it.')
-  init_exclude: Tuple[str, ...] = setting(
+      'from a checkpoint in --model_dir ignores it.', name='init_checkpoint')
+  exclude: Tuple[str, ...] = setting(
       (), 'Regexes on variable paths (e.g. logits, block7.*) left as '
       'initialized instead of loaded. The classifier is re-initialized by '
-      'itself when the class count differs.')
-  init_from_ema: bool = setting(
+      'itself when the class count differs.', name='init_exclude')
+  from_ema: bool = setting(
       False, "With one of our checkpoints: load its EMA averages instead of "
-      'its weights.')
+      'its weights.', name='init_from_ema')
 
-  def __post_init__(self):
-    self.init_exclude = tuple(self.init_exclude)
-    _check_regexes('init_exclude', self.init_exclude)
-    if self.init_from_ema:
-      _check(bool(self.init_checkpoint), 'init_from_ema',
+  def _defaults(self):
+    return {'exclude': tuple(self.exclude)}
+
+  def _validate(self):
+    _check_regexes('init_exclude', self.exclude)
+    if self.from_ema:
+      _check(bool(self.checkpoint), 'init_from_ema',
              'an `init_checkpoint` to read the averages from',
-             self.init_checkpoint)
+             self.checkpoint)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig(Section):
   """The loop: batch sizes, length, host loop, checkpoints, evaluation."""
   TITLE: ClassVar[str] = 'Loop'
@@ -764,7 +831,7 @@ class TrainConfig(Section):
       '(train/input_images, one grid) at the start of training; 0: none.')
   init: InitConfig = section(InitConfig)
 
-  def __post_init__(self):
+  def _validate(self):
     _choice(self.mode, 'mode', MODES)
     _check(bool(self.model_dir), 'model_dir',
            'a directory for checkpoints and summaries', self.model_dir)
@@ -805,7 +872,7 @@ class TrainConfig(Section):
              'a directory with `mode=export`', self.export_dir)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig(Section):
   """Everything one run needs; checks the rules across sections."""
   distribute: DistributeConfig = section(DistributeConfig)
@@ -824,12 +891,20 @@ class ExperimentConfig(Section):
     """Mixup or CutMix is on (soft labels in the train step)."""
     return self.optimizer.mixup_alpha > 0 or self.optimizer.cutmix_alpha > 0
 
-  def __post_init__(self):
+  def _defaults(self):
+    # Settings whose defaults follow from other sections: the section is
+    # rebuilt with them (and checked again).
+    out = {}
     if self.model.batch_norm_warmup is None:
-      self.model.batch_norm_warmup = bool(self.train.init.init_checkpoint)
+      out['model'] = dataclasses.replace(
+          self.model, batch_norm_warmup=bool(self.train.init.checkpoint))
     if self.data.include_background_label is None:
-      self.data.include_background_label = (
-          self.model.num_label_classes == 1001)
+      out['data'] = dataclasses.replace(
+          self.data,
+          include_background_label=self.model.num_label_classes == 1001)
+    return out
+
+  def _validate(self):
     self._check_schedule()
     if self.model.use_float16 and self.distribute.strategy == 'tpu':
       raise ConfigError('use_float16', 'TPUs compute in bfloat16, not '
@@ -935,9 +1010,6 @@ class ExperimentConfig(Section):
         num_replicas, self.train.train_batch_size // num_replicas)
 
   # ---- serialization ------------------------------------------------------
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 

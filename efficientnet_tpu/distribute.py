@@ -341,7 +341,7 @@ def check_shared_paths(cfg: ExperimentConfig,
     return
   paths = [('model_dir', cfg.train.model_dir),
            ('export_dir', cfg.train.export_dir)]
-  if cfg.data.data != 'synthetic':
+  if cfg.data.source != 'synthetic':
     paths.append(('data_dir', cfg.data.data_dir))
   for name, path in paths:
     if path and not is_remote_path(path):

@@ -107,9 +107,9 @@ def _init_checkpoint_errors():
 
 def check_init_checkpoint(cfg: ExperimentConfig) -> None:
   """Fails before any work when `init_checkpoint` names no weights."""
-  if cfg.train.init.init_checkpoint:
+  if cfg.train.init.checkpoint:
     with _init_checkpoint_errors():
-      init_checkpoint.resolve_source(cfg.train.init.init_checkpoint)
+      init_checkpoint.resolve_source(cfg.train.init.checkpoint)
 
 
 def maybe_initialize(cfg: ExperimentConfig, state: ModelState):
@@ -119,19 +119,19 @@ def maybe_initialize(cfg: ExperimentConfig, state: ModelState):
   checkpoint in model_dir keeps them (the trainer restores it).
   """
   init = cfg.train.init
-  if not init.init_checkpoint:
+  if not init.checkpoint:
     return None
   if run_dir.latest_checkpoint(cfg.train.model_dir):
     logging.info('Resuming from model_dir: --init_checkpoint=%s is not '
-                 'loaded.', init.init_checkpoint)
+                 'loaded.', init.checkpoint)
     return None
   with _init_checkpoint_errors():
     report = init_checkpoint.load_initial_weights(
-        state.model, init.init_checkpoint, exclude=init.init_exclude,
-        ema=state.ema, use_ema_weights=init.init_from_ema)
+        state.model, init.checkpoint, exclude=init.exclude,
+        ema=state.ema, use_ema_weights=init.from_ema)
   if report.source_format != init_checkpoint.FORMAT_CHECKPOINT:
     weights = 'its weights'
-  elif init.init_from_ema:
+  elif init.from_ema:
     weights = 'its EMA averages (--init_from_ema)'
   else:
     weights = 'its raw weights, not its EMA averages (see --init_from_ema)'
@@ -180,15 +180,15 @@ def serving_labels(cfg: ExperimentConfig):
   """
   data, n = cfg.data, cfg.model.num_label_classes
   background = data.include_background_label
-  if data.data == 'tfrecord':
+  if data.source == 'tfrecord':
     offset = 0 if background else 1
-  elif data.data.startswith('tfds:'):
+  elif data.source.startswith('tfds:'):
     offset = -1 if background else 0
   else:
     offset = 0
   names = [str(i + offset) for i in range(n)]
   info = (dataset_info.read(data.data_dir)
-          if data.data == 'tfrecord' and data.data_dir else None)
+          if data.source == 'tfrecord' and data.data_dir else None)
   if info is not None:
     by_label = dict(zip((c.label for c in info.classes), info.class_names()))
     names = [by_label.get(i + offset, names[i]) for i in range(n)]
@@ -209,8 +209,8 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
   plan = plan or replica_plan.for_strategy(cfg, strategy)
   size = size or sizing.model_size(cfg, state.model)
   data = cfg.data
-  source = data.data if data.data == 'synthetic' else (
-      f'{data.data} from {data.data_dir}')
+  source = data.source if data.source == 'synthetic' else (
+      f'{data.source} from {data.data_dir}')
   m = cfg.model
   precision = ('bfloat16' if m.use_bfloat16 else
                'float16 (dynamic loss scale)' if m.use_float16 else 'float32')
@@ -240,7 +240,7 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
         f'{plan.steps_per_loop} steps'
         + (f', an evaluation every {plan.eval_every_steps}'
            if mode == 'train_and_eval' else ''),
-        f'Optimizer: {cfg.optimizer.optimizer}, {schedule["lr_schedule"]} '
+        f'Optimizer: {cfg.optimizer.name}, {schedule["lr_schedule"]} '
         f'schedule, peak LR {schedule["peak_lr"]:.4g} after '
         f'{schedule["warmup_steps"]} warmup steps; LR at {lr_at}',
     ]
@@ -258,7 +258,7 @@ def startup_summary(cfg: ExperimentConfig, strategy: tf.distribute.Strategy,
         f'{data.num_eval_images} eval images, {m.num_label_classes} classes '
         f'(counts: {data.counts_from})')
   lines.append(
-      f'Model: {m.model_name} (width {m.width_coefficient:g}, depth '
+      f'Model: {m.name} (width {m.width_coefficient:g}, depth '
       f'{m.depth_coefficient:g}, {m.image_size} px): '
       f'{", ".join(sizing.describe_size(size))}')
   if cfg.trains:

@@ -182,7 +182,7 @@ def _inherit_eval_batch(values: dict, previous: dict, inherited: set) -> None:
   per_replica = (previous.get('resolved') or {}).get('per_replica_eval_batch')
   if per_replica is None and run_batch:
     try:
-      replicas = config_lib.DistributeConfig(**{
+      replicas = config_lib.DistributeConfig.from_settings(**{
           k: v for k, v in run.items()
           if k in config_lib.DistributeConfig.setting_names()
       }).known_num_replicas
@@ -281,13 +281,13 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
   from efficientnet_tpu import sizing  # pylint: disable=g-import-not-at-top
   from efficientnet_tpu import replica_plan  # pylint: disable=g-import-not-at-top
   schedule = schedules.for_experiment(cfg)
-  summary = dict(optimizer=cfg.optimizer.optimizer,
+  summary = dict(optimizer=cfg.optimizer.name,
                  **schedules.describe_schedule(
                      cfg.optimizer.schedule, cfg.train.train_batch_size,
                      cfg.steps_per_epoch, cfg.total_train_steps))
   print(cfg.to_json())
   size = sizing.model_size(cfg)
-  print(f'Model: {cfg.model.model_name} at {cfg.model.image_size} px: '
+  print(f'Model: {cfg.model.name} at {cfg.model.image_size} px: '
         f'{", ".join(sizing.describe_size(size))}')
   warnings = sizing.recipe_warnings(cfg)
   num_replicas = cfg.distribute.known_num_replicas

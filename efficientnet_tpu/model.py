@@ -178,7 +178,7 @@ def build_model(config: ModelConfig, bn_group_size: int = 1,
     config: architecture, scaling coefficients, BN and dtype settings.
     bn_group_size: replicas per batch-norm group, resolved (1 = local BN,
       0 = all replicas); see `replica_plan.ReplicaPlan`.
-    name: model name (default: config.model_name).
+    name: model name (default: config.name).
     dtype: a dtype policy instead of the config's precision (export and
       sizing build float32 copies).
     batch_norm_fn: see `efficientnet`.
@@ -195,7 +195,7 @@ def build_model(config: ModelConfig, bn_group_size: int = 1,
           momentum=config.batch_norm_momentum,
           epsilon=config.batch_norm_epsilon, group_size=bn_group_size,
           dtype=policy),
-      name=name or config.model_name, batch_norm_fn=batch_norm_fn)
+      name=name or config.name, batch_norm_fn=batch_norm_fn)
 
 
 def flops_per_image(config: ModelConfig, model=None) -> int:

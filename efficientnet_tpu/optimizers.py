@@ -365,7 +365,7 @@ class RMSpropTF1(keras.optimizers.RMSprop):
 
 def build_optimizer(opt_cfg: OptimizerConfig,
                     learning_rate) -> keras.optimizers.Optimizer:
-  """The optimizer `opt_cfg.optimizer` names.
+  """The optimizer `opt_cfg.name` names.
 
   Args:
     opt_cfg: optimizer section of the config.
@@ -380,23 +380,23 @@ def build_optimizer(opt_cfg: OptimizerConfig,
     Build it under `strategy.scope()` and call `.build(trainable_variables)`
     there before the first `strategy.run`.
   """
-  name = opt_cfg.optimizer
+  name = opt_cfg.name
   if name == 'lars':
     return LARS(learning_rate, momentum=opt_cfg.momentum,
-                nesterov=opt_cfg.nesterov, eeta=opt_cfg.lars.lars_eeta,
+                nesterov=opt_cfg.nesterov, eeta=opt_cfg.lars.eeta,
                 weight_decay=opt_cfg.weight_decay,
-                epsilon=opt_cfg.lars.lars_epsilon,
+                epsilon=opt_cfg.lars.epsilon,
                 exclude_from_adaptation=opt_cfg.weight_decay_exclude)
   if name == 'lamb':
     lamb = opt_cfg.lamb
-    return build_lamb(learning_rate, beta_1=lamb.lamb_beta_1,
-                      beta_2=lamb.lamb_beta_2, epsilon=lamb.lamb_epsilon,
+    return build_lamb(learning_rate, beta_1=lamb.beta_1,
+                      beta_2=lamb.beta_2, epsilon=lamb.epsilon,
                       weight_decay=opt_cfg.weight_decay,
                       exclude=opt_cfg.weight_decay_exclude)
   if name == 'rmsprop':
-    return RMSpropTF1(learning_rate, rho=float(opt_cfg.rmsprop.rmsprop_decay),
+    return RMSpropTF1(learning_rate, rho=float(opt_cfg.rmsprop.decay),
                       momentum=float(opt_cfg.momentum),
-                      epsilon=float(opt_cfg.rmsprop.rmsprop_epsilon),
+                      epsilon=float(opt_cfg.rmsprop.epsilon),
                       name='rmsprop')
   if name == 'momentum':
     return keras.optimizers.SGD(learning_rate,
@@ -441,7 +441,7 @@ def build_lamb(learning_rate,
 def optimizer_applies_weight_decay(opt_cfg: OptimizerConfig) -> bool:
   """True when the optimizer itself decays weights (LARS, LAMB): no L2 loss
   term."""
-  return opt_cfg.optimizer in ('lars', 'lamb')
+  return opt_cfg.name in ('lars', 'lamb')
 
 
 def l2_loss(opt_cfg: OptimizerConfig, variables) -> tf.Tensor:

@@ -105,7 +105,7 @@ def model_size(cfg: ExperimentConfig, model=None) -> ModelSize:
 def training_memory(cfg: ExperimentConfig, size: ModelSize,
                     per_replica_batch: int) -> MemoryEstimate:
   """The estimate for `cfg`'s optimizer, EMA and precision."""
-  copies = 2 + _SLOTS.get(cfg.optimizer.optimizer, 2)  # Weights, gradients.
+  copies = 2 + _SLOTS.get(cfg.optimizer.name, 2)  # Weights, gradients.
   if cfg.optimizer.moving_average_decay > 0:
     copies += 1
   state = 4 * (size.parameters + (copies - 1) * size.trainable_parameters)
@@ -181,7 +181,7 @@ def recipe_warnings(cfg: ExperimentConfig) -> List[str]:
         '`eval_every_epochs` or leave it out (every epoch, at most 20 '
         'evaluations)')
   batch = cfg.train.train_batch_size
-  if cfg.optimizer.optimizer == 'lars' and batch < 4096:
+  if cfg.optimizer.name == 'lars' and batch < 4096:
     warnings.append(
         f'LARS at a global batch of {batch}: the presets use it from 4096 '
         'images per step up, and tensorflow/tpu lars_util.py tunes it from '

@@ -89,7 +89,7 @@ def run_inputs(data_dir, bad_data_dir, results, arrays):
   for name, options in INPUTS.items():
     training = name != 'eval'
     cfg = DataConfig(
-        data='tfrecord', shuffle_buffer=16, num_train_images=64,
+        source='tfrecord', shuffle_buffer=16, num_train_images=64,
         num_eval_images=20, max_corrupt_fraction=0.5, **options,
         data_dir=bad_data_dir if options.get('skip_corrupt') else data_dir)
     # Augmentations are per-image maps: one host is enough.

@@ -120,7 +120,7 @@ def test_gpu_path_trains_evaluates_and_resumes_like_the_cpu_path(
       return
     saved = _weights(trainer)
     # Checkpoint and resume on the same path.
-    cfg.train.train_steps = 6
+    cfg = cfg.with_settings(train_steps=6)
     resumed = experiment.build_trainer(cfg, _gpu_mirrored(n))
     assert resumed.restore() == 4
     for got, want in zip(_weights(resumed), saved):

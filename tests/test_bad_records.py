@@ -33,7 +33,7 @@ def _write(path, payloads_and_labels):
 def _train(d, n_batches, batch=4, **kw):
   """Runs a skip_corrupt training pipeline for n_batches; returns it."""
   kw.setdefault('skip_corrupt', True)
-  cfg = DataConfig(data='tfrecord', data_dir=str(d), shuffle_buffer=8,
+  cfg = DataConfig(source='tfrecord', data_dir=str(d), shuffle_buffer=8,
                    num_train_images=100, **kw)
   train = data_pipeline.build_input(cfg, SIZE, True, batch, num_classes=5)
   for _ in train.fn(None).take(n_batches):
@@ -187,7 +187,7 @@ def test_every_bad_record_is_counted_once_under_its_file(tmp_path, caplog):
   (what the trainer calls) warns once per file with its reason."""
   planted = _plant_every_reason(tmp_path)
   train = data_pipeline.build_input(
-      DataConfig(data='tfrecord', data_dir=str(tmp_path), shuffle_buffer=8,
+      DataConfig(source='tfrecord', data_dir=str(tmp_path), shuffle_buffer=8,
                  num_train_images=100, skip_corrupt=True, deterministic=True,
                  max_image_pixels=5000), SIZE, True, 4, num_classes=5)
   with pytest.raises(tf.errors.InvalidArgumentError):

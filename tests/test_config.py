@@ -1,5 +1,6 @@
 """Tests for the typed config: defaults from the model table, validation."""
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from efficientnet_tpu import config as config_lib
     ('efficientnet-b7', (2.0, 3.1, 600, 0.5)),
 ])
 def test_model_defaults_follow_the_scaling_table(name, expected):
-  m = config_lib.ModelConfig(model_name=name)
+  m = config_lib.ModelConfig(name=name)
   assert (m.width_coefficient, m.depth_coefficient, m.image_size,
           m.dropout_rate) == expected
 
@@ -93,13 +94,13 @@ def test_every_setting_is_a_flag_of_the_same_name_and_type():
       '--num_label_classes=7', '--augment_name=randaugment',
       '--weight_decay_exclude=a,b', '--jit_compile=true'])
   cfg = main_lib.config_from_flags(fv)
-  assert cfg.optimizer.lars.lars_eeta == 0.02
+  assert cfg.optimizer.lars.eeta == 0.02
   assert cfg.optimizer.schedule.lr_schedule == 'poly'
   assert cfg.model.num_label_classes == 7
   assert cfg.data.augment_name == 'randaugment'
   assert cfg.optimizer.weight_decay_exclude == ('a', 'b')
   assert cfg.train.jit_compile == 'true'
-  assert cfg.distribute.strategy == 'cpu' and cfg.data.data == 'synthetic'
+  assert cfg.distribute.strategy == 'cpu' and cfg.data.source == 'synthetic'
 
 
 def test_batch_must_divide_by_replicas():
@@ -116,12 +117,11 @@ def test_derived_steps():
   assert cfg.steps_per_epoch == 10.0
   assert cfg.total_train_steps == 30
   assert cfg.eval_interval_steps == 15
-  cfg.train.train_steps = 7
-  assert cfg.total_train_steps == 7
+  assert cfg.with_settings(train_steps=17).total_train_steps == 17
 
 
 def test_derived_defaults():
-  assert _cfg(data_dir='/d').data.data == 'tfrecord'
+  assert _cfg(data_dir='/d').data.source == 'tfrecord'
   assert _cfg(tpu='local').distribute.strategy == 'tpu'
   assert _cfg(num_label_classes=1001).data.include_background_label
   assert not _cfg().data.include_background_label
@@ -154,3 +154,166 @@ def test_config_json_of_the_old_field_names_loads():
                           **old['optimizer'].pop('rmsprop'))
   old['train'].update(jit_compile=False, seed=0)
   assert config_lib.ExperimentConfig.from_dict(old) == cfg
+
+
+def test_configs_are_frozen():
+  cfg = _cfg()
+  for section, field in [(cfg, 'train'), (cfg.train, 'train_steps'),
+                         (cfg.data, 'source'), (cfg.train.init, 'checkpoint'),
+                         (cfg.optimizer.lars, 'eeta')]:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      setattr(section, field, None)
+  # A changed copy is a new config, checked again; the original stays.
+  longer = cfg.with_settings(train_epochs=7.0, lars_eeta=0.5)
+  assert (longer.train.train_epochs, longer.optimizer.lars.eeta) == (7, 0.5)
+  assert (cfg.train.train_epochs, cfg.optimizer.lars.eeta) == (350, 0.001)
+  with pytest.raises(config_lib.ConfigError, match='^train_epochs: '):
+    cfg.with_settings(train_epochs=0.0)
+
+
+def test_configs_are_built_complete():
+  """Defaults that follow from other values are there once constructed."""
+  data = config_lib.DataConfig(data_dir='x')
+  assert data.source == 'tfrecord'
+  assert (data.num_train_images, data.num_eval_images) == (1281167, 50000)
+  assert data.counts_from == 'ImageNet defaults'
+  assert config_lib.DataConfig().source == 'synthetic'
+  partial = config_lib.DataConfig(num_train_images=10)
+  assert (partial.num_eval_images, partial.counts_from) == (
+      50000, 'ImageNet defaults')
+  given = config_lib.DataConfig(num_train_images=10, num_eval_images=5)
+  assert given.counts_from == 'settings'
+  assert config_lib.DistributeConfig().strategy == 'cpu'
+  assert config_lib.DistributeConfig(tpu='local').strategy == 'tpu'
+  model = config_lib.ModelConfig(name='efficientnet-b1')
+  assert (model.num_label_classes, model.width_coefficient,
+          model.depth_coefficient, model.image_size,
+          model.dropout_rate) == (1000, 1.0, 1.1, 240, 0.2)
+  init = config_lib.InitConfig(exclude=['logits'])
+  assert init.exclude == ('logits',)
+  assert config_lib.OptimizerConfig(
+      weight_decay_exclude=['a']).weight_decay_exclude == ('a',)
+  # Across sections: BN warm-up follows --init_checkpoint, 1-based labels
+  # follow 1001 classes.
+  plain = config_lib.ExperimentConfig(
+      train=config_lib.TrainConfig(model_dir='/m'))
+  assert plain.model.batch_norm_warmup is False
+  assert plain.data.include_background_label is False
+  tuned = config_lib.ExperimentConfig(
+      model=config_lib.ModelConfig(num_label_classes=1001),
+      train=config_lib.TrainConfig(
+          model_dir='/m', init=config_lib.InitConfig(checkpoint='/c')))
+  assert tuned.model.batch_norm_warmup is True
+  assert tuned.data.include_background_label is True
+  resolved = {'data', 'num_train_images', 'num_eval_images', 'counts_from',
+              'strategy', 'num_label_classes', 'image_size',
+              'width_coefficient', 'depth_coefficient', 'dropout_rate',
+              'batch_norm_warmup', 'include_background_label'}
+  settings = plain.to_settings()
+  assert resolved <= set(settings)
+  assert all(settings[name] is not None for name in resolved)
+
+
+def test_field_names_read_well_while_flags_keep_their_names():
+  cfg = _cfg(data_dir='/d', optimizer='lamb', model_name='efficientnet-b1',
+             init_checkpoint='/c', init_exclude=('logits',),
+             init_from_ema=True, lars_eeta=0.01, lars_epsilon=0.1,
+             lamb_beta_1=0.8, lamb_beta_2=0.9, lamb_epsilon=1e-3,
+             rmsprop_decay=0.5, rmsprop_epsilon=0.2)
+  assert cfg.data.source == 'tfrecord' and cfg.optimizer.name == 'lamb'
+  assert cfg.model.name == 'efficientnet-b1'
+  init = cfg.train.init
+  assert (init.checkpoint, init.exclude, init.from_ema) == (
+      '/c', ('logits',), True)
+  lars, lamb = cfg.optimizer.lars, cfg.optimizer.lamb
+  assert (lars.eeta, lars.epsilon) == (0.01, 0.1)
+  assert (lamb.beta_1, lamb.beta_2, lamb.epsilon) == (0.8, 0.9, 1e-3)
+  assert (cfg.optimizer.rmsprop.decay, cfg.optimizer.rmsprop.epsilon) == (
+      0.5, 0.2)
+  # Errors name the setting (the flag), not the field.
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.DataConfig(source='parquet', data_dir='/x')
+  assert e.value.setting == 'data'
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.InitConfig(from_ema=True)
+  assert e.value.setting == 'init_from_ema'
+
+
+# What the previous version (fields named like their flags, `dataclasses.
+# asdict`) wrote to config.json for `_PREVIOUS_SETTINGS`.
+_PREVIOUS_SETTINGS = dict(
+    model_dir='/runs/b2', data_dir='/data/imagenet',
+    model_name='efficientnet-b2', num_label_classes=1001, optimizer='lars',
+    lars_eeta=0.002, lamb_beta_2=0.99, rmsprop_epsilon=0.01,
+    init_checkpoint='/runs/b0/ckpt-10', init_exclude=('logits',),
+    init_from_ema=True, num_train_images=1000, train_batch_size=100,
+    train_epochs=10.0, lr_warmup_epochs=1.0)
+_PREVIOUS_CONFIG_JSON = {
+    'data': {
+        'augment_name': 'none', 'counts_from': 'ImageNet defaults',
+        'data': 'tfrecord', 'data_dir': '/data/imagenet',
+        'deterministic': False, 'eval_crop_fraction': None,
+        'include_background_label': True, 'max_corrupt_fraction': 0.01,
+        'max_image_pixels': 67108864, 'num_eval_images': 50000,
+        'num_train_images': 1000, 'randaug_magnitude': 10.0,
+        'randaug_num_layers': 2, 'random_flip': True,
+        'resize_method': 'bicubic', 'seed': 0, 'shuffle_buffer': 1024,
+        'skip_corrupt': False, 'synthetic_learnable': True,
+        'train_crop_max_area': 1.0,
+        'train_crop_max_aspect': 1.3333333333333333,
+        'train_crop_min_area': 0.08, 'train_crop_min_aspect': 0.75},
+    'distribute': {
+        'gcp_project': None, 'num_cpu_replicas': 1, 'num_gpus': 0,
+        'num_replicas': None, 'shared_filesystem': False, 'strategy': 'cpu',
+        'tpu': None, 'tpu_zone': None},
+    'model': {
+        'batch_norm_epsilon': 0.001, 'batch_norm_momentum': 0.99,
+        'batch_norm_warmup': True, 'bn_group_batch_size': None,
+        'bn_group_size': None, 'depth_coefficient': 1.2, 'depth_divisor': 8,
+        'dropout_rate': 0.3, 'image_size': 260,
+        'model_name': 'efficientnet-b2', 'num_label_classes': 1001,
+        'stochastic_depth_rate': 0.2, 'use_bfloat16': False,
+        'use_float16': False, 'width_coefficient': 1.1},
+    'optimizer': {
+        'cutmix_alpha': 0.0, 'label_smoothing': 0.1,
+        'lamb': {'lamb_beta_1': 0.9, 'lamb_beta_2': 0.99,
+                 'lamb_epsilon': 1e-06},
+        'lars': {'lars_eeta': 0.002, 'lars_epsilon': 0.0},
+        'mixup_alpha': 0.0, 'mixup_switch_prob': 0.5, 'momentum': 0.9,
+        'moving_average_decay': 0.9999, 'nesterov': False,
+        'optimizer': 'lars',
+        'rmsprop': {'rmsprop_decay': 0.9, 'rmsprop_epsilon': 0.01},
+        'schedule': {
+            'base_learning_rate': 0.016, 'end_learning_rate': 0.0,
+            'lr_decay_epochs': 2.4, 'lr_decay_factor': 0.97,
+            'lr_scaling': 'linear', 'lr_schedule': 'exponential',
+            'lr_warmup_epochs': 1.0, 'poly_power': 2.0},
+        'weight_decay': 1e-05,
+        'weight_decay_exclude': ['(^|/)gamma$', '(^|/)beta$', '(^|/)bias$']},
+    'train': {
+        'checkpoint_path': None, 'dry_run': False,
+        'eval_batch_per_replica': None, 'eval_batch_size': 1024,
+        'eval_every_epochs': None, 'eval_every_steps': None,
+        'eval_steps': None, 'eval_timeout': 0, 'export_dir': None,
+        'init': {'init_checkpoint': '/runs/b0/ckpt-10',
+                 'init_exclude': ['logits'], 'init_from_ema': True},
+        'iterations_per_loop': None, 'jit_compile': 'auto',
+        'keep_checkpoint_max': 5, 'mode': 'train', 'model_dir': '/runs/b2',
+        'summary_images': 8, 'train_batch_size': 100, 'train_epochs': 10.0,
+        'train_steps': None},
+}
+
+
+def test_config_json_of_the_previous_version_loads_and_is_written_alike():
+  old = config_lib.ExperimentConfig.from_dict(
+      json.loads(json.dumps(_PREVIOUS_CONFIG_JSON)))
+  assert old == _cfg(**_PREVIOUS_SETTINGS)
+  assert old.data.source == 'tfrecord' and old.optimizer.name == 'lars'
+  assert old.model.name == 'efficientnet-b2'
+  assert old.optimizer.lars.eeta == 0.002
+  assert old.optimizer.lamb.beta_2 == 0.99
+  assert old.optimizer.rmsprop.epsilon == 0.01
+  assert (old.train.init.checkpoint, old.train.init.exclude,
+          old.train.init.from_ema) == ('/runs/b0/ckpt-10', ('logits',), True)
+  # config.json keeps the keys users know: the flags' names.
+  assert json.loads(old.to_json()) == _PREVIOUS_CONFIG_JSON

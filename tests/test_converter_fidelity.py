@@ -198,7 +198,7 @@ def test_trainer_eval_pipeline_sees_what_serving_sees(converted):
   converted split gives, image for image, the exported model's input."""
   names = [r['image/filename'].bytes_list.value[0].decode()
            for r in _records(str(converted / 'validation-00000-of-00001'))]
-  cfg = DataConfig(data='tfrecord', data_dir=str(converted),
+  cfg = DataConfig(source='tfrecord', data_dir=str(converted),
                    num_eval_images=len(names), resize_method='bicubic')
   images = []
   for batch in data_pipeline.build_input(cfg, SIZE, False, 32).fn(None):
@@ -210,7 +210,7 @@ def test_trainer_eval_pipeline_sees_what_serving_sees(converted):
       np.testing.assert_array_equal(image, _serving(CASES[name][0]),
                                     err_msg=name)
   # And training reads every record (PNG ones included) without error.
-  train_cfg = DataConfig(data='tfrecord', data_dir=str(converted),
+  train_cfg = DataConfig(source='tfrecord', data_dir=str(converted),
                          shuffle_buffer=4)
   batch = next(iter(data_pipeline.build_input(train_cfg, SIZE, True,
                                               2).fn(None)))

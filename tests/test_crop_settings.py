@@ -147,7 +147,7 @@ def test_pipeline_threads_the_crop_settings(tmp_path):
   # sample and falls back to the center crop of eval_crop_fraction 1.0:
   # the whole (square) image, whatever the seed. ImageNet defaults would
   # crop.
-  cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path), num_eval_images=4,
+  cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path), num_eval_images=4,
                    shuffle_buffer=4, train_crop_min_area=1.0,
                    eval_crop_fraction=1.0)
   whole = _resize(_decode_window(data, [0, 0, 36, 36]), 16)

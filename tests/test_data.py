@@ -128,7 +128,7 @@ def test_synthetic_pipelines_shard_the_eval_set():
 
 
 def test_missing_tfrecords_fail_with_the_pattern(tmp_path):
-  cfg = config_lib.DataConfig(data='tfrecord', data_dir=str(tmp_path))
+  cfg = config_lib.DataConfig(source='tfrecord', data_dir=str(tmp_path))
   with pytest.raises(config_lib.ConfigError,
                      match=r"^data_dir: expected TFRecord files "
                      r"matching 'train-\*'"):

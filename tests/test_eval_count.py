@@ -134,10 +134,10 @@ def test_tfds_uses_the_split_info(tmp_path, monkeypatch):
   builder = types.SimpleNamespace(info=info)
   monkeypatch.setattr(tfds_source, 'load_builder',
                       lambda cfg: (None, builder))
-  cfg = DataConfig(data='tfds:fake', data_dir=str(tmp_path),
+  cfg = DataConfig(source='tfds:fake', data_dir=str(tmp_path),
                    num_eval_images=10)
   data_pipeline.check_data_files(cfg, 'eval')
-  cfg = DataConfig(data='tfds:fake', data_dir=str(tmp_path),
+  cfg = DataConfig(source='tfds:fake', data_dir=str(tmp_path),
                    num_eval_images=11)
   data_pipeline.check_data_files(cfg, 'train')
   with pytest.raises(ConfigError, match=r"^num_eval_images: 11 requested "
@@ -149,7 +149,7 @@ def test_tfds_uses_the_split_info(tmp_path, monkeypatch):
 
 def test_synthetic_has_nothing_to_count():
   data_pipeline.check_data_files(
-      DataConfig(data='synthetic', num_eval_images=10**9), 'eval')
+      DataConfig(source='synthetic', num_eval_images=10**9), 'eval')
 
 
 @pytest.fixture

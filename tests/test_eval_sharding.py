@@ -72,7 +72,7 @@ def test_128_hosts_1024_replicas_count_every_image_once(pod_dir):
   data_dir, sizes = pod_dir
   total = sum(sizes)
   hosts, replicas, global_batch = 128, 1024, 1024
-  cfg = DataConfig(data='tfrecord', data_dir=str(data_dir),
+  cfg = DataConfig(source='tfrecord', data_dir=str(data_dir),
                    num_eval_images=total)
   files = tfrecord.list_files(str(data_dir), is_training=False)
   counts = tfrecord.described_counts(files)
@@ -125,7 +125,7 @@ def test_few_hosts_through_the_eval_input_function(
   below the split takes the first records in file order."""
   sizes = [1, 7, 3, 0, 6, 2, 5, 4, 8, 1]
   write_split(str(tmp_path / 'data'), 'validation', sizes, _label)
-  cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path / 'data'),
+  cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path / 'data'),
                    num_eval_images=num_eval_images)
   eval_input = data_pipeline.build_input(cfg, SIZE, False, global_batch,
                                          count_cache_dir=str(tmp_path))
@@ -152,7 +152,7 @@ def test_by_record_when_counts_are_unknown(tmp_path):
   file and keeps every k-th record (files shared between hosts)."""
   sizes = [5, 5, 5]
   write_split(str(tmp_path), 'validation', sizes, _label)
-  cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path),
+  cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path),
                    num_eval_images=15)
   eval_input = data_pipeline.build_input(cfg, SIZE, False, 4)
   assert eval_input.file_counts is None
@@ -175,7 +175,7 @@ def test_stale_dataset_info_is_not_trusted(tmp_path):
   assert tfrecord.described_counts(files) == {files[0]: 3}
   assert tfrecord.record_counts(files, str(tmp_path)) == {files[0]: 3,
                                                           files[1]: 2}
-  cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path / 'd'),
+  cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path / 'd'),
                    num_eval_images=5)
   eval_input = data_pipeline.build_input(cfg, SIZE, False, 4)
   assert eval_input.file_counts is None
@@ -184,7 +184,7 @@ def test_stale_dataset_info_is_not_trusted(tmp_path):
 
 def test_known_counts_below_num_eval_images_fail_up_front(pod_dir):
   data_dir, sizes = pod_dir
-  cfg = DataConfig(data='tfrecord', data_dir=str(data_dir),
+  cfg = DataConfig(source='tfrecord', data_dir=str(data_dir),
                    num_eval_images=sum(sizes) + 1)
   with pytest.raises(ConfigError, match=rf'^num_eval_images: '
                      rf'{sum(sizes) + 1} requested but the eval split has '

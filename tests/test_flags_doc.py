@@ -80,7 +80,8 @@ def test_flags_are_grouped_by_the_config_section_they_belong_to():
   for title, cls in [('Model', config_lib.ModelConfig),
                      ('Optimizer: LARS', config_lib.LarsConfig),
                      ('Learning-rate schedule', config_lib.ScheduleConfig)]:
-    names = [f.name for f in dataclasses.fields(cls) if f.metadata['flag']]
+    names = [f.metadata['name'] or f.name for f in dataclasses.fields(cls)
+             if f.metadata['flag']]
     assert names and all(rows[n][0] == title for n in names), title
   # Settings that code alone sets have no flag.
   assert 'synthetic_learnable' not in rows and 'depth_divisor' not in rows

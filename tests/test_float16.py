@@ -29,7 +29,7 @@ def _one_step(strategy, opt_name, grads_per_replica, growth_interval=3):
   with strategy.scope():
     var = keras.Variable(np.array([1.0, -2.0], np.float32), name='w')
     opt = optimizers.build_optimizer(
-        OptimizerConfig(optimizer=opt_name, weight_decay=0.0), 0.1)
+        OptimizerConfig(name=opt_name, weight_decay=0.0), 0.1)
     opt.build([var])
     scale = loss_scale_lib.DynamicLossScale(initial_scale=8.0,
                                             growth_interval=growth_interval)

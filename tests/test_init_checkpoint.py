@@ -81,7 +81,7 @@ def _write_keras2_h5(model, path):
 
 def _ours(name, num_classes=CLASSES, **kwargs):
   return model_lib.build_model(ModelConfig(
-      model_name=name, num_label_classes=num_classes, image_size=SIZE,
+      name=name, num_label_classes=num_classes, image_size=SIZE,
       **kwargs))
 
 
@@ -435,7 +435,7 @@ def test_cli_fine_tunes_from_a_run_not_when_resuming_and_refuses_others(
     np.testing.assert_allclose(got[k], src[k], atol=1e-6)
   # Resuming (target has a checkpoint): the init checkpoint is not read.
   cfg = small_config(target)
-  cfg.train.init.init_checkpoint = str(source)
+  cfg = cfg.with_settings(init_checkpoint=str(source))
   state = state_lib.build_model_state(cfg, cpu_replicas(1), 1)
   assert experiment.maybe_initialize(cfg, state) is None
   # A missing file, or another architecture: one line, nothing written.

@@ -41,7 +41,7 @@ def test_eval_steps_are_the_fullest_hosts_batches(eval_dir, tmp_path,
   exactly that many batches per replica, which is ceil(real examples of
   the fullest host / its examples per step), the real examples counted
   from the batches' masks."""
-  cfg = DataConfig(data='tfrecord', data_dir=str(eval_dir),
+  cfg = DataConfig(source='tfrecord', data_dir=str(eval_dir),
                    num_eval_images=NUM_EVAL)
   eval_input = data_pipeline.build_input(
       cfg, SIZE, False, GLOBAL_BATCH,

@@ -62,7 +62,7 @@ def write_split(data_dir, prefix, sizes, label_fn=None, color_fn=None):
 def _cfg(data_dir, **kw):
   kw.setdefault('num_eval_images', 37)
   kw.setdefault('shuffle_buffer', 32)
-  return DataConfig(data='tfrecord', data_dir=str(data_dir), **kw)
+  return DataConfig(source='tfrecord', data_dir=str(data_dir), **kw)
 
 
 def _ctx(k, i, replicas):
@@ -426,7 +426,7 @@ def test_zero_based_labels_rejected(tmp_path):
 
 
 def test_tfds_not_installed_or_not_prepared(tmp_path):
-  cfg = DataConfig(data='tfds:imagenet2012', data_dir=str(tmp_path))
+  cfg = DataConfig(source='tfds:imagenet2012', data_dir=str(tmp_path))
   with pytest.raises(ConfigError) as e:
     data_pipeline.build_input(cfg, SIZE, False, 8)
   assert '\n' not in str(e.value)
@@ -474,7 +474,7 @@ def test_tfds_prepared_dataset(tmp_path):
   # tfds needs it to prepare a dataset defined in code (an etils extra).
   pytest.importorskip('importlib_resources')
   _prepare_tfds(tfds, str(tmp_path))
-  cfg = DataConfig(data=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
+  cfg = DataConfig(source=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
                    num_eval_images=7)
   fn = data_pipeline.build_input(cfg, SIZE, False, 4).fn
   real = []
@@ -487,7 +487,7 @@ def test_tfds_prepared_dataset(tmp_path):
   b = next(iter(train))
   assert b['images'].shape == (4, SIZE, SIZE, 3)
   assert b['images'].dtype == tf.uint8
-  bg = DataConfig(data=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
+  bg = DataConfig(source=f'tfds:{_TFDS_NAME}', data_dir=str(tmp_path),
                   num_eval_images=7, include_background_label=True)
   labels = []
   for b in data_pipeline.build_input(bg, SIZE, False, 4).fn(None):

@@ -1,5 +1,7 @@
 """Tests of optimizers.LAMB against the paper's algorithm written in numpy."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -200,9 +202,9 @@ def test_lamb_get_config_round_trip_and_build_lamb():
 
 def test_lamb_adds_no_l2_loss():
   model = _model()
-  cfg = OptimizerConfig(optimizer='momentum', weight_decay=1e-3)
+  cfg = OptimizerConfig(name='momentum', weight_decay=1e-3)
   assert float(optimizers.l2_loss(cfg, model.trainable_variables)) > 0
-  cfg.optimizer = 'lamb'   # Past the config's check, which predates LAMB.
+  cfg = dataclasses.replace(cfg, name='lamb')
   assert optimizers.optimizer_applies_weight_decay(cfg)
   assert float(optimizers.l2_loss(cfg, model.trainable_variables)) == 0.0
 

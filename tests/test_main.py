@@ -118,7 +118,7 @@ def test_data_defaults_to_tfrecord_with_data_dir(tmp_path):
   FLAGS(['efficientnet-tpu-train', f'--data_dir={tmp_path}',
          '--model_dir=/tmp/x', '--num_label_classes=1001'])
   cfg = main_lib.config_from_flags(FLAGS)
-  assert cfg.data.data == 'tfrecord'
+  assert cfg.data.source == 'tfrecord'
   assert cfg.data.include_background_label
 
 

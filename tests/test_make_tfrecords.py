@@ -139,7 +139,7 @@ def test_round_trip_through_pipeline(folder, tmp_path):
   make_tfrecords.convert(str(tmp_path), input_dir=str(root),
                          val_labels=str(labels), train_shards=3,
                          validation_shards=2, num_threads=2, progress=False)
-  cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path),
+  cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path),
                    num_eval_images=7, shuffle_buffer=8)
   got = []
   for b in data_pipeline.build_input(cfg, 16, False, 4).fn(None):
@@ -210,7 +210,7 @@ def test_from_tfds_image_folder(tmp_path):
       name = f['image/filename'].bytes_list.value[0].decode()
       assert f['image/encoded'].bytes_list.value[0][:4] == (
           b'\xff\xd8\xff\xe0' if name == '0.png' else b'\x89PNG')
-  cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path / 'out'),
+  cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path / 'out'),
                    num_eval_images=5, include_background_label=True)
   got = []
   for b in data_pipeline.build_input(cfg, 16, False, 2).fn(None):

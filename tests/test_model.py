@@ -54,7 +54,7 @@ def _count_params(build):
 @pytest.mark.parametrize('name', sorted(KERAS_APPS))
 def test_param_count_matches_keras_applications(name):
   ours = _count_params(
-      lambda: model_lib.build_model(ModelConfig(model_name=name)))
+      lambda: model_lib.build_model(ModelConfig(name=name)))
   theirs = _count_params(
       lambda: KERAS_APPS[name](weights=None, classes=1000))
   assert abs(ours - theirs) / theirs < 0.005, (ours, theirs)
@@ -62,11 +62,11 @@ def test_param_count_matches_keras_applications(name):
 
 def test_model_scaling_table():
   # Table 1 of the paper's code (tensorflow/tpu efficientnet_builder.py).
-  b4 = ModelConfig(model_name='efficientnet-b4')
+  b4 = ModelConfig(name='efficientnet-b4')
   assert (b4.width_coefficient, b4.depth_coefficient, b4.image_size,
           b4.dropout_rate) == (1.4, 1.8, 380, 0.4)
   with pytest.raises(ConfigError, match='^model_name: expected one of'):
-    ModelConfig(model_name='efficientnet-b9')
+    ModelConfig(name='efficientnet-b9')
 
 
 @pytest.mark.parametrize('depth', [0.1, 1.0, 3.1])
@@ -174,5 +174,5 @@ def test_training_on_replicas_keeps_moving_stats_identical():
 def test_flops_per_image_of_b0_matches_the_paper():
   """EfficientNet-B0 at 224: 0.39B multiply-adds (Tan & Le 2019, Table 2),
   i.e. ~0.78e9 floating-point operations at 2 per multiply-add."""
-  flops = model_lib.flops_per_image(ModelConfig(model_name='efficientnet-b0'))
+  flops = model_lib.flops_per_image(ModelConfig(name='efficientnet-b0'))
   assert abs(flops / 0.78e9 - 1) < 0.05, flops

@@ -39,8 +39,7 @@ def test_report_of_a_resumed_train_and_eval_run(tmp_path, capsys,
       ('train', 2, 4), ('train', 4, 4)]
   # A resumed run with a longer schedule appends (training only: eval
   # results are appended the same way, `fileio.append_line`).
-  cfg.train.train_steps = 6
-  cfg.train.mode = 'train'
+  cfg = cfg.with_settings(train_steps=6, mode='train')
   experiment.run_experiment(cfg)
   train = _lines(model_dir / history.FILENAME)
   evals = _lines(model_dir / run_dir.RESULTS_FILENAME)
@@ -60,7 +59,7 @@ def test_report_of_a_resumed_train_and_eval_run(tmp_path, capsys,
   out = capsys.readouterr().out
   summary = report.summarize(str(model_dir))
   last = train[-1]['metrics']
-  assert summary['model'] == cfg.model.model_name
+  assert summary['model'] == cfg.model.name
   assert (summary['step'], summary['total_steps']) == (6, 6)
   assert summary['last_train']['loss'] == last['loss']
   assert summary['last_train']['top_1_accuracy'] == last['top_1_accuracy']

@@ -32,7 +32,7 @@ def train_dir(tmp_path_factory):
 
 
 def _batches(cfg, ctx, start_step, n, global_batch):
-  if cfg.data == 'synthetic':
+  if cfg.source == 'synthetic':
     train = data_pipeline.make_input(cfg, 5, SIZE, True, global_batch,
                                      start_step=start_step)
   else:
@@ -56,7 +56,7 @@ def test_deterministic_resume_continues_the_exact_stream(train_dir, source,
   """Resumed at step s (mid-epoch and on an epoch boundary, several epochs
   in), each pipeline yields exactly batches s, s+1, ... of its
   uninterrupted stream: images (random crops and flips) and labels."""
-  cfg = DataConfig(data=source, data_dir=train_dir if source != 'synthetic'
+  cfg = DataConfig(source=source, data_dir=train_dir if source != 'synthetic'
                    else None, num_train_images=22, shuffle_buffer=8,
                    deterministic=True, seed=3)
   global_batch = 2 * pipelines
@@ -70,7 +70,7 @@ def test_deterministic_resume_continues_the_exact_stream(train_dir, source,
 
 
 def test_resume_without_deterministic_does_not_replay_the_start(train_dir):
-  cfg = DataConfig(data='tfrecord', data_dir=train_dir,
+  cfg = DataConfig(source='tfrecord', data_dir=train_dir,
                    num_train_images=22, shuffle_buffer=8)
   first = _batches(cfg, _ctx(1, 0, 1), 0, 2, 4)
   resumed = _batches(cfg, _ctx(1, 0, 1), 3, 2, 4)
@@ -89,7 +89,7 @@ def test_resume_with_skip_corrupt_counts_the_broken_file(tmp_path):
   counts = tfrecord.count_records([path], tolerate_corrupt=True)
   readable = sum(1 for _ in tf.data.TFRecordDataset(path).ignore_errors())
   assert readable == 2 and counts == [readable + 1]
-  cfg = DataConfig(data='tfrecord', data_dir=str(tmp_path),
+  cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path),
                    num_train_images=6, shuffle_buffer=4, skip_corrupt=True)
   train = data_pipeline.build_input(cfg, SIZE, True, 2, start_step=7)
   assert len(list(train.fn(_ctx(1, 0, 1)).take(4))) == 4

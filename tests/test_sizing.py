@@ -64,7 +64,7 @@ def test_state_counts_weights_gradients_slots_and_ema(small, optimizer, ema,
                                                        copies):
   cfg, size = small
   cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(
-      cfg.optimizer, optimizer=optimizer, moving_average_decay=ema))
+      cfg.optimizer, name=optimizer, moving_average_decay=ema))
   memory = sizing.training_memory(cfg, size, per_replica_batch=8)
   # Non-trainable weights (BN statistics) once; trainable ones `copies`
   # times: weights, gradients, the optimizer's slots (Keras' own slot
@@ -86,7 +86,7 @@ def test_slot_counts_match_the_optimizers_own_variables(small):
   weights = [keras.Variable(np.zeros((3, 2), np.float32)),
              keras.Variable(np.zeros((2,), np.float32))]
   for name, slots in sizing._SLOTS.items():  # pylint: disable=protected-access
-    opt_cfg = dataclasses.replace(cfg.optimizer, optimizer=name)
+    opt_cfg = dataclasses.replace(cfg.optimizer, name=name)
     opt = optimizers.build_optimizer(opt_cfg, 0.1)
     opt.build(weights)
     per_weight = [v for v in opt.variables

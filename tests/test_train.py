@@ -82,7 +82,7 @@ def test_trains_checkpoints_and_resumes(tmp_path, num_replicas, caplog):
   saved_ema = [a.numpy().copy() for a in trainer.ema.averages]
 
   # A new process-equivalent trainer with a longer schedule resumes at 4.
-  cfg.train.train_steps = 6
+  cfg = cfg.with_settings(train_steps=6)
   resumed = experiment.build_trainer(cfg, strategy_for(cfg))
   assert resumed.restore() == 4
   for got, want in zip(_weights(resumed), saved):

@@ -1,7 +1,7 @@
 """Inputs: one entry point per data source, and the checks of the data
 files that run before any work.
 
-`make_input` dispatches on `DataConfig.data`: the synthetic source, or the
+`make_input` dispatches on `DataConfig.source`: the synthetic source, or the
 real pipeline `build_input` over TFRecords (`tfrecord`) or a tfds dataset
 (`tfds`). Every one returns a typed input of `contract` (`TrainInput`,
 `EvalInput`). The real pipeline is three pieces, composed per host by
@@ -42,7 +42,7 @@ def make_input(data_cfg: DataConfig, num_classes: int, image_size: int,
                is_training: bool, global_batch_size: int,
                start_step: int = 0, count_cache_dir: Optional[str] = None
               ) -> Union[contract.TrainInput, contract.EvalInput]:
-  """The input of `data_cfg.data`: a `contract.TrainInput` when
+  """The input of `data_cfg.source`: a `contract.TrainInput` when
   `is_training`, else a `contract.EvalInput`.
 
   Every source yields the element spec of `contract`. Training input
@@ -52,7 +52,7 @@ def make_input(data_cfg: DataConfig, num_classes: int, image_size: int,
   files' record counts are known (see `build_input`): run
   `EvalInput.steps(num_input_pipelines)` eval steps.
   """
-  if data_cfg.data == 'synthetic':
+  if data_cfg.source == 'synthetic':
     return synthetic.synthetic_input(data_cfg, num_classes, image_size,
                                      is_training, global_batch_size,
                                      start_step)
@@ -80,9 +80,9 @@ def check_data_files(data_cfg: DataConfig, mode: str,
     ConfigError: one line naming the flag to change.
   """
   evaluates = mode in ('eval', 'train_and_eval')
-  if data_cfg.data == 'synthetic':
+  if data_cfg.source == 'synthetic':
     return
-  if data_cfg.data != 'tfrecord':
+  if data_cfg.source != 'tfrecord':
     if not tf.io.gfile.isdir(data_cfg.data_dir):
       raise ConfigError('data_dir', f'expected a prepared '
                         f'tensorflow-datasets directory, '
@@ -92,7 +92,7 @@ def check_data_files(data_cfg: DataConfig, mode: str,
       split = tfds_source.split_name(builder, False, data_cfg)
       _check_num_eval_images(
           data_cfg, builder.info.splits[split].num_examples,
-          f'split {split!r} of {data_cfg.data} in {data_cfg.data_dir!r}',
+          f'split {split!r} of {data_cfg.source} in {data_cfg.data_dir!r}',
           say_narrowed=True)
     return
   if mode in ('train', 'train_and_eval'):
@@ -223,11 +223,11 @@ def build_input(data_cfg: DataConfig,
     ConfigError: no matching files, tfds dataset not prepared, etc. Listing
       happens here, before any strategy call.
   """
-  if data_cfg.data == 'synthetic':
+  if data_cfg.source == 'synthetic':
     raise ValueError('build_input reads real data; use make_input '
                      "for data='synthetic'")
   files = None
-  if data_cfg.data.startswith('tfds:'):
+  if data_cfg.source.startswith('tfds:'):
     tfds_source.load_builder(data_cfg)  # Fail early, on the caller's thread.
   else:
     files = tuple(tfrecord.list_files(data_cfg.data_dir, is_training))
@@ -387,7 +387,7 @@ def train_example(data_cfg: DataConfig, decode, image_size: int,
     `reason` the index in `checks.SKIP_REASONS` or -1 for a good record
     (whose image alone is decoded).
   """
-  is_tfds = data_cfg.data.startswith('tfds:')
+  is_tfds = data_cfg.source.startswith('tfds:')
   area_range = (data_cfg.train_crop_min_area, data_cfg.train_crop_max_area)
   aspect_ratio_range = (data_cfg.train_crop_min_aspect,
                         data_cfg.train_crop_max_aspect)
@@ -485,7 +485,7 @@ def eval_example(data_cfg: DataConfig, decode, image_size: int,
   """The eval record map: `fn(*item)` -> `{'images', 'labels'}` of one
   record, checked (a bad record stops the eval with an error naming its
   file: the eval never skips) and center-cropped."""
-  is_tfds = data_cfg.data.startswith('tfds:')
+  is_tfds = data_cfg.source.startswith('tfds:')
 
   def eval_map(*record):
     image_bytes, label, source = decode(*record)
@@ -511,8 +511,8 @@ def batch_eval(examples: tf.data.Dataset, ctx: tf.distribute.InputContext,
                            ctx.num_input_pipelines)
   ds = contract.batch_eval_examples(examples, batch, replicas_per_pipeline,
                                     steps)
-  is_tfds = data_cfg.data.startswith('tfds:')
-  where = data_cfg.data_dir if not is_tfds else data_cfg.data
+  is_tfds = data_cfg.source.startswith('tfds:')
+  where = data_cfg.data_dir if not is_tfds else data_cfg.source
   message = (f'Eval split in {where!r} has fewer records than '
              f'num_eval_images={data_cfg.num_eval_images}'
              + ('' if is_tfds else

@@ -16,18 +16,18 @@ from efficientnet_tpu.data import stream
 
 def load_builder(data_cfg: DataConfig):
   """(the tfds module, the builder of the prepared `tfds:NAME` dataset)."""
-  name = data_cfg.data[len('tfds:'):]
+  name = data_cfg.source[len('tfds:'):]
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ConfigError(
-        'data', f'{data_cfg.data}: expected tensorflow-datasets to be '
+        'data', f'{data_cfg.source}: expected tensorflow-datasets to be '
         "installed (pip install 'efficientnet_tpu[tfds]')") from None
   try:
     builder = tfds.builder(name, data_dir=data_cfg.data_dir)
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ConfigError('data', f'{data_cfg.data}: could not load tfds '
+    raise ConfigError('data', f'{data_cfg.source}: could not load tfds '
                       f'dataset {name!r} from {data_cfg.data_dir!r} '
                       f'({first})') from None
   if not builder.is_prepared():
@@ -45,7 +45,7 @@ def split_name(builder, is_training: bool, data_cfg: DataConfig) -> str:
   for split in wanted:
     if split in splits:
       return split
-  raise ConfigError('data', f'{data_cfg.data}: expected a split named '
+  raise ConfigError('data', f'{data_cfg.source}: expected a split named '
                     f'{" or ".join(wanted)}, found {", ".join(splits)}')
 
 
@@ -67,7 +67,7 @@ def read_records(data_cfg: DataConfig, is_training: bool,
   features = builder.info.features
   image_key = 'image' if 'image' in features else None
   if image_key is None or 'label' not in features:
-    raise ConfigError('data', f'{data_cfg.data}: expected image and label '
+    raise ConfigError('data', f'{data_cfg.source}: expected image and label '
                       f'features, found {", ".join(features.keys())}')
   position = stream.pipeline_position(ctx, global_batch_size, start_step)
   seed = data_cfg.seed * 7_919 + ctx.input_pipeline_id + 1_000_003 * position

@@ -104,7 +104,7 @@ def _describe_model(config: Optional[dict],
     model = (config or {}).get('model', {})
     return {'model': model.get('name', model.get('model_name')),
             'image_size': model.get('image_size'), 'total_steps': None}
-  return {'model': cfg.model.model_name, 'image_size': cfg.model.image_size,
+  return {'model': cfg.model.name, 'image_size': cfg.model.image_size,
           'total_steps': cfg.total_train_steps}
 
 
