@@ -90,7 +90,7 @@ def test_train_input_carries_its_skip_counts_or_none(tmp_path):
   write_split(str(tmp_path), 'train', [4, 4],
               label_fn=lambda f, j: next(labels))
   bad_file = str(tmp_path / 'train-00001-of-00002')
-  cfg = dict(data='tfrecord', data_dir=str(tmp_path), shuffle_buffer=4)
+  cfg = dict(source='tfrecord', data_dir=str(tmp_path), shuffle_buffer=4)
   strict = data_pipeline.build_input(DataConfig(**cfg), SIZE, True, 2,
                                      num_classes=5)
   assert isinstance(strict, contract.TrainInput) and strict.skipped is None
