@@ -64,6 +64,18 @@ def _reference(model, images, labels, smoothing, weight_decay, global_batch,
   return loss.numpy(), tape.gradient(loss, variables), logits.numpy()
 
 
+def _assert_close_grads(got, want):
+  """Equal up to float32 rounding, which training-mode BN amplifies; some
+  gradients (a BN beta before another BN) are rounding noise around 0, so
+  each error is measured against the norm of all gradients."""
+  got = [np.asarray(g).ravel() for g in got]
+  want = [np.asarray(w).ravel() for w in want]
+  total = np.linalg.norm(np.concatenate(want))
+  assert total > 1e-3
+  errors = [np.linalg.norm(g - w) / total for g, w in zip(got, want)]
+  assert max(errors) < 1e-4, max(errors)
+
+
 @pytest.fixture(name='model_cfg', scope='module')
 def fixture_model_cfg(tmp_path_factory):
   return small_config(tmp_path_factory.mktemp('step'),
@@ -94,8 +106,8 @@ def test_forward_backward_is_cross_entropy_over_the_global_batch(model_cfg):
     np.testing.assert_allclose(loss.numpy(), want_loss, rtol=1e-5)
     np.testing.assert_allclose(logits.numpy(), want_logits, rtol=1e-4,
                                atol=1e-5)
-    for g, w in zip(grads, want_grads):
-      np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-3, atol=1e-6)
+    assert len(grads) == len(want_grads)
+    _assert_close_grads(grads, want_grads)
 
 
 def test_train_step_applies_the_reference_update_and_sums(tmp_path):
@@ -124,9 +136,9 @@ def test_train_step_applies_the_reference_update_and_sums(tmp_path):
   got = sums.read()
   assert state.step == 1
   # Momentum SGD's first step: w - lr * grad (lr 0.1).
-  for b, v, g in zip(before, state.model.trainable_variables, want_grads):
-    np.testing.assert_allclose(v.numpy() - b, -0.1 * g.numpy(), rtol=1e-3,
-                               atol=1e-6)
+  _assert_close_grads(
+      [(v.numpy() - b) / -0.1
+       for b, v in zip(before, state.model.trainable_variables)], want_grads)
   assert got['examples'] == 32
   np.testing.assert_allclose(got['loss'], want_loss, rtol=1e-5)
   np.testing.assert_allclose(got['cross_entropy'],
