@@ -2,7 +2,8 @@
 
 Builds the real `train.Trainer` (`experiment.build_trainer`) for a tiny
 EfficientNet on N logical CPU replicas and splits the compile of its host
-loop (`replicated.stoppable_loop` over `Trainer._replica_train_step`) into:
+loop (`replicated.stoppable_loop` over `step.train_step`, as
+`Trainer.replica_step` runs it) into:
 
   python trace  `get_concrete_function`: autograph, Keras layer calls, the
                 per-replica copies MirroredStrategy traces (one per
@@ -44,6 +45,7 @@ def main():
   from efficientnet_tpu import distribute
   from efficientnet_tpu import experiment
   from efficientnet_tpu import replicated
+  from efficientnet_tpu import step as step_lib
   if args.grappler == 'off':
     tf.config.optimizer.set_experimental_options(
         {'disable_meta_optimizer': True})
@@ -54,10 +56,16 @@ def main():
       bn_group_size=args.group_size, ema=args.ema, dropout=0.0)
   trainer = experiment.build_trainer(
       cfg, distribute.build_strategy(cfg.distribute))
-  # pylint: disable=protected-access
+  # The trainer's step on sums of our own, to block on.
+  spec, strategy = trainer.spec, trainer.strategy
+  sums = replicated.Accumulators(strategy, 'bench', step_lib.TRAIN_SUMS)
+  forward_backward = step_lib.compile_forward_backward(spec, trainer.model)
   loop = replicated.stoppable_loop(
-      trainer.strategy, trainer._replica_train_step, trainer.stop.flag,
-      agree=trainer._stop_by_agreement)
+      strategy,
+      lambda batch: step_lib.train_step(spec, trainer.state, sums, batch,
+                                        forward_backward),
+      trainer.stop.flag,
+      agree=distribute.runs_in_several_processes(strategy))
   iterator = iter(trainer.distribute_input())
   start = time.time()
   graph = loop.get_concrete_function(
@@ -68,12 +76,12 @@ def main():
                                     for f in graph_def.library.function)
   start = time.time()
   loop(iterator, tf.constant(1, tf.int32))
-  trainer._sums.read()  # Blocks until the step ran.
+  sums.read()  # Blocks until the step ran.
   first_s = time.time() - start
   steps = 10
   start = time.time()
   loop(iterator, tf.constant(steps, tf.int32))
-  trainer._sums.read()
+  sums.read()
   step_ms = 1000 * (time.time() - start) / steps
   print(f'replicas={args.replicas} group_size={args.group_size} '
         f'ema={args.ema} grappler={args.grappler}: python trace '

@@ -3,7 +3,10 @@
 Every replica evaluates its share of padded, masked batches; the metrics are
 sums of correct and valid counts reduced across replicas (never averages of
 per-replica averages), so N eval images give metrics over exactly N images
-whatever the batch, replica and host counts.
+whatever the batch, replica and host counts. The replica step is
+`step.eval_step` (of the run's `step.StepSpec`, which also sets the input
+dtype training uses); the evaluator keeps the loop, the EMA swap and the
+records.
 
 The evaluator needs no trainer: it is handed the model state (model, EMA,
 checkpoint), the eval input (`contract.EvalInput`) and the run directory's
@@ -21,12 +24,11 @@ from absl import logging
 import tensorflow as tf
 
 from efficientnet_tpu import distribute
-from efficientnet_tpu import losses
 from efficientnet_tpu import replicated
 from efficientnet_tpu import run_dir
+from efficientnet_tpu import step as step_lib
 from efficientnet_tpu import summaries
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
-from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data.contract import EvalInput
 from efficientnet_tpu.state import ModelState
 
@@ -56,35 +58,23 @@ class Evaluator:
     self.num_steps = num_steps
     # Eval summaries, eval_results.jsonl and best/ (see writer_roles).
     self.is_writer = role.is_eval_writer
-    self.input_dtype = tf.bfloat16 if cfg.model.use_bfloat16 else tf.float32
-    self._on_tpu = distribute.is_tpu(strategy)
-    self._sums = replicated.Accumulators(
-        strategy, 'eval', ('loss', 'top_1', 'top_5', 'count'))
-    jit = distribute.resolve_jit_compile(strategy, cfg.train.jit_compile)
-    self._logits_fn = (tf.function(self._logits, jit_compile=True)
-                       if jit else self._logits)
+    # The step's settings; the input dtype is training's (the model's).
+    self.spec = step_lib.StepSpec.from_config(cfg, strategy)
+    self.input_dtype = self.spec.input_dtype
+    self._sums = replicated.Accumulators(strategy, 'eval', step_lib.EVAL_SUMS)
+    # One logits function (XLA when on) for all replicas.
+    self._logits_fn = step_lib.compile_logits(self.spec, state.model)
     self._iterator = None
     self._eval_loop_fn = None
     self._writer = None
     self._best_manager = None
     self._best = None
 
-  def _logits(self, images):
-    images = preprocessing.normalize(images, self.input_dtype, self._on_tpu)
-    return tf.cast(self.state.model(images, training=False), tf.float32)
-
-  def _replica_eval_step(self, batch):
-    num_classes = self.cfg.model.num_label_classes
-    logits = self._logits_fn(batch['images'])
-    labels, mask = batch['labels'], batch['mask']
-    loss = losses.smoothed_cross_entropy(labels, logits, num_classes, 0.0)
-    top_1 = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)
-    top_5 = tf.cast(tf.math.in_top_k(labels, logits, min(5, num_classes)),
-                    tf.float32)
-    self._sums['loss'].assign_add(tf.reduce_sum(loss * mask))
-    self._sums['top_1'].assign_add(tf.reduce_sum(top_1 * mask))
-    self._sums['top_5'].assign_add(tf.reduce_sum(top_5 * mask))
-    self._sums['count'].assign_add(tf.reduce_sum(mask))
+  def replica_step(self, batch: Dict[str, tf.Tensor]) -> None:
+    """One replica's eval step on this evaluator's model and sums
+    (`step.eval_step`)."""
+    step_lib.eval_step(self.spec, self.state.model, self._sums, batch,
+                       self._logits_fn)
 
   def evaluate(self) -> Dict[str, float]:
     """One full pass over the eval set; returns exact metrics."""
@@ -102,7 +92,7 @@ class Evaluator:
       self._iterator = iter(replicated.distribute_input(self.strategy,
                                                         passes))
       self._eval_loop_fn = replicated.replicated_loop(
-          self.strategy, self._replica_eval_step)
+          self.strategy, self.replica_step)
     if self._eval_loop_fn.experimental_get_tracing_count() == 0:
       # A zero-step call traces and optimizes the loop, so that the eval's
       # time and images/s are the evaluation's, not its one-time tracing.

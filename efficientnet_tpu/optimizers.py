@@ -463,11 +463,24 @@ def l2_loss(opt_cfg: OptimizerConfig, variables) -> tf.Tensor:
   one device would compute on the whole batch. Adding the full l2_loss on
   every replica would apply the decay num_replicas times.
   """
+  if optimizer_applies_weight_decay(opt_cfg):
+    return tf.constant(0.0, tf.float32)
+  return l2_penalty(opt_cfg.weight_decay, opt_cfg.weight_decay_exclude,
+                    variables)
+
+
+def l2_penalty(weight_decay: float, exclude: Sequence[str],
+               variables) -> tf.Tensor:
+  """`weight_decay * sum(||w||^2) / 2` over `variables` whose path matches
+  none of the `exclude` regexes, in float32; 0.0 if `weight_decay` is 0.
+
+  `l2_loss` without the config: what the train step (`step.StepSpec`)
+  holds of it.
+  """
   zero = tf.constant(0.0, tf.float32)
-  if optimizer_applies_weight_decay(opt_cfg) or opt_cfg.weight_decay == 0:
+  if weight_decay == 0:
     return zero
-  patterns = _compile_patterns(opt_cfg.weight_decay_exclude,
-                               'weight_decay_exclude')
+  patterns = _compile_patterns(exclude, 'weight_decay_exclude')
   terms = [
       tf.nn.l2_loss(tf.cast(tf.convert_to_tensor(v), tf.float32))
       for v in variables
@@ -475,4 +488,4 @@ def l2_loss(opt_cfg: OptimizerConfig, variables) -> tf.Tensor:
   ]
   if not terms:
     return zero
-  return opt_cfg.weight_decay * tf.add_n(terms)
+  return weight_decay * tf.add_n(terms)

@@ -2,9 +2,11 @@
 
 One `tf.function` runs `iterations_per_loop` replicated steps per host call
 (the TPUEstimator "host loop"), so per-call overhead is paid once per loop.
-Each replica's loss is divided by the *global* batch, because gradients are
-summed across replicas; weight decay is applied exactly once, either by the
-optimizer (LARS) or as an L2 term added here (the others). SIGTERM stops
+The replica step itself is `step.train_step` (of the run's
+`step.StepSpec`): each replica's loss is divided by the *global* batch,
+because gradients are summed across replicas; weight decay is applied
+exactly once, either by the optimizer (LARS) or as an L2 term there (the
+others). The trainer keeps the loop, its metrics and the I/O. SIGTERM stops
 the loop at the next step and ends the run with a checkpoint there
 (`preemption`).
 
@@ -26,17 +28,14 @@ import tensorflow as tf
 
 from efficientnet_tpu import distribute
 from efficientnet_tpu import history
-from efficientnet_tpu import losses
-from efficientnet_tpu import optimizers
 from efficientnet_tpu import preemption
 from efficientnet_tpu import replica_plan
 from efficientnet_tpu import replicated
 from efficientnet_tpu import run_dir
+from efficientnet_tpu import step as step_lib
 from efficientnet_tpu import summaries
 from efficientnet_tpu.config import ConfigError, ExperimentConfig
 from efficientnet_tpu.data import checks
-from efficientnet_tpu.data import mixing
-from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.data.contract import TrainInput
 from efficientnet_tpu.state import ModelState, UnreadableCheckpoint
 
@@ -118,27 +117,20 @@ class Trainer:
     self.bn_group_size = self.plan.bn_group_size
     self.total_steps = cfg.total_train_steps
     self.steps_per_epoch = cfg.steps_per_epoch
+    # What the replica step needs of the run (`step.train_step`).
+    self.spec = step_lib.StepSpec.from_config(cfg, strategy)
     # XLA for the forward and backward pass (TPU: the whole loop, always).
-    self.jit_compile = distribute.resolve_jit_compile(strategy,
-                                                      cfg.train.jit_compile)
-    self.input_dtype = (tf.bfloat16 if cfg.model.use_bfloat16 else
-                        tf.float16 if cfg.model.use_float16 else tf.float32)
-    self._on_tpu = distribute.is_tpu(strategy)
+    self.jit_compile = self.spec.jit_compile
+    self.input_dtype = self.spec.input_dtype
     self.is_writer = role.is_train_writer
     self.summary_images = summary_images
 
     # Per-replica sums of the loop's metrics (zeroed and read once a loop).
-    self._sums = replicated.Accumulators(
-        strategy, 'train', ('loss', 'cross_entropy', 'correct', 'examples'))
-    # Not autograph-converted (it has no tensor-dependent Python control
-    # flow): TF 2.18's conversion cache can hand a later Trainer's jitted
-    # method the conversion of another method of this class ("tf__normalize()
-    # takes from 1 to 2 positional arguments but 5 were given").
-    forward_backward = tf.autograph.experimental.do_not_convert(
-        self._forward_backward)
-    self._forward_backward_fn = (
-        tf.function(forward_backward, jit_compile=True)
-        if self.jit_compile else forward_backward)
+    self._sums = replicated.Accumulators(strategy, 'train',
+                                         step_lib.TRAIN_SUMS)
+    # One forward and backward function (XLA when on) for all replicas.
+    self._forward_backward_fn = step_lib.compile_forward_backward(
+        self.spec, state.model)
     self.checkpoint_manager = self._new_checkpoint_manager()
     # Set on SIGTERM (in `train`), read by the loop before each step.
     self.stop = preemption.StopRequest()
@@ -282,82 +274,15 @@ class Trainer:
     return replicated.distribute_input(self.strategy, train_input.fn)
 
   def normalize(self, images: tf.Tensor) -> tf.Tensor:
-    """uint8 images from the host -> normalized compute dtype, on device.
-
-    The host pipeline ships uint8 (4x fewer bytes than float32 over the
-    host-to-device link, and no per-image float work on the host CPU).
-    """
-    return preprocessing.normalize(images, self.input_dtype, self._on_tpu)
+    """uint8 images -> the model's normalized input (`step.normalize`)."""
+    return step_lib.normalize(self.spec, images)
 
   # ---- the replicated train loop ----------------------------------------
-  def _forward_backward(self, images: tf.Tensor, labels: tf.Tensor,
-                        seed: tf.Tensor, scale: Optional[tf.Tensor] = None):
-    """One replica's loss, logits and gradients (XLA-compiled when on).
-
-    `seed` ([2] int64, per replica and step) draws Mixup / CutMix. `scale`
-    (float16): the loss scale; the gradients returned are unscaled.
-    """
-    cfg = self.cfg
-    opt = cfg.optimizer
-    variables = self.model.trainable_variables
-    with tf.GradientTape() as tape:
-      x = self.normalize(images)
-      if cfg.mixes:
-        x, targets = mixing.mix_batch(
-            x, labels, cfg.model.num_label_classes, opt.mixup_alpha,
-            opt.cutmix_alpha, opt.mixup_switch_prob, opt.label_smoothing,
-            seed=seed)
-      logits = self.model(x, training=True)
-      if cfg.mixes:
-        per_example = losses.soft_cross_entropy(targets, logits)
-      else:
-        per_example = losses.smoothed_cross_entropy(
-            labels, logits, cfg.model.num_label_classes, opt.label_smoothing)
-      loss = tf.reduce_sum(per_example) / cfg.train.train_batch_size
-      # Gradients are summed over replicas: each adds 1/R of the L2 term.
-      loss += optimizers.l2_loss(cfg.optimizer, variables) / self.num_replicas
-      scaled = loss if scale is None else loss * scale
-    # The optimizer all-reduces these; TF's differentiable all_reduce then
-    # walks the whole multi-replica graph at trace time, once per call. The
-    # gradients need no gradient of their own: stopping it cuts the trace of
-    # a tiny model on 8 CPU replicas from ~2 minutes to under one.
-    grads = [tf.stop_gradient(g) for g in tape.gradient(scaled, variables)]
-    if scale is not None:
-      grads = [g / scale for g in grads]
-    return loss, tf.cast(logits, tf.float32), grads
-
-  def _replica_train_step(self, batch: Dict[str, tf.Tensor]) -> None:
-    labels = batch['labels']
-    # Outside any compiled function: the optimizer's ONLY_FIRST_REPLICA
-    # `iterations` update needs merge_call (see resolve_jit_compile).
-    step = self.optimizer.iterations
-    # Stateless draws per (seed, step, replica): a resumed run mixes as an
-    # uninterrupted one would.
-    seed = mixing.replica_seed(
-        self.cfg.data.seed, step,
-        tf.distribute.get_replica_context().replica_id_in_sync_group)
-    loss_scale = self.state.loss_scale
-    scale = None if loss_scale is None else tf.identity(loss_scale.scale)
-    loss, logits, grads = self._forward_backward_fn(batch['images'], labels,
-                                                    seed, scale)
-    if loss_scale is None:
-      self.optimizer.apply_gradients(zip(grads,
-                                         self.model.trainable_variables))
-    else:  # Skips (and counts) a step with non-finite gradients.
-      loss_scale.apply_gradients(self.optimizer, grads,
-                                 self.model.trainable_variables)
-    if self.ema is not None:
-      self.ema.update(step)
-    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
-                               labels), tf.float32)
-    # The plain cross entropy against the hard labels, from this step's
-    # logits: comparable with eval's, unlike the loss (smoothing, L2).
-    cross_entropy = losses.smoothed_cross_entropy(
-        labels, logits, self.cfg.model.num_label_classes, 0.0)
-    self._sums['loss'].assign_add(loss)
-    self._sums['cross_entropy'].assign_add(tf.reduce_sum(cross_entropy))
-    self._sums['correct'].assign_add(tf.reduce_sum(correct))
-    self._sums['examples'].assign_add(tf.cast(tf.size(labels), tf.float32))
+  def replica_step(self, batch: Dict[str, tf.Tensor]) -> None:
+    """One replica's step on this trainer's state and sums
+    (`step.train_step`)."""
+    step_lib.train_step(self.spec, self.state, self._sums, batch,
+                        self._forward_backward_fn)
 
   def train_loop(self, num_steps: int) -> Dict[str, float]:
     """Runs `num_steps` steps in one host call; returns loop metrics.
@@ -380,7 +305,7 @@ class Trainer:
     compiling = self._train_loop_fn is None
     if compiling:
       self._train_loop_fn = replicated.stoppable_loop(
-          self.strategy, self._replica_train_step, self.stop.flag,
+          self.strategy, self.replica_step, self.stop.flag,
           agree=self._stop_by_agreement)
       self._train_iterator = iter(self.distribute_input())
       logging.info('Compiling the training step (%d replicas%s)...',

@@ -167,7 +167,7 @@ def test_whole_step_under_xla_is_what_fails_on_the_gpu_path(tmp_path):
   cfg = small_config(tmp_path, num_replicas=1)
   with forced_gpu_path():
     trainer = experiment.build_trainer(cfg, _gpu_mirrored(1))
-    step = tf.function(trainer._replica_train_step, jit_compile=True)  # pylint: disable=protected-access
+    step = tf.function(trainer.replica_step, jit_compile=True)
 
     @tf.function
     def loop(iterator):

@@ -139,3 +139,25 @@ def test_layers_take_arguments_not_the_config():
     elif isinstance(node, ast.Import):
       imported.update(a.name for a in node.names)
   assert not {m for m in imported if 'config' in m.split('.')}, imported
+
+
+def test_the_step_knows_neither_loop_nor_the_config():
+  """step.py sits below the trainer and the evaluator (they import it, not
+  the reverse), and its functions take a StepSpec: `StepSpec.from_config`
+  is the one adapter from the config."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from efficientnet_tpu import step  # pylint: disable=g-import-not-at-top
+  graph = import_graph()
+  above = {f'{PACKAGE}.{m}' for m in ('train', 'evaluation', 'experiment',
+                                      'main')}
+  assert not graph[f'{PACKAGE}.step'] & above, graph[f'{PACKAGE}.step']
+  assert f'{PACKAGE}.step' in graph[f'{PACKAGE}.train']
+  assert f'{PACKAGE}.step' in graph[f'{PACKAGE}.evaluation']
+  takes_config = [
+      name for name, fn in inspect.getmembers(step, inspect.isfunction)
+      if fn.__module__ == step.__name__ and any(
+          'ExperimentConfig' in str(p.annotation)
+          for p in inspect.signature(fn).parameters.values())]
+  assert not takes_config, takes_config
+  params = inspect.signature(step.StepSpec.from_config).parameters
+  assert 'ExperimentConfig' in str(params['cfg'].annotation)
