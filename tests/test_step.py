@@ -210,7 +210,7 @@ def test_float16_eval_feeds_float16_and_matches_float32(tmp_path):
   ref = model_lib.build_model(dataclasses.replace(cfg.model,
                                                   use_float16=False))
   ref.set_weights(trainer.model.get_weights())
-  batches = evaluator.input_fn(tf.distribute.InputContext()).take(
+  batches = evaluator.eval_input.fn(tf.distribute.InputContext()).take(
       evaluator.num_steps)
   hits, losses, count = 0, 0.0, 0
   for batch in batches:
