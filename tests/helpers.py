@@ -19,6 +19,15 @@ def cpu_replicas(n):
       cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
+def input_context(hosts, host, replicas):
+  """The InputContext of input pipeline `host` of `hosts`, feeding
+  `replicas` replicas in all (as the strategy hands each host's input
+  function)."""
+  return tf.distribute.InputContext(num_input_pipelines=hosts,
+                                    input_pipeline_id=host,
+                                    num_replicas_in_sync=replicas)
+
+
 def per_replica(strategy, arrays):
   """A distributed value holding arrays[i] on replica i."""
   return strategy.experimental_distribute_values_from_function(

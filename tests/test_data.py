@@ -11,12 +11,9 @@ import tensorflow as tf
 from efficientnet_tpu import config as config_lib
 from efficientnet_tpu.data import contract
 from efficientnet_tpu.data import pipeline as data_pipeline
+from tests.helpers import input_context
 
 
-def _ctx(num_pipelines, pipeline_id, num_replicas):
-  return tf.distribute.InputContext(num_input_pipelines=num_pipelines,
-                                    input_pipeline_id=pipeline_id,
-                                    num_replicas_in_sync=num_replicas)
 
 
 @pytest.mark.parametrize('num_images,global_batch,pipelines,replicas', [
@@ -29,7 +26,7 @@ def test_eval_padding_covers_every_example_exactly_once(
   assert steps == -(-num_images // global_batch)
   seen = collections.Counter()
   for pid in range(pipelines):
-    ctx = _ctx(pipelines, pid, replicas)
+    ctx = input_context(pipelines, pid, replicas)
     per_replica = ctx.get_per_replica_batch_size(global_batch)
     examples = (tf.data.Dataset.range(num_images)
                 .shard(pipelines, pid)
@@ -60,11 +57,11 @@ def _synthetic(is_training, **kw):
 
 def test_synthetic_element_spec():
   """uint8 images like the real pipeline (normalized on device)."""
-  train = _synthetic(True)(_ctx(1, 0, 2))
+  train = _synthetic(True)(input_context(1, 0, 2))
   assert train.element_spec == {
       'images': tf.TensorSpec([4, 8, 8, 3], tf.uint8),
       'labels': tf.TensorSpec([4], tf.int32)}
-  evaluation = _synthetic(False)(_ctx(1, 0, 2))
+  evaluation = _synthetic(False)(input_context(1, 0, 2))
   assert evaluation.element_spec == {
       'images': tf.TensorSpec([4, 8, 8, 3], tf.uint8),
       'labels': tf.TensorSpec([4], tf.int32),
@@ -78,11 +75,11 @@ def test_synthetic_element_spec():
 
 
 def test_synthetic_is_deterministic_and_labels_in_range():
-  a = next(iter(_synthetic(False)(_ctx(1, 0, 1))))
-  b = next(iter(_synthetic(False)(_ctx(1, 0, 1))))
+  a = next(iter(_synthetic(False)(input_context(1, 0, 1))))
+  b = next(iter(_synthetic(False)(input_context(1, 0, 1))))
   np.testing.assert_array_equal(a['images'], b['images'])
   labels = np.concatenate([x['labels'] for x in
-                           _synthetic(False)(_ctx(1, 0, 1))
+                           _synthetic(False)(input_context(1, 0, 1))
                            .as_numpy_iterator()])
   assert labels.min() >= 0 and labels.max() < 5
 
@@ -93,7 +90,7 @@ def test_synthetic_images_use_the_range_and_are_learnable(learnable):
   in learnable mode; pixels spread over 0..255 with little clipping."""
   def arrays(is_training, batches):
     fn = _synthetic(is_training, synthetic_learnable=learnable)
-    out = list(fn(_ctx(1, 0, 1)).take(batches).as_numpy_iterator())
+    out = list(fn(input_context(1, 0, 1)).take(batches).as_numpy_iterator())
     keep = np.concatenate([b.get('mask', np.ones(len(b['labels'])))
                            for b in out]) == 1  # Drop eval padding.
     images = np.concatenate([b['images'] for b in out]).astype(np.float64)
@@ -119,7 +116,7 @@ def test_synthetic_pipelines_shard_the_eval_set():
   def images(pipelines):
     out = []
     for pid in range(pipelines):
-      for b in _synthetic(False)(_ctx(pipelines, pid, 2)).as_numpy_iterator():
+      for b in _synthetic(False)(input_context(pipelines, pid, 2)).as_numpy_iterator():
         out += [img.tobytes() for img, m in zip(b['images'], b['mask'])
                 if m == 1]
     return sorted(out)

@@ -14,6 +14,7 @@ from efficientnet_tpu.data import dataset_info
 from efficientnet_tpu.data import eval_shards
 from efficientnet_tpu.data import pipeline as data_pipeline
 from efficientnet_tpu.data import tfrecord
+from tests.helpers import input_context
 from tests.test_input_pipeline import write_split
 
 SIZE = 8
@@ -24,10 +25,6 @@ def _label(f, j):
   return f * 100 + j + 1
 
 
-def _ctx(hosts, host, replicas):
-  return tf.distribute.InputContext(num_input_pipelines=hosts,
-                                    input_pipeline_id=host,
-                                    num_replicas_in_sync=replicas)
 
 
 def _write_info(data_dir, sizes):
@@ -84,7 +81,7 @@ def test_128_hosts_1024_replicas_count_every_image_once(pod_dir):
   assert eval_input.steps(hosts) == plan.steps
   per_host = []
   for host in range(hosts):
-    ctx = _ctx(hosts, host, replicas)
+    ctx = input_context(hosts, host, replicas)
     records = tfrecord.read_records(cfg, files, False, ctx, eval_plan=plan)
     examples = records.map(lambda r, f: {
         'images': tf.zeros([1, 1, 3], tf.uint8),
@@ -133,7 +130,7 @@ def test_few_hosts_through_the_eval_input_function(
   steps = eval_input.steps(hosts)
   seen, files_per_host = [], []
   for host in range(hosts):
-    batches = list(eval_input.fn(_ctx(hosts, host, replicas)))
+    batches = list(eval_input.fn(input_context(hosts, host, replicas)))
     assert len(batches) == steps * replicas // hosts
     mine = _seen(batches)
     files_per_host.append({f for f, _ in mine})
@@ -157,7 +154,7 @@ def test_by_record_when_counts_are_unknown(tmp_path):
   eval_input = data_pipeline.build_input(cfg, SIZE, False, 4)
   assert eval_input.file_counts is None
   assert eval_input.steps(2) == contract.num_eval_steps(15, 4)
-  per_host = [_seen(eval_input.fn(_ctx(2, h, 2))) for h in range(2)]
+  per_host = [_seen(eval_input.fn(input_context(2, h, 2))) for h in range(2)]
   assert {f for f, _ in per_host[0]} == {f for f, _ in per_host[1]} == {
       0, 1, 2}
   assert sorted(per_host[0] + per_host[1]) == [

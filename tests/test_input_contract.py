@@ -5,12 +5,12 @@ import math
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from efficientnet_tpu.config import DataConfig
 from efficientnet_tpu.data import checks
 from efficientnet_tpu.data import contract
 from efficientnet_tpu.data import pipeline as data_pipeline
+from tests.helpers import input_context
 from tests.test_input_pipeline import write_split
 
 SIZE = 8
@@ -20,10 +20,6 @@ EVAL_SIZES = [5, 1, 3, 6]
 NUM_EVAL = 14
 
 
-def _ctx(hosts, host, replicas):
-  return tf.distribute.InputContext(num_input_pipelines=hosts,
-                                    input_pipeline_id=host,
-                                    num_replicas_in_sync=replicas)
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +52,7 @@ def test_eval_steps_are_the_fullest_hosts_batches(eval_dir, tmp_path,
     steps = eval_input.steps(hosts)
     real = []
     for host in range(hosts):
-      batches = list(eval_input.fn(_ctx(hosts, host, replicas)))
+      batches = list(eval_input.fn(input_context(hosts, host, replicas)))
       assert len(batches) == steps * replicas // hosts, (hosts, host)
       real.append(int(sum(b['mask'].numpy().sum() for b in batches)))
     assert sum(real) == NUM_EVAL
@@ -74,7 +70,7 @@ def test_synthetic_eval_steps_cover_the_set_once():
   eval_input = data_pipeline.make_input(cfg, 5, SIZE, False, GLOBAL_BATCH)
   assert isinstance(eval_input, contract.EvalInput)
   for hosts in (1, 2, 4):
-    batches = [list(eval_input.fn(_ctx(hosts, h, hosts)))
+    batches = [list(eval_input.fn(input_context(hosts, h, hosts)))
                for h in range(hosts)]
     assert {len(b) for b in batches} == {eval_input.steps(hosts)}
     assert sum(float(x['mask'].numpy().sum())

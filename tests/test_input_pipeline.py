@@ -15,6 +15,7 @@ from efficientnet_tpu.data import contract
 from efficientnet_tpu.data import pipeline as data_pipeline
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.config import ConfigError, DataConfig
+from tests.helpers import input_context
 
 SIZE = 16
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
@@ -65,10 +66,6 @@ def _cfg(data_dir, **kw):
   return DataConfig(source='tfrecord', data_dir=str(data_dir), **kw)
 
 
-def _ctx(k, i, replicas):
-  return tf.distribute.InputContext(num_input_pipelines=k,
-                                    input_pipeline_id=i,
-                                    num_replicas_in_sync=replicas)
 
 
 @pytest.fixture(scope='module')
@@ -149,7 +146,7 @@ def _check_eval_coverage(batches_per_pipeline, global_batch, replicas, k):
 def test_eval_covers_each_image_once(eval_dir, k, global_batch, replicas):
   fn = data_pipeline.build_input(_cfg(eval_dir), SIZE, False,
                                  global_batch).fn
-  batches = [list(fn(_ctx(k, i, replicas))) for i in range(k)]
+  batches = [list(fn(input_context(k, i, replicas))) for i in range(k)]
   _check_eval_coverage(batches, global_batch, replicas, k)
 
 
@@ -158,7 +155,7 @@ def test_eval_more_records_than_num_eval_images(eval_dir):
   fn = data_pipeline.build_input(cfg, SIZE, False, 8).fn
   real = []
   for i in range(2):
-    for b in fn(_ctx(2, i, 2)):
+    for b in fn(input_context(2, i, 2)):
       real.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   assert len(real) == 30 and len(set(real)) == 30
 
@@ -195,7 +192,7 @@ def test_train_pipelines_see_disjoint_files(train_dir):
   for i in range(3):
     fn = data_pipeline.build_input(_cfg(train_dir), SIZE, True, 12).fn
     seen = set()
-    for b in fn(_ctx(3, i, 3)).take(40):
+    for b in fn(input_context(3, i, 3)).take(40):
       seen.update((b['labels'].numpy() + 1) // 100)
     # File f of 10 goes to pipeline f % 3 (files are sorted by name).
     assert seen == set(range(i, 10, 3))
@@ -206,13 +203,13 @@ def test_train_pipelines_see_disjoint_files(train_dir):
 def test_fewer_train_files_than_pipelines(train_dir):
   fn = data_pipeline.build_input(_cfg(train_dir), SIZE, True, 11).fn
   with pytest.raises(ConfigError, match='input pipelines .11.'):
-    fn(_ctx(11, 0, 11))
+    fn(input_context(11, 0, 11))
 
 
 def test_element_spec_is_uint8(train_dir, eval_dir):
   """Normalization and the cast to the compute dtype happen on device."""
   train = data_pipeline.build_input(_cfg(train_dir), SIZE, True,
-                                    8).fn(_ctx(1, 0, 2))
+                                    8).fn(input_context(1, 0, 2))
   assert set(train.element_spec) == {'images', 'labels'}
   assert train.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3],
                                                        tf.uint8)
@@ -221,7 +218,7 @@ def test_element_spec_is_uint8(train_dir, eval_dir):
   assert b['images'].dtype == tf.uint8
   assert b['images'].shape == (4, SIZE, SIZE, 3)
   ev = data_pipeline.build_input(_cfg(eval_dir), SIZE, False,
-                                 8).fn(_ctx(1, 0, 2))
+                                 8).fn(input_context(1, 0, 2))
   assert set(ev.element_spec) == {'images', 'labels', 'mask'}
   assert ev.element_spec['images'] == tf.TensorSpec([4, SIZE, SIZE, 3],
                                                     tf.uint8)
@@ -374,7 +371,7 @@ def test_eval_long_files_cover_each_image_once(tmp_path):
   ids = iter(range(1, 38))
   write_split(str(tmp_path), 'validation', [35, 2], lambda f, j: next(ids))
   fn = data_pipeline.build_input(_cfg(tmp_path), SIZE, False, 8).fn
-  batches = [list(fn(_ctx(2, i, 2))) for i in range(2)]
+  batches = [list(fn(input_context(2, i, 2))) for i in range(2)]
   _check_eval_coverage(batches, 8, 2, 2)
   # One pipeline: interleaving 2 files, then file 0's remainder in order.
   labels = np.concatenate([b['labels'].numpy()[b['mask'].numpy() == 1]
@@ -479,7 +476,7 @@ def test_tfds_prepared_dataset(tmp_path):
   fn = data_pipeline.build_input(cfg, SIZE, False, 4).fn
   real = []
   for i in range(2):
-    for b in fn(_ctx(2, i, 2)):
+    for b in fn(input_context(2, i, 2)):
       real.extend(b['labels'].numpy()[b['mask'].numpy() == 1].tolist())
   # tfds labels are 0-based class indices: kept as is without background.
   assert sorted(real) == sorted(_TFDS_TEST_LABELS)
