@@ -60,7 +60,6 @@ class Evaluator:
     self.is_writer = role.is_eval_writer
     # The step's settings; the input dtype is training's (the model's).
     self.spec = step_lib.StepSpec.from_config(cfg, strategy)
-    self.input_dtype = self.spec.input_dtype
     self._sums = replicated.Accumulators(strategy, 'eval', step_lib.EVAL_SUMS)
     # One logits function (XLA when on) for all replicas.
     self._logits_fn = step_lib.compile_logits(self.spec, state.model)

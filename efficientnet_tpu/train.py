@@ -121,7 +121,6 @@ class Trainer:
     self.spec = step_lib.StepSpec.from_config(cfg, strategy)
     # XLA for the forward and backward pass (TPU: the whole loop, always).
     self.jit_compile = self.spec.jit_compile
-    self.input_dtype = self.spec.input_dtype
     self.is_writer = role.is_train_writer
     self.summary_images = summary_images
 

@@ -200,7 +200,7 @@ def test_float16_eval_feeds_float16_and_matches_float32(tmp_path):
   trainer = experiment.build_trainer(cfg, strategy_for(cfg))
   evaluator = experiment.evaluator_for(trainer)
   assert evaluator.spec == trainer.spec
-  assert evaluator.input_dtype == trainer.input_dtype == tf.float16
+  assert evaluator.spec.input_dtype == trainer.spec.input_dtype == tf.float16
   rng = np.random.default_rng(4)
   for layer in trainer.model.layers:
     if hasattr(layer, 'moving_mean'):
