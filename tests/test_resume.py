@@ -18,7 +18,8 @@ import tensorflow as tf
 from efficientnet_tpu.config import DataConfig
 from efficientnet_tpu.data import pipeline as data_pipeline
 from efficientnet_tpu.data import tfrecord
-from tests.test_input_pipeline import _ctx, write_split
+from tests.helpers import input_context
+from tests.test_input_pipeline import write_split
 
 SIZE = 16
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -61,7 +62,7 @@ def test_deterministic_resume_continues_the_exact_stream(train_dir, source,
                    deterministic=True, seed=3)
   global_batch = 2 * pipelines
   for i in range(pipelines):
-    ctx = _ctx(pipelines, i, pipelines)
+    ctx = input_context(pipelines, i, pipelines)
     reference = _batches(cfg, ctx, 0, 30, global_batch)
     # Over 2.5 epochs of each pipeline's 9-13 records.
     for step in (4, 11, 25):
@@ -72,8 +73,8 @@ def test_deterministic_resume_continues_the_exact_stream(train_dir, source,
 def test_resume_without_deterministic_does_not_replay_the_start(train_dir):
   cfg = DataConfig(source='tfrecord', data_dir=train_dir,
                    num_train_images=22, shuffle_buffer=8)
-  first = _batches(cfg, _ctx(1, 0, 1), 0, 2, 4)
-  resumed = _batches(cfg, _ctx(1, 0, 1), 3, 2, 4)
+  first = _batches(cfg, input_context(1, 0, 1), 0, 2, 4)
+  resumed = _batches(cfg, input_context(1, 0, 1), 3, 2, 4)
   assert not all(np.array_equal(a['labels'], b['labels'])
                  for a, b in zip(first, resumed))
 
@@ -92,7 +93,7 @@ def test_resume_with_skip_corrupt_counts_the_broken_file(tmp_path):
   cfg = DataConfig(source='tfrecord', data_dir=str(tmp_path),
                    num_train_images=6, shuffle_buffer=4, skip_corrupt=True)
   train = data_pipeline.build_input(cfg, SIZE, True, 2, start_step=7)
-  assert len(list(train.fn(_ctx(1, 0, 1)).take(4))) == 4
+  assert len(list(train.fn(input_context(1, 0, 1)).take(4))) == 4
   assert train.skipped.total >= 1
 
 
