@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from typing import List, Union
+from typing import Callable, List, Union
 import uuid
 
 import tensorflow as tf
@@ -86,14 +86,14 @@ def check_path_encoding(path: str) -> None:
                      'under a UTF-8 name') from None
 
 
-def list_matching(directory: str, name_pattern: str) -> List[str]:
-  """Sorted paths of the entries of `directory` whose name matches.
+def list_entries(directory: str, keep: Callable[[str], bool]) -> List[str]:
+  """Sorted paths of the entries of `directory` whose name `keep` accepts.
 
   `directory` is taken literally, whatever characters it holds (unlike
   tf.io.gfile.glob, which would read `[1]` or `*` in it as a pattern and
-  list other directories); only `name_pattern`, the caller's own fixed
-  pattern (fnmatch syntax, case-sensitive), matches names. A missing
-  directory has no entries.
+  list other directories); `keep` sees each entry's name (a directory's
+  without the trailing `/` that some file systems add). A missing directory
+  has no entries.
 
   Raises:
     tf.errors.OpError: the directory exists but cannot be listed.
@@ -101,5 +101,11 @@ def list_matching(directory: str, name_pattern: str) -> List[str]:
   if not tf.io.gfile.isdir(directory):
     return []
   names = (n.rstrip('/') for n in tf.io.gfile.listdir(directory))
-  return sorted(os.path.join(directory, n) for n in names
-                if fnmatch.fnmatchcase(n, name_pattern))
+  return sorted(os.path.join(directory, n) for n in names if keep(n))
+
+
+def list_matching(directory: str, name_pattern: str) -> List[str]:
+  """`list_entries` of the names that match `name_pattern`, the caller's own
+  fixed pattern (fnmatch syntax, case-sensitive)."""
+  return list_entries(directory,
+                      lambda name: fnmatch.fnmatchcase(name, name_pattern))

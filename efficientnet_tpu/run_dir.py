@@ -80,11 +80,9 @@ def checkpoint_files(prefix: str) -> List[str]:
   PREFIX.data-NNNNN-of-NNNNN shards, found by name (no glob)."""
   directory, name = os.path.split(prefix)
   shard = re.compile(re.escape(name) + r'\.data-\d{5}-of-\d{5}')
-  if not tf.io.gfile.isdir(directory):
-    return []
-  return [os.path.join(directory, entry)
-          for entry in sorted(tf.io.gfile.listdir(directory))
-          if entry == name + '.index' or shard.fullmatch(entry)]
+  return fileio.list_entries(
+      directory,
+      lambda entry: entry == name + '.index' or bool(shard.fullmatch(entry)))
 
 
 class CheckpointManager(tf.train.CheckpointManager):
