@@ -47,8 +47,11 @@ setuptools.setup(
         'cpu': _TF_CPU,
         'gpu': ['tensorflow[and-cuda]>=2.18'],
         # tfds makes the (offline) tfds source test run instead of skip.
-        'test': _TF_CPU + ['pytest>=7.0', 'scikit-learn>=1.2',
-                           'tensorflow-datasets>=4.9', 'importlib_resources'],
+        # pytest-xdist: the README's test command runs the modules on 2
+        # processes (most of a test is single-threaded Python tracing).
+        'test': _TF_CPU + ['pytest>=7.0', 'pytest-xdist>=3.0',
+                           'scikit-learn>=1.2', 'tensorflow-datasets>=4.9',
+                           'importlib_resources'],
         # tfds needs importlib_resources to prepare datasets defined in code.
         'tfds': ['tensorflow-datasets>=4.9', 'importlib_resources'],
         # Only for legacy TPU Nodes; TPU VMs (--tpu=local) need nothing.

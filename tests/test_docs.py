@@ -29,6 +29,8 @@ THIRD_PARTY = {
     'force',
     # tensorboard.
     'logdir',
+    # pytest-xdist (the README's test command).
+    'dist',
 }
 # absl's flags that FLAGS does not list, and the docs' `--flag=value`.
 ABSL_SPECIAL = {'flagfile', 'undefok', 'help', 'helpshort', 'helpfull',
@@ -172,3 +174,15 @@ def test_the_name_check_tells_a_missing_name():
   assert _resolves('collectives.no_such_function', modules) is False
   assert _resolves('benchmarks.no_such_script', modules) is False
   assert _resolves('tf.io.gfile', modules) is None
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+  """.ci/run runs the README's test command, character for character (CI
+  checks what a user is told to run)."""
+  blocks = re.findall(r'```bash\n(.*?)```', (REPO / 'README.md').read_text(),
+                      flags=re.S)
+  commands = [line for block in blocks for line in block.splitlines()
+              if 'python -m pytest' in line and line.startswith('pip ')]
+  assert len(commands) == 1, commands
+  ci = (REPO / '.ci' / 'run').read_text().splitlines()
+  assert commands[0] in ci
