@@ -33,6 +33,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from efficientnet_tpu import distribute
 from efficientnet_tpu.config import DEFAULT_WEIGHT_DECAY_EXCLUDE, OptimizerConfig
 
 _PACKAGE = 'efficientnet_tpu'
@@ -80,20 +81,18 @@ def first_device_copy(container, component):
   and its (all-reduced) gradient is the same on every device, so the update
   is the same on every device too. Where the devices are logical CPU devices
   of one host (`--strategy=cpu`), the others copy the first device's result
-  instead of tracing and running the update again: the same bits, 1/R of the
-  update's ops. GPUs keep their own updates (a copy would cross the
-  interconnect every step).
+  instead of tracing and running the update again
+  (`distribute.host_cpu_copies`): the same bits, 1/R of the update's ops.
+  GPUs keep their own updates (a copy would cross the interconnect every
+  step).
 
   Args:
     container: the optimizer's variable or slot (Keras or tf, mirrored).
     component: the copy `update_step` was called with.
   """
-  copies = tf.distribute.get_strategy().experimental_local_results(
-      getattr(container, 'value', container))
-  if len(copies) < 2 or component is copies[0]:
-    return None
-  if any(tf.DeviceSpec.from_string(c.device).device_type != 'CPU'
-         for c in copies):
+  copies = distribute.host_cpu_copies(tf.distribute.get_strategy(),
+                                      container)
+  if copies is None or component is copies[0]:
     return None
   return copies[0]
 
