@@ -32,6 +32,7 @@ repository), and prints every run and the NEW/OLD ratios (median, min-max):
 
 import argparse
 import cProfile
+import hashlib
 import json
 import os
 import statistics
@@ -45,6 +46,7 @@ def _measure(args) -> dict:
   """Builds the trainer and times trace, first run and steps."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   # pylint: disable=g-import-not-at-top
+  import keras
   import tensorflow as tf
   from benchmarks import common
   from efficientnet_tpu import distribute
@@ -57,6 +59,10 @@ def _measure(args) -> dict:
   if args.grappler_off:
     tf.config.optimizer.set_experimental_options(
         {name: False for name in args.grappler_off.split(',')})
+  if args.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  # The same initial weights in every run (as experiment.run seeds them).
+  keras.utils.set_random_seed(0)
   distribute.configure_cpu_devices(args.replicas)
   cfg = common.experiment_config(
       tempfile.mkdtemp(prefix='bench_trace_'), num_replicas=args.replicas,
@@ -113,7 +119,24 @@ def _measure(args) -> dict:
               ema=args.ema, grappler=args.grappler,
               grappler_off=args.grappler_off, compile_s=compile_s,
               trace_s=trace_s, first_run_s=compile_s - trace_s,
-              step_ms=step_ms, nodes=nodes)
+              step_ms=step_ms, nodes=nodes, state=_state_digest(trainer))
+
+
+def _state_digest(trainer) -> str:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """SHA-256 of every device's copy of the weights, optimizer slots, EMA
+  averages and BN moving statistics after the 31 steps: two trees that
+  train alike give the same digest (the cached batches are the same)."""
+  state = trainer.state
+  variables = list(state.model.variables) + list(state.optimizer.variables)
+  if state.ema is not None:
+    variables += list(state.ema.averages)
+  digest = hashlib.sha256()
+  for v in variables:
+    for copy in trainer.strategy.experimental_local_results(
+        v if isinstance(v, tf.Variable) else v.value):
+      digest.update(copy.numpy().tobytes())
+  return digest.hexdigest()[:16]
 
 
 def _compare(args, argv) -> None:
@@ -134,8 +157,13 @@ def _compare(args, argv) -> None:
       results[tree].append(result)
       print(f'run {r + 1} {tree}: compile {result["compile_s"]:.1f} s '
             f'(trace {result["trace_s"]:.1f} s), '
-            f'{result["step_ms"]:.0f} ms/step', flush=True)
+            f'{result["step_ms"]:.0f} ms/step, {result["nodes"]} nodes, '
+            f'state {result["state"]}', flush=True)
   old, new = (results[t] for t in trees)
+  same = {r['state'] for r in old + new}
+  print('state after the steps: ' + (
+      'the same bits in every run' if len(same) == 1 else
+      f'DIFFERS ({len(same)} digests)'))
   for key in ('compile_s', 'trace_s', 'step_ms'):
     ratios = [n[key] / o[key] for o, n in zip(old, new)]
     print(f'{key} new/old: median {statistics.median(ratios):.2f} '
@@ -162,6 +190,9 @@ def main(argv=None):
   parser.add_argument('--profile', default='',
                       help='file for a cProfile of the Python trace (main '
                       'thread; pstats format)')
+  parser.add_argument('--deterministic', action='store_true',
+                      help="TF's op determinism (--deterministic_ops): the "
+                      'state digest is then the same in every run')
   parser.add_argument('--json', action='store_true',
                       help='print the result as one JSON line')
   args = parser.parse_args(argv)

@@ -227,8 +227,9 @@ def host_cpu_copies(strategy: tf.distribute.Strategy, variable):
   """
   if not on_host_cpus(strategy):
     return None
-  return strategy.experimental_local_results(
-      getattr(variable, 'value', variable))
+  if not isinstance(variable, tf.Variable):  # Keras: the tf.Variable inside
+    variable = variable.value
+  return strategy.experimental_local_results(variable)
 
 
 def is_tpu(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
