@@ -13,7 +13,12 @@ loop (`Trainer.train_loop`'s loop function) into:
   step          the steady-state step time after both (median of 3 calls
                 of 10 steps).
 
-It also prints the traced graph's node count (it grows with the replicas).
+It also prints the traced graph's node count (it grows with the replicas)
+and a digest of the state after the 31 steps (every device's weights,
+optimizer slots, EMA averages, BN statistics; the weights are seeded), the
+same for two trees that train bit for bit alike (`--deterministic` adds TF's
+op determinism). `--profile=FILE` writes a cProfile of the trace (the main
+thread; the replica threads show as waits).
 `--grappler=off` turns TF's graph optimizer off for the whole process
 (`disable_meta_optimizer`); `--grappler_off=a,b` turns off single
 optimizers (names of `tf.config.optimizer.set_experimental_options`). One
@@ -26,8 +31,10 @@ configuration per process, as tracing state does not reset:
 processes, alternating, with PYTHONPATH=OLD and NEW (two checkouts of the
 repository), and prints every run and the NEW/OLD ratios (median, min-max):
 
-  python benchmarks/trace_time.py --compare=/work/main,$PWD --replicas=2
+  git archive 450ec1a | tar -x -C /tmp/old
+  python benchmarks/trace_time.py --compare=/tmp/old,$PWD --replicas=4 --runs=4
 
+It ends with whether all runs of both trees ended with the same state.
 """
 
 import argparse

@@ -208,6 +208,8 @@ def _is_gpu_device(device: str) -> bool:
 
 def on_host_cpus(strategy: tf.distribute.Strategy) -> bool:
   """Whether this process's replicas are several logical CPU devices."""
+  if strategy.num_replicas_in_sync < 2:  # (The default strategy has no
+    return False                         # worker_devices.)
   devices = strategy.extended.worker_devices
   return len(devices) > 1 and all(
       tf.DeviceSpec.from_string(d).device_type == 'CPU' for d in devices)
