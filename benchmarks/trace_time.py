@@ -198,8 +198,8 @@ def main(argv=None):
                       help='file for a cProfile of the Python trace (main '
                       'thread; pstats format)')
   parser.add_argument('--deterministic', action='store_true',
-                      help="TF's op determinism (--deterministic_ops): the "
-                      'state digest is then the same in every run')
+                      help="TF's op determinism (the run's --deterministic):"
+                      ' the state digest is then the same in every run')
   parser.add_argument('--json', action='store_true',
                       help='print the result as one JSON line')
   args = parser.parse_args(argv)
