@@ -59,6 +59,23 @@ def group_id(group_size: int) -> tf.Tensor:
   return rid // group_size
 
 
+def _group_mask(group_size: int, num_groups: int, dtype: tf.DType,
+                rank: int) -> tf.Tensor:
+  """One-hot [num_groups, 1, ...] of this replica's group, `dtype`.
+
+  A constant where the replica id is known when tracing (MirroredStrategy:
+  one constant instead of a one-hot computed in every BN layer of every
+  replica's trace); computed from the id tensor otherwise.
+  """
+  rid = tf.get_static_value(_replica_context().replica_id_in_sync_group)
+  if rid is not None:
+    mask = np.zeros([num_groups] + [1] * rank, dtype.as_numpy_dtype)
+    mask[int(rid) // group_size] = 1
+    return tf.constant(mask)
+  onehot = tf.one_hot(group_id(group_size), num_groups, dtype=dtype)
+  return tf.reshape(onehot, [num_groups] + [1] * rank)
+
+
 def all_reduce_sum(x: tf.Tensor) -> tf.Tensor:
   """Sum of `x` over all replicas, differentiable, cheap to trace.
 
@@ -93,18 +110,16 @@ def all_group_sums(x: tf.Tensor, group_size: int) -> tf.Tensor:
   num_groups = num_replicas // g
   if num_groups == 1:
     return all_reduce_sum(x)[None]
-  onehot = tf.one_hot(group_id(g), num_groups, dtype=x.dtype)
-  onehot = tf.reshape(onehot, [num_groups] + [1] * x.shape.rank)
-  return all_reduce_sum(onehot * x[None])
+  return all_reduce_sum(
+      _group_mask(g, num_groups, x.dtype, x.shape.rank) * x[None])
 
 
 def _select_group(rows: tf.Tensor, group_size: int) -> tf.Tensor:
   """rows[this replica's group], as a masked sum: tf.gather's gradient is
   IndexedSlices, which the all-reduce in the backward pass handles slowly."""
-  num_groups = rows.shape[0]
-  onehot = tf.one_hot(group_id(group_size), num_groups, dtype=rows.dtype)
-  onehot = tf.reshape(onehot, [num_groups] + [1] * (rows.shape.rank - 1))
-  return tf.reduce_sum(rows * onehot, axis=0)
+  mask = _group_mask(group_size, rows.shape[0], rows.dtype,
+                     rows.shape.rank - 1)
+  return tf.reduce_sum(rows * mask, axis=0)
 
 
 def grouped_sum(x: tf.Tensor, group_size: int) -> tf.Tensor:

@@ -206,6 +206,34 @@ def _is_gpu_device(device: str) -> bool:
   return tf.DeviceSpec.from_string(device).device_type == 'GPU'
 
 
+def on_host_cpus(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process's replicas are several logical CPU devices."""
+  if strategy.num_replicas_in_sync < 2:  # (The default strategy has no
+    return False                         # worker_devices.)
+  devices = strategy.extended.worker_devices
+  return len(devices) > 1 and all(
+      tf.DeviceSpec.from_string(d).device_type == 'CPU' for d in devices)
+
+
+def host_cpu_copies(strategy: tf.distribute.Strategy, variable):
+  """The per-device copies of `variable` (a mirrored Keras or tf variable)
+  when `on_host_cpus(strategy)`, else None. Call in cross-replica context
+  (in replica context there is only the replica's own copy).
+
+  Logical CPU replicas (`--strategy=cpu`) share one host's memory: a copy
+  from one device to another costs nothing, so state that is the same on
+  every device (the trainable weights, their optimizer slots and averages)
+  is computed on the first device and copied to the others
+  (`optimizers.first_device_copy`, `ema.ExponentialMovingAverage.update`):
+  the same bits, and 1/R of the ops to trace and run.
+  """
+  if not on_host_cpus(strategy):
+    return None
+  if not isinstance(variable, tf.Variable):  # Keras: the tf.Variable inside
+    variable = variable.value
+  return strategy.experimental_local_results(variable)
+
+
 def is_tpu(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
   """Whether `strategy` is a TPU strategy (the one TPU test of the package).
 

@@ -18,6 +18,10 @@ per variable through `distribution.extended.update`; `variable` may then be
 the per-device `tf.Variable`, which is why per-variable settings are looked up
 with `_get_variable_index` (which maps per-device copies back to the index
 given in `build`).
+
+On logical CPU replicas of one host, LARS and LAMB compute each update once,
+on the first device, and the other devices copy its result
+(`first_device_copy`): the same bits with 1/R of the traced ops.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from efficientnet_tpu import distribute
 from efficientnet_tpu.config import DEFAULT_WEIGHT_DECAY_EXCLUDE, OptimizerConfig
 
 _PACKAGE = 'efficientnet_tpu'
@@ -64,6 +69,52 @@ def adaptation_mask(var_list, exclude_res) -> Tuple[bool, ...]:
   """
   return tuple(not any(p.search(variable_path(v)) for p in exclude_res)
                for v in var_list)
+
+
+def first_device_copy(container, component):
+  """The first device's copy of `container` when `component` (another
+  device's copy) may take the first's update instead of computing its own;
+  None when it must compute it.
+
+  Inside `extended.update` MirroredStrategy calls the update once per device,
+  first device first. All copies of a mirrored variable hold the same bits,
+  and its (all-reduced) gradient is the same on every device, so the update
+  is the same on every device too. Where the devices are logical CPU devices
+  of one host (`--strategy=cpu`), the others copy the first device's result
+  instead of tracing and running the update again
+  (`distribute.host_cpu_copies`): the same bits, 1/R of the update's ops.
+  GPUs keep their own updates (a copy would cross the interconnect every
+  step).
+
+  Args:
+    container: the optimizer's variable or slot (Keras or tf, mirrored).
+    component: the copy `update_step` was called with.
+  """
+  copies = distribute.host_cpu_copies(tf.distribute.get_strategy(),
+                                      container)
+  if copies is None or component is copies[0]:
+    return None
+  return copies[0]
+
+
+def _copy_from_first_device(optimizer, index, variable, slots) -> bool:
+  """Sets `variable` (a device's copy of trainable variable `index`) and its
+  `slots` to the first device's values when `first_device_copy` allows it;
+  returns whether it did (else the caller computes the update)."""
+  # pylint: disable=protected-access
+  first = first_device_copy(optimizer._trainable_variables[index], variable)
+  if first is None:
+    return False
+  for slot in slots:
+    slot_first = tf.distribute.get_strategy().experimental_local_results(
+        slot.value)[0]
+    with tf.device(slot_first.device):
+      value = tf.convert_to_tensor(slot_first)
+    optimizer.assign(slot, value)
+  with tf.device(first.device):
+    value = tf.convert_to_tensor(first)
+  optimizer.assign(variable, value)
+  return True
 
 
 def excluded_paths(variables, mask) -> List[str]:
@@ -144,6 +195,9 @@ class LARS(keras.optimizers.Optimizer):
 
   def update_step(self, gradient, variable, learning_rate):
     index = self._get_variable_index(variable)
+    slots = [self._momentums[index]] if self.momentum else []
+    if _copy_from_first_device(self, index, variable, slots):
+      return
     if isinstance(gradient, tf.IndexedSlices):
       gradient = tf.convert_to_tensor(gradient)
     w = tf.cast(tf.convert_to_tensor(variable), tf.float32)
@@ -288,6 +342,10 @@ class LAMB(keras.optimizers.Optimizer):
 
   def update_step(self, gradient, variable, learning_rate):
     index = self._get_variable_index(variable)
+    if _copy_from_first_device(
+        self, index, variable,
+        [self._momentums[index], self._velocities[index]]):
+      return
     if isinstance(gradient, tf.IndexedSlices):
       gradient = tf.convert_to_tensor(gradient)
     w = tf.cast(tf.convert_to_tensor(variable), tf.float32)

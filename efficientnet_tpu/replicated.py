@@ -67,6 +67,19 @@ def distribute_input(strategy: tf.distribute.Strategy, input_fn):
   return strategy.distribute_datasets_from_function(input_fn, options)
 
 
+def _unconverted(replica_step):
+  """`replica_step` as `strategy.run` must not autograph-convert it.
+
+  The replica steps are plain TF ops with Python control flow on Python
+  values only (tensor-dependent branches are explicit `tf.cond`s). Left to
+  autograph, `strategy.run` inside the loop's tf.function transpiles the
+  step and every function of this package it calls, in every replica
+  thread, and routes each of their calls through `converted_call`: about a
+  tenth of the trace of the smoke run's loop (benchmarks/trace_time.py).
+  """
+  return tf.autograph.experimental.do_not_convert(replica_step)
+
+
 def replicated_loop(strategy, replica_step):
   """Returns `loop(iterator, num_steps)`: that many steps in one host call.
 
@@ -74,7 +87,9 @@ def replicated_loop(strategy, replica_step):
   the call and dispatch overhead once per loop, not once per step. On TPU,
   TPUStrategy compiles the whole loop with XLA; elsewhere XLA, when on,
   is applied inside `replica_step` (see `distribute.resolve_jit_compile`).
+  `replica_step` is not autograph-converted (`_unconverted`).
   """
+  replica_step = _unconverted(replica_step)
 
   @tf.function
   def loop(iterator, num_steps):
@@ -105,7 +120,9 @@ def stoppable_loop(strategy, replica_step, stop_flag: tf.Variable,
   without, whether it stopped before `num_steps` (a request that comes
   after the last step is the caller's to see, in the flag).
   """
+  replica_step = _unconverted(replica_step)
 
+  @tf.autograph.experimental.do_not_convert
   def voting_step(batch):
     # First in the step: the all-reduce runs beside the step's compute.
     votes = tf.distribute.get_replica_context().all_reduce(

@@ -67,6 +67,39 @@ def test_all_group_sums(strategy):
     np.testing.assert_allclose(rows4[r], want4, rtol=1e-6, atol=1e-6)
 
 
+def test_constant_group_mask_matches_the_computed_one(strategy, monkeypatch):
+  # MirroredStrategy's replica ids are known when tracing: the group masks
+  # are constants. The computed mask (TPU: the id is a tensor) is the
+  # reference, forced by hiding the static id; sums and gradients must be
+  # bitwise the same.
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(R, 3, 5)).astype(np.float32)
+  w = rng.normal(size=(R, 3, 5)).astype(np.float32)
+
+  def run():
+    @tf.function
+    def step(x, w):
+      def fn(x, w):
+        with tf.GradientTape() as tape:
+          tape.watch(x)
+          s = collectives.grouped_sum(x, 2)
+          loss = tf.reduce_sum(s * w)
+        return s, tape.gradient(loss, x)
+      return strategy.run(fn, args=(x, w))
+    graph = step.get_concrete_function(per_replica(strategy, x),
+                                       per_replica(strategy, w)).graph
+    one_hots = sum(op.type == 'OneHot' for op in graph.get_operations())
+    return one_hots, [local_values(strategy, t) for t in step(
+        per_replica(strategy, x), per_replica(strategy, w))]
+
+  constant_one_hots, constant = run()
+  monkeypatch.setattr(collectives.tf, 'get_static_value', lambda t: None)
+  computed_one_hots, computed = run()
+  assert constant_one_hots == 0 and computed_one_hots == 2 * R
+  for a, b in zip(constant, computed):
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+
+
 def test_replica_mean_assigner_sets_every_copy_to_the_mean(strategy):
   rng = np.random.default_rng(1)
   a = rng.normal(size=(R, 3)).astype(np.float32)

@@ -94,3 +94,66 @@ def test_swap_is_per_replica_and_works_without_a_strategy():
   np.testing.assert_array_equal(plain.numpy(), [1.0, 2.0])
   np.testing.assert_array_equal(plain_ema.averages[0].numpy(), [3.0, 4.0])
   assert plain_ema.shadow_of(plain) is plain_ema.averages[0]
+
+
+def _ema_copies(strategy, weights, local_offsets, steps=3):
+  """Every device's averages after `steps` replicated updates in a
+  tf.function; the BN moving statistics move by a per-replica offset."""
+  with strategy.scope():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2),
+                              keras.layers.BatchNormalization()])
+    model.set_weights(weights)
+    ema = ema_lib.ExponentialMovingAverage(model.variables, 0.9)
+    step = tf.Variable(0, dtype=tf.int64)
+  bn = model.layers[-1]
+
+  def replica_fn():
+    rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+    offset = tf.gather(local_offsets, rid)
+    for var in model.trainable_variables:
+      var.assign(var * 1.1 + 0.3)
+    bn.moving_mean.assign(bn.moving_mean * 0.7 + offset)
+    bn.moving_variance.assign(bn.moving_variance * 0.9 + offset ** 2)
+    ema.update(step)
+
+  @tf.function
+  def update():
+    strategy.run(replica_fn)
+    step.assign_add(1)
+
+  for _ in range(steps):
+    update()
+  return [[c.numpy() for c in strategy.experimental_local_results(a)]
+          for a in ema.averages]
+
+
+def test_copied_averages_are_bitwise_the_per_device_update(monkeypatch):
+  # Reference: the previous formulation, every device averaging its own
+  # copies in replica context.
+  weights = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2),
+                              keras.layers.BatchNormalization()]).get_weights()
+  offsets = tf.constant([[0.25, -1.5], [2.0, 0.125]])
+  copied = []
+  update_copies = ema_lib.ExponentialMovingAverage._update_copies
+
+  def counting(self, *args):
+    copied.append(1)
+    return update_copies(self, *args)
+
+  monkeypatch.setattr(ema_lib.ExponentialMovingAverage, '_update_copies',
+                      counting)
+  new = _ema_copies(cpu_replicas(2), weights, offsets)
+  assert copied  # the copy path ran
+  monkeypatch.setattr(ema_lib.distribute, 'on_host_cpus',
+                      lambda strategy: False)
+  old = _ema_copies(cpu_replicas(2), weights, offsets)
+  assert len(new) == len(old) == 6
+  for new_copies, old_copies in zip(new, old):
+    for a, b in zip(new_copies, old_copies):
+      np.testing.assert_array_equal(a, b)
+  # The moving statistics' averages stayed replica-local; the weights'
+  # are the same on both devices.
+  for copies in new[-2:]:
+    assert not np.array_equal(copies[0], copies[1])
+  for copies in new[:-2]:
+    np.testing.assert_array_equal(copies[0], copies[1])

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from efficientnet_tpu import optimizers
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
-from tests.helpers import cpu_replicas, split_batch
+from tests.helpers import cpu_replicas, local_values, split_batch
 
 DEFAULT_EXCLUDE = (r'(^|/)gamma$', r'(^|/)beta$', r'(^|/)bias$')
 
@@ -376,3 +376,66 @@ def test_four_replicas_match_one_replica(opt_cfg):
   assert moved > 1e-3   # the comparison is not between untouched weights
   for a, b in zip(one, four):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---- the first device's update, copied (CPU replicas) -------------------------
+def _train_copies(strategy, init_weights, xs, ys, opt):
+  """`_train`'s loop with `opt`; every device's copy of the weights and the
+  optimizer's variables, as numpy."""
+  with strategy.scope():
+    model = _conv_model()
+    model.set_weights(init_weights)
+    opt = opt()
+    opt.build(model.trainable_variables)
+
+  @tf.function
+  def train_step(x, y):
+    def step_fn(x, y):
+      with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True)) / GLOBAL_BATCH
+      grads = tape.gradient(loss, model.trainable_variables)
+      opt.apply_gradients(zip(grads, model.trainable_variables))
+    strategy.run(step_fn, args=(x, y))
+
+  for x, y in zip(xs, ys):
+    train_step(split_batch(strategy, x), split_batch(strategy, y))
+  return [local_values(strategy, v.value)
+          for v in model.trainable_variables + opt.variables]
+
+
+@pytest.mark.parametrize('opt', [
+    lambda: optimizers.LARS(0.5, momentum=0.9, eeta=0.01, weight_decay=1e-3),
+    lambda: optimizers.LARS(0.5, momentum=0.0, nesterov=False, eeta=0.01),
+    lambda: optimizers.LAMB(0.01, weight_decay=1e-2),
+], ids=['lars', 'lars_no_momentum', 'lamb'])
+def test_copied_update_is_bitwise_the_per_device_update(opt, monkeypatch):
+  # The previous formulation (every device computes its own update) is the
+  # reference: the copies must hold the same bits on every device.
+  rng = np.random.default_rng(3)
+  xs = [rng.normal(size=(GLOBAL_BATCH, 6, 6, 2)).astype(np.float32)
+        for _ in range(2)]
+  ys = [rng.integers(0, NUM_CLASSES, size=(GLOBAL_BATCH,)).astype(np.int32)
+        for _ in range(2)]
+  init = _conv_model().get_weights()
+  copied = []
+  first_device_copy = optimizers.first_device_copy
+
+  def counting(container, component):
+    first = first_device_copy(container, component)
+    copied.append(first is not None)
+    return first
+
+  monkeypatch.setattr(optimizers, 'first_device_copy', counting)
+  new = _train_copies(cpu_replicas(2), init, xs, ys, opt)
+  # One device of two copied every variable's update (4 variables).
+  assert copied.count(True) == copied.count(False) == 4
+  monkeypatch.setattr(optimizers, 'first_device_copy', lambda *a: None)
+  old = _train_copies(cpu_replicas(2), init, xs, ys, opt)
+  assert len(new) == len(old) > 4
+  moved = max(np.abs(copies[0] - w).max() for copies, w in zip(new, init))
+  for new_copies, old_copies in zip(new, old):
+    for a, b in zip(new_copies + old_copies, old_copies * 2):
+      np.testing.assert_array_equal(a, b)
+  assert moved > 1e-4
