@@ -211,8 +211,11 @@ def on_host_cpus(strategy: tf.distribute.Strategy) -> bool:
   if strategy.num_replicas_in_sync < 2:  # (The default strategy has no
     return False                         # worker_devices.)
   devices = strategy.extended.worker_devices
+  # `_is_gpu_device` too: the tests that force TF's all-GPU path on CPU
+  # devices (tests/gpu_path.py) then get the GPUs' per-device updates.
   return len(devices) > 1 and all(
-      tf.DeviceSpec.from_string(d).device_type == 'CPU' for d in devices)
+      tf.DeviceSpec.from_string(d).device_type == 'CPU' and
+      not _is_gpu_device(d) for d in devices)
 
 
 def host_cpu_copies(strategy: tf.distribute.Strategy, variable):

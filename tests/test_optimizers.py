@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from efficientnet_tpu import distribute
 from efficientnet_tpu import optimizers
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
+from tests.gpu_path import forced_gpu_path
 from tests.helpers import cpu_replicas, local_values, split_batch
 
 DEFAULT_EXCLUDE = (r'(^|/)gamma$', r'(^|/)beta$', r'(^|/)bias$')
@@ -439,3 +441,15 @@ def test_copied_update_is_bitwise_the_per_device_update(opt, monkeypatch):
     for a, b in zip(new_copies + old_copies, old_copies * 2):
       np.testing.assert_array_equal(a, b)
   assert moved > 1e-4
+
+
+def test_only_logical_cpu_replicas_copy_the_first_devices_update():
+  # Several logical CPU devices of one host: the copy path.
+  assert distribute.on_host_cpus(cpu_replicas(2))
+  # One device, the default strategy, and TF's all-GPU path (forced on CPU
+  # devices as the GPU tests do): every device computes its own update.
+  assert not distribute.on_host_cpus(cpu_replicas(1))
+  assert not distribute.on_host_cpus(tf.distribute.get_strategy())
+  with forced_gpu_path():
+    assert not distribute.on_host_cpus(cpu_replicas(2))
+    assert distribute.host_cpu_copies(cpu_replicas(2), tf.Variable(1.0)) is None
