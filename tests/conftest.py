@@ -13,6 +13,8 @@ import keras  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from efficientnet_tpu import replicated  # pylint: disable=g-import-not-at-top
+
 NUM_TEST_CPUS = 8
 
 _cpu = tf.config.list_physical_devices('CPU')[0]
@@ -62,6 +64,32 @@ FLOOR = (
     'tests/test_export.py::test_export_serves_mixed_formats_and_flags_bad_rows',
     'tests/test_export.py::test_export_all_invalid_and_empty_batches',
 )
+
+
+def _without_autotuning(distribute_input):
+  """`replicated.distribute_input` whose pipelines run without tf.data's
+  autotuning.
+
+  Deleting an iterator whose pipeline autotunes waits for the autotuning
+  thread, which wakes at its next optimization: an interval that doubles
+  while the iterator lives, up to a minute (TF 2.18-2.21). A test that drops
+  a trainer or evaluator of 8 replicas waited 9 s for it with two CPU-bound
+  processes beside it, 0.3 s alone, 137-201 s in a parallel run of the suite:
+  most of such a run's time, with its cores idle. The batches are the same
+  (the order is fixed, `deterministic`); only the parallelism of their
+  production is no longer tuned. Runs of the application keep autotuning
+  (tests/test_input_pipeline.py checks its options).
+  """
+  def without(strategy, input_fn):
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return distribute_input(
+        strategy, lambda ctx: input_fn(ctx).with_options(options))
+  return without
+
+
+replicated.distribute_input = _without_autotuning(
+    replicated.distribute_input)
 
 
 @pytest.fixture(autouse=True)

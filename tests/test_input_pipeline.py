@@ -226,6 +226,15 @@ def test_element_spec_is_uint8(train_dir, eval_dir):
   assert ev.element_spec['mask'] == tf.TensorSpec([4], tf.float32)
 
 
+def test_the_applications_pipelines_autotune(train_dir, eval_dir):
+  """tf.data tunes the parallelism of the application's pipelines (the
+  tests' distributed inputs turn it off: tests/conftest.py)."""
+  for data_dir, training in ((train_dir, True), (eval_dir, False)):
+    ds = data_pipeline.build_input(_cfg(data_dir), SIZE, training,
+                                   8).fn(input_context(1, 0, 2))
+    assert ds.options().autotune.enabled is True
+
+
 @pytest.mark.parametrize('training', [False, True])
 def test_images_are_raw_rgb_solid_colors(eval_dir, train_dir, training):
   """Solid-colour JPEGs: every pixel is the colour on the 0..255 scale."""
