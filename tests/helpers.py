@@ -4,6 +4,7 @@ too)."""
 
 import socket
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -95,3 +96,28 @@ def file_digests(directory, with_mtime: bool = False) -> dict:
       out[os.path.relpath(path, directory)] = (
           (digest, os.stat(path).st_mtime_ns) if with_mtime else digest)
   return out
+
+
+def train_custom_loop(strategy, model, optimizer, xs, ys, global_batch,
+                      extra_loss=None):
+  """The custom loop an integrator writes, on the global batches `xs`, `ys`
+  split over the replicas: each replica's summed cross entropy over the
+  global batch (plus `extra_loss(model)` divided by the replicas), the
+  gradients applied by Keras (all-reduced with SUM)."""
+
+  @tf.function
+  def train_step(x, y):
+    def step_fn(x, y):
+      with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        per_example = keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True)
+        loss = tf.reduce_sum(per_example) / global_batch
+        if extra_loss is not None:
+          loss += extra_loss(model) / strategy.num_replicas_in_sync
+      grads = tape.gradient(loss, model.trainable_variables)
+      optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    strategy.run(step_fn, args=(x, y))
+
+  for x, y in zip(xs, ys):
+    train_step(split_batch(strategy, x), split_batch(strategy, y))

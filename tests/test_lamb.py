@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from efficientnet_tpu import optimizers
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
-from tests.helpers import cpu_replicas, split_batch
+from tests.helpers import cpu_replicas, train_custom_loop
 from tests.test_optimizers import _apply, _model, _random_grads  # pylint: disable=protected-access
 from tests.test_optimizers import assert_round_trip
 
@@ -234,20 +234,7 @@ def _train(strategy, init_weights, xs, ys):
     opt = optimizers.build_lamb(0.05, weight_decay=0.01)
     opt.build(model.trainable_variables)
 
-  @tf.function
-  def train_step(x, y):
-    def step_fn(x, y):
-      with tf.GradientTape() as tape:
-        logits = model(x, training=True)
-        per_example = keras.losses.sparse_categorical_crossentropy(
-            y, logits, from_logits=True)
-        loss = tf.reduce_sum(per_example) / GLOBAL_BATCH
-      grads = tape.gradient(loss, model.trainable_variables)
-      opt.apply_gradients(zip(grads, model.trainable_variables))
-    strategy.run(step_fn, args=(x, y))
-
-  for x, y in zip(xs, ys):
-    train_step(split_batch(strategy, x), split_batch(strategy, y))
+  train_custom_loop(strategy, model, opt, xs, ys, GLOBAL_BATCH)
   return ([v.numpy() for v in model.trainable_variables],
           int(opt.iterations.numpy()))
 

@@ -11,7 +11,7 @@ from efficientnet_tpu import distribute
 from efficientnet_tpu import optimizers
 from efficientnet_tpu.config import ConfigError, OptimizerConfig
 from tests.gpu_path import forced_gpu_path
-from tests.helpers import cpu_replicas, local_values, split_batch
+from tests.helpers import cpu_replicas, local_values, train_custom_loop
 
 DEFAULT_EXCLUDE = (r'(^|/)gamma$', r'(^|/)beta$', r'(^|/)bias$')
 
@@ -336,23 +336,9 @@ def _train(strategy, init_weights, xs, ys, opt_cfg, lr):
     model.set_weights(init_weights)
     opt = optimizers.build_optimizer(opt_cfg, lr)
     opt.build(model.trainable_variables)
-  n = strategy.num_replicas_in_sync
-
-  @tf.function
-  def train_step(x, y):
-    def step_fn(x, y):
-      with tf.GradientTape() as tape:
-        logits = model(x, training=True)
-        per_example = keras.losses.sparse_categorical_crossentropy(
-            y, logits, from_logits=True)
-        loss = tf.reduce_sum(per_example) / GLOBAL_BATCH
-        loss += optimizers.l2_loss(opt_cfg, model.trainable_variables) / n
-      grads = tape.gradient(loss, model.trainable_variables)
-      opt.apply_gradients(zip(grads, model.trainable_variables))
-    strategy.run(step_fn, args=(x, y))
-
-  for x, y in zip(xs, ys):
-    train_step(split_batch(strategy, x), split_batch(strategy, y))
+  train_custom_loop(
+      strategy, model, opt, xs, ys, GLOBAL_BATCH,
+      lambda m: optimizers.l2_loss(opt_cfg, m.trainable_variables))
   return [v.numpy() for v in model.trainable_variables], int(opt.iterations.numpy())
 
 
@@ -390,19 +376,7 @@ def _train_copies(strategy, init_weights, xs, ys, opt):
     opt = opt()
     opt.build(model.trainable_variables)
 
-  @tf.function
-  def train_step(x, y):
-    def step_fn(x, y):
-      with tf.GradientTape() as tape:
-        logits = model(x, training=True)
-        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
-            y, logits, from_logits=True)) / GLOBAL_BATCH
-      grads = tape.gradient(loss, model.trainable_variables)
-      opt.apply_gradients(zip(grads, model.trainable_variables))
-    strategy.run(step_fn, args=(x, y))
-
-  for x, y in zip(xs, ys):
-    train_step(split_batch(strategy, x), split_batch(strategy, y))
+  train_custom_loop(strategy, model, opt, xs, ys, GLOBAL_BATCH)
   return [local_values(strategy, v.value)
           for v in model.trainable_variables + opt.variables]
 
