@@ -88,8 +88,8 @@ class Evaluator:
         per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
         return input_fn(ctx).take(steps * per_pipeline).repeat()
 
-      self._iterator = iter(replicated.distribute_input(self.strategy,
-                                                        passes))
+      self._iterator = replicated.iterate(
+          replicated.distribute_input(self.strategy, passes))
       self._eval_loop_fn = replicated.replicated_loop(
           self.strategy, self.replica_step)
     if self._eval_loop_fn.experimental_get_tracing_count() == 0:

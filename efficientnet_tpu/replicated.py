@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Dict, Sequence
 
 import tensorflow as tf
+from tensorflow.python.data.ops import multi_device_iterator_ops
 
 
 def sum_variable(name: str, dtype=tf.float32) -> tf.Variable:
@@ -65,6 +68,51 @@ def distribute_input(strategy: tf.distribute.Strategy, input_fn):
       experimental_fetch_to_device=True,
       experimental_per_replica_buffer_size=2)
   return strategy.distribute_datasets_from_function(input_fn, options)
+
+
+def iterate(distributed_dataset):
+  """`iter(distributed_dataset)`, its per-device stages not autotuned.
+
+  A distributed iterator reads each host's pipeline into one
+  `MultiDeviceIterator`, which builds a small pipeline per device (a
+  generator and a fixed prefetch buffer) with tf.data's default options:
+  autotuning on, one tuning thread per device with nothing to tune.
+  Deleting the iterator waits for each of those threads in turn, and on a
+  busy host each wait can last the thread's whole tuning interval (up to a
+  minute): 142 s for an 8-device iterator with the cores busy, 0.2-0.5 s
+  with the per-device stages untuned (benchmarks/iterator_teardown.py).
+  That wait lands where the iterator dies: at the end of every run. The
+  hosts' own pipelines keep their options (autotuning included).
+  """
+  with _untuned_device_stages():
+    return iter(distributed_dataset)
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _untuned_device_stages():
+  """While open, `MultiDeviceIterator`s build their per-device pipelines
+  without autotuning. TF has no option for those pipelines, so this wraps
+  the (private) function that builds them, for this block only; where a
+  TF version lacks it, nothing changes."""
+  build = getattr(multi_device_iterator_ops, '_create_device_dataset', None)
+  if build is None:
+    yield
+    return
+  options = tf.data.Options()
+  options.autotune.enabled = False
+
+  def untuned(*args, **kwargs):
+    return build(*args, **kwargs).with_options(options)
+
+  with _PATCH_LOCK:
+    multi_device_iterator_ops._create_device_dataset = untuned  # pylint: disable=protected-access
+    try:
+      yield
+    finally:
+      multi_device_iterator_ops._create_device_dataset = build  # pylint: disable=protected-access
 
 
 def _unconverted(replica_step):

@@ -306,7 +306,7 @@ class Trainer:
       self._train_loop_fn = replicated.stoppable_loop(
           self.strategy, self.replica_step, self.stop.flag,
           agree=self._stop_by_agreement)
-      self._train_iterator = iter(self.distribute_input())
+      self._train_iterator = replicated.iterate(self.distribute_input())
       logging.info('Compiling the training step (%d replicas%s)...',
                    self.num_replicas,
                    ', XLA' if self.jit_compile or distribute.is_tpu(

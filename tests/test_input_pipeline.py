@@ -11,11 +11,14 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from tensorflow.python.data.ops import multi_device_iterator_ops
+
+from efficientnet_tpu import replicated
 from efficientnet_tpu.data import contract
 from efficientnet_tpu.data import pipeline as data_pipeline
 from efficientnet_tpu.data import preprocessing
 from efficientnet_tpu.config import ConfigError, DataConfig
-from tests.helpers import input_context
+from tests.helpers import cpu_replicas, input_context
 
 SIZE = 16
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
@@ -233,6 +236,35 @@ def test_the_applications_pipelines_autotune(train_dir, eval_dir):
     ds = data_pipeline.build_input(_cfg(data_dir), SIZE, training,
                                    8).fn(input_context(1, 0, 2))
     assert ds.options().autotune.enabled is True
+
+
+def _device_stages_autotune(iterator):
+  """Whether each per-device stage of a distributed iterator (one host)
+  autotunes: None is TF's default, which is on."""
+  # pylint: disable=protected-access
+  devices = iterator._iterators[0]._iterator._device_iterators
+  return [d._dataset.options().autotune.enabled for d in devices]
+
+
+def test_distributed_iterators_do_not_tune_the_per_device_stages():
+  """replicated.iterate: the stages TF adds per device (nothing to tune;
+  deleting their tuning threads waits, see its docstring) do not
+  autotune, the same batches arrive, and TF's builder is itself again
+  afterwards."""
+  strategy = cpu_replicas(2)
+  builder = multi_device_iterator_ops._create_device_dataset  # pylint: disable=protected-access
+  dataset = replicated.distribute_input(
+      strategy, lambda ctx: tf.data.Dataset.range(20).batch(2))
+  plain, ours = iter(dataset), replicated.iterate(dataset)
+  assert _device_stages_autotune(plain) == [None, None]  # TF's default.
+  assert _device_stages_autotune(ours) == [False, False]
+  assert multi_device_iterator_ops._create_device_dataset is builder  # pylint: disable=protected-access
+  for _ in range(5):
+    want, got = next(plain), next(ours)
+    for a, b in zip(strategy.experimental_local_results(want),
+                    strategy.experimental_local_results(got)):
+      np.testing.assert_array_equal(a.numpy(), b.numpy())
+      assert a.device == b.device
 
 
 @pytest.mark.parametrize('training', [False, True])
