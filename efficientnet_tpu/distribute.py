@@ -237,6 +237,14 @@ def host_cpu_copies(strategy: tf.distribute.Strategy, variable):
   return strategy.experimental_local_results(variable)
 
 
+def read_on_its_device(copy) -> tf.Tensor:
+  """The value of one device's copy of a variable (a `host_cpu_copies`
+  element), read on that device: assigned to another device's copy, the
+  value then moves, not a read placed by the assign."""
+  with tf.device(copy.device):
+    return tf.convert_to_tensor(copy)
+
+
 def is_tpu(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
   """Whether `strategy` is a TPU strategy (the one TPU test of the package).
 

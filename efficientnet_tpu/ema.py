@@ -89,12 +89,11 @@ class ExponentialMovingAverage(tf.Module):
     the others; the others compute their own."""
     rate = 1.0 - self.decay_at(step)
     for average, var in zip(self.averages, self._model_variables):
-      averages = strategy.experimental_local_results(average)
-      values = strategy.experimental_local_results(_tf_variable(var))
+      averages = distribute.host_cpu_copies(strategy, average)
+      values = distribute.host_cpu_copies(strategy, var)
       for i, (copy, value) in enumerate(zip(averages, values)):
         if i and var.trainable:
-          with tf.device(averages[0].device):
-            first = tf.convert_to_tensor(averages[0])
+          first = distribute.read_on_its_device(averages[0])
           with tf.device(copy.device):
             copy.assign(first)
           continue

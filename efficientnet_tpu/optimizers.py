@@ -105,15 +105,11 @@ def _copy_from_first_device(optimizer, index, variable, slots) -> bool:
   first = first_device_copy(optimizer._trainable_variables[index], variable)
   if first is None:
     return False
+  strategy = tf.distribute.get_strategy()
   for slot in slots:
-    slot_first = tf.distribute.get_strategy().experimental_local_results(
-        slot.value)[0]
-    with tf.device(slot_first.device):
-      value = tf.convert_to_tensor(slot_first)
-    optimizer.assign(slot, value)
-  with tf.device(first.device):
-    value = tf.convert_to_tensor(first)
-  optimizer.assign(variable, value)
+    slot_first = distribute.host_cpu_copies(strategy, slot)[0]
+    optimizer.assign(slot, distribute.read_on_its_device(slot_first))
+  optimizer.assign(variable, distribute.read_on_its_device(first))
   return True
 
 
