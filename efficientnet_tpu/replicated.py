@@ -79,8 +79,10 @@ def iterate(distributed_dataset):
   autotuning on, one tuning thread per device with nothing to tune.
   Deleting the iterator waits for each of those threads in turn, and on a
   busy host each wait can last the thread's whole tuning interval (up to a
-  minute): 142 s for an 8-device iterator with the cores busy, 0.2-0.5 s
-  with the per-device stages untuned (benchmarks/iterator_teardown.py).
+  minute): a median of 142 s for an 8-device iterator with the cores
+  busy, 0.58 s with the per-device stages untuned
+  (benchmarks/iterator_teardown.py; its host pipeline's own tuning thread
+  still cost one 60 s wait in three rounds).
   That wait lands where the iterator dies: at the end of every run. The
   hosts' own pipelines keep their options (autotuning included).
   """
