@@ -422,3 +422,28 @@ def test_killed_conversion_leaves_nothing_that_looks_complete(
                            progress=False, num_threads=2)
     assert _listing(out) == [dataset_info.FILENAME, 'train-00000-of-00001',
                              'validation-00000-of-00001']
+
+
+def test_interruption_right_after_the_first_shard_is_created(tmp_path,
+                                                             monkeypatch):
+  """A SIGTERM raises `Interrupted` between any two bytecodes; one that lands
+  just after the first partial shard exists (here: in the progress bar's
+  set-up) still removes it."""
+  created = []
+  real_writer = tf.io.TFRecordWriter
+
+  def writer(path):
+    created.append(path)
+    return real_writer(path)
+
+  def interrupted(*args, **kwargs):
+    raise make_tfrecords.Interrupted('SIGTERM')
+
+  monkeypatch.setattr(tf.io, 'TFRecordWriter', writer)
+  monkeypatch.setattr(make_tfrecords.tqdm, 'tqdm', interrupted)
+  with pytest.raises(make_tfrecords.Interrupted):
+    make_tfrecords.write_split([], 2, str(tmp_path), 'validation', 1, 1, {},
+                               progress=False)
+  assert [os.path.basename(p) for p in created] == [
+      make_tfrecords.partial_name('validation-00000-of-00001')]
+  assert os.listdir(tmp_path) == []

@@ -603,10 +603,14 @@ def write_split(items: Iterable[Item], num_items: int, output_dir: str,
   shards = [Shard(os.path.join(output_dir, partial_name(n)),
                   os.path.join(output_dir, n), 0) for n in names]
   ends = [end for _, end in _shard_bounds(num_items, num_shards)]
-  shard, count, writer = 0, 0, tf.io.TFRecordWriter(shards[0].partial)
-  with tqdm.tqdm(total=num_items, desc=prefix, unit='img',
-                 disable=not progress) as bar:
-    try:
+  shard, count, writer = 0, 0, None
+  # Everything from the first file's creation on is inside the try: a
+  # SIGTERM (raised as `Interrupted` between any two bytecodes) right after
+  # it must remove it too; the caller only knows the shards returned.
+  try:
+    writer = tf.io.TFRecordWriter(shards[0].partial)
+    with tqdm.tqdm(total=num_items, desc=prefix, unit='img',
+                   disable=not progress) as bar:
       for item, record in _encoded_in_order(items, texts, num_threads,
                                             max_pixels):
         while count >= ends[shard]:
@@ -628,11 +632,12 @@ def write_split(items: Iterable[Item], num_items: int, output_dir: str,
         shards[shard].records += 1
         if labels_seen is not None:
           labels_seen.add(item[2])
-    except BaseException:
-      writer.close()
-      _remove_partials(shards)
-      raise
     writer.close()
+  except BaseException:
+    if writer is not None:
+      writer.close()
+    _remove_partials(shards)
+    raise
   if count != num_items:
     raise ConversionError(f'{prefix}: expected {num_items} images, read '
                           f'{count}')
