@@ -16,7 +16,12 @@ Everything here except `group_assignment` and
 
 from __future__ import annotations
 
-from typing import List
+import contextlib
+import dataclasses
+import functools
+import itertools
+import threading
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -30,10 +35,139 @@ def group_assignment(num_replicas: int, group_size: int) -> List[List[int]]:
   return np.arange(num_replicas).reshape(-1, g).tolist()
 
 
+@dataclasses.dataclass(frozen=True)
+class TracedReplica:
+  """A replica step traced once for every replica (`step.TracedOnceForwardBackward`).
+
+  While its trace is built, the collectives here and the replica's draws
+  (`replica_index`) take the replica id and count from this, not from a
+  `tf.distribute` replica context: the same function body then runs on
+  every device, its group sums TF's collective ops (each replica finds its
+  group at run time from its id), one instance key per call site and trace.
+
+  Attributes:
+    handle: the replica's `replica_handle`, a parameter of the traced
+      function: the id is read from it, and it orders the collectives of
+      each device (TF's automatic control dependencies chain the ops that
+      use one resource).
+    devices: the replicas' devices, in replica order.
+  """
+  handle: tf.Tensor
+  devices: Tuple[str, ...]
+
+  @property
+  def num_replicas(self) -> int:
+    return len(self.devices)
+
+  @functools.cached_property
+  def replica_id(self) -> tf.Tensor:
+    return tf.raw_ops.ReadVariableOp(resource=self.handle, dtype=tf.int32)
+
+
+_traced = threading.local()
+# Collective group keys of traced replica steps, one per set of devices (a
+# key must name the same devices for the life of the process); far above
+# the ones tf.distribute's CollectiveKeys hands out (from 1).
+_group_keys = {}
+_GROUP_KEY_BASE = 1 << 28
+# Instance keys: new ones for every trace (an instance key names one call
+# site with one shape and dtype for the life of the process).
+_instance_keys = itertools.count(1 << 28)
+_instance_keys_lock = threading.Lock()
+
+
+def _next_instance_key() -> int:
+  with _instance_keys_lock:
+    return next(_instance_keys)
+
+
+_replica_handles = {}
+
+
+def replica_handle(device: str, replica_id: int) -> tf.Tensor:
+  """The handle of an int32 resource on `device` holding `replica_id` (one
+  per device and id in the process): a replica's argument to a function
+  traced for every replica (`trace_for_every_replica`).
+
+  The function reads the replica id from it (`TracedReplica.replica_id`)
+  and orders its collectives on it. A resource, not a constant: a small
+  constant argument would be folded in, and TF's function optimizer then
+  specializes the function per call site, optimizing every copy (and, seen
+  on 8 CPU replicas, handing one replica another's id).
+  """
+  key = (device, int(replica_id))
+  with _instance_keys_lock:
+    if key not in _replica_handles:
+      # A bare resource, outside any strategy's scope and function.
+      with tf.init_scope(), tf.device(device):
+        handle = tf.raw_ops.VarHandleOp(
+            dtype=tf.int32, shape=[],
+            shared_name=f'efficientnet_tpu_replica_{len(_replica_handles)}')
+        tf.raw_ops.AssignVariableOp(resource=handle,
+                                    value=tf.constant(int(replica_id)))
+      _replica_handles[key] = handle
+    return _replica_handles[key]
+
+
+def _group_key(devices: Tuple[str, ...]) -> int:
+  with _instance_keys_lock:
+    return _group_keys.setdefault(devices, _GROUP_KEY_BASE + len(_group_keys))
+
+
+@contextlib.contextmanager
+def traced_replica(replica: TracedReplica) -> Iterator[None]:
+  """Within it (on this thread), this module's collectives act for
+  `replica` (see `TracedReplica`)."""
+  previous = getattr(_traced, 'replica', None)
+  _traced.replica = replica
+  try:
+    yield
+  finally:
+    _traced.replica = previous
+
+
+def _traced_replica() -> Optional[TracedReplica]:
+  return getattr(_traced, 'replica', None)
+
+
+def trace_for_every_replica(fn, *specs):
+  """`fn` traced once (a ConcreteFunction) for every replica to call on its
+  own device, with a `TracedReplica` of its own inside.
+
+  Traced with no device scope (the caller's would pin every op to one
+  replica's device) and never inlined: a call then runs on the caller's
+  device, its ops included. Inlined into the caller's graph, TF places a
+  function's ops that name no device by itself (most went to the first CPU
+  device, and the collectives of several replicas met on one device), and
+  its function optimizer would specialize and optimize a copy per call site.
+  Not autograph-converted (no tensor-dependent Python control flow).
+  """
+  with tf.device(None):
+    return tf.function(
+        fn, autograph=False,
+        experimental_attributes={'_noinline': True}).get_concrete_function(
+            *specs)
+
+
 def in_replica_context() -> bool:
-  """True inside `strategy.run` (including the default strategy's context)."""
+  """True inside `strategy.run` (including the default strategy's context)
+  or while a replica step is traced for every replica (`traced_replica`)."""
+  if _traced_replica() is not None:
+    return True
   return (not tf.distribute.in_cross_replica_context() and
           tf.distribute.get_replica_context() is not None)
+
+
+def replica_index() -> Tuple[tf.Tensor, int]:
+  """(this replica's id, replicas in sync), in replica context or while a
+  replica step is traced once for all (`traced_replica`); (0, 1) outside."""
+  traced = _traced_replica()
+  if traced is not None:
+    return traced.replica_id, traced.num_replicas
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None:
+    return tf.constant(0), 1
+  return ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync
 
 
 def _replica_context() -> tf.distribute.ReplicaContext:
@@ -54,9 +188,33 @@ def effective_group_size(group_size: int, num_replicas: int) -> int:
 
 def group_id(group_size: int) -> tf.Tensor:
   """This replica's group index (a scalar int32 tensor)."""
-  ctx = _replica_context()
-  rid = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
-  return rid // group_size
+  if _traced_replica() is None:
+    _replica_context()
+  rid, _ = replica_index()
+  return tf.cast(rid, tf.int32) // group_size
+
+
+def _traced_group_sum(x: tf.Tensor, group_size: int,
+                      traced: TracedReplica) -> tf.Tensor:
+  """Sum of `x` over this replica's group with TF's collective ops."""
+  groups = [tuple(traced.devices[i] for i in ids)
+            for ids in group_assignment(traced.num_replicas, group_size)]
+  # From `traced`, not from the thread's current replica: the gradient may
+  # be taken after the `traced_replica` scope has closed.
+  group_key = tf.gather(tf.constant([_group_key(d) for d in groups]),
+                        traced.replica_id // group_size)
+
+  @tf.custom_gradient
+  def _sum(x):
+    y = tf.raw_ops.CollectiveReduceV2(
+        input=x, group_size=tf.constant(group_size), group_key=group_key,
+        instance_key=tf.constant(_next_instance_key()),
+        ordering_token=[traced.handle], merge_op='Add',
+        final_op='Id', communication_hint='auto', timeout_seconds=0,
+        max_subdivs_per_device=-1)
+    return y, lambda dy: _traced_group_sum(dy, group_size, traced)
+
+  return _sum(x)
 
 
 def _group_mask(group_size: int, num_groups: int, dtype: tf.DType,
@@ -134,6 +292,10 @@ def grouped_sum(x: tf.Tensor, group_size: int) -> tf.Tensor:
     A tensor shaped like `x`, identical within each group. Differentiable:
     the gradient is the grouped sum of the incoming gradients.
   """
+  traced = _traced_replica()
+  if traced is not None:
+    g = effective_group_size(group_size, traced.num_replicas)
+    return x if g == 1 else _traced_group_sum(x, g, traced)
   ctx = _replica_context()
   num_replicas = ctx.num_replicas_in_sync
   g = effective_group_size(group_size, num_replicas)

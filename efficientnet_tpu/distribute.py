@@ -280,6 +280,23 @@ def runs_in_several_processes(strategy: tf.distribute.Strategy) -> bool:
           and num_input_pipelines(strategy) > 1)
 
 
+def trace_once_devices(strategy: tf.distribute.Strategy) -> Tuple[str, ...]:
+  """The devices of a MirroredStrategy over several CPU devices (the logical
+  CPU replicas), whose replica step can be traced once for all replicas
+  (`step.TracedOnceForwardBackward`); () for any other strategy.
+
+  GPUs keep MirroredStrategy's per-replica trace: the traced-once step's
+  collectives are untested on them.
+  """
+  if type(strategy) is not tf.distribute.MirroredStrategy:  # pylint: disable=unidiomatic-typecheck
+    return ()
+  devices = tuple(strategy.extended.worker_devices)
+  if len(devices) < 2 or any(
+      tf.DeviceSpec.from_string(d).device_type != 'CPU' for d in devices):
+    return ()
+  return devices
+
+
 def resolve_jit_compile(strategy: tf.distribute.Strategy,
                         requested: str) -> bool:
   """Whether the forward and backward pass run in an XLA-compiled function.

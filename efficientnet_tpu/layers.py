@@ -178,7 +178,7 @@ class GroupSyncBatchNormalization(keras.layers.Layer):
                        tf.reduce_mean(tf.square(x32), self._reduction_axes)],
                       axis=0)
     if collectives.in_replica_context():
-      num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+      _, num_replicas = collectives.replica_index()
       if num_replicas > 1:
         g = collectives.effective_group_size(self.group_size, num_replicas)
         local = collectives.grouped_sum(local, g) / g
@@ -282,10 +282,9 @@ def replica_uniform(shape, seed_generator: keras.random.SeedGenerator
   call (a local assign: the variable's aggregation is 'none').
   """
   seed = tf.cast(seed_generator.next(), tf.int64)
-  ctx = tf.distribute.get_replica_context()
-  if ctx is not None and ctx.num_replicas_in_sync > 1:
-    seed = tf.random.experimental.stateless_fold_in(
-        seed, ctx.replica_id_in_sync_group)
+  replica_id, num_replicas = collectives.replica_index()
+  if num_replicas > 1:
+    seed = tf.random.experimental.stateless_fold_in(seed, replica_id)
   return tf.random.stateless_uniform(shape, seed, dtype=tf.float32)
 
 

@@ -10,7 +10,9 @@ benchmarks call the same functions.
 * `normalize`: uint8 images from the host -> the model's compute dtype.
 * `forward_backward`: the loss (divided by the *global* batch: gradients
   are summed across replicas; plus the L2 term / replicas), float32 logits
-  and gradients; `compile_forward_backward` wraps it in XLA when on.
+  and gradients; `compile_forward_backward` wraps it in XLA when on, or,
+  on logical CPU replicas, traces it once for all of them
+  (`TracedOnceForwardBackward`).
 * `train_step`: forward and backward, the optimizer update (through the
   loss scale with float16), the EMA update and the metric sums
   (`TRAIN_SUMS`).
@@ -20,11 +22,13 @@ benchmarks call the same functions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Optional, Tuple
+import threading
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
+from efficientnet_tpu import collectives
 from efficientnet_tpu import distribute
 from efficientnet_tpu import layers
 from efficientnet_tpu import losses
@@ -62,6 +66,9 @@ class StepSpec:
     weight_decay_exclude: regexes on variable paths the L2 term leaves out.
     jit_compile: XLA for the forward and backward pass and eval's logits
       (`distribute.resolve_jit_compile`; TPUStrategy compiles everything).
+    trace_once_devices: the replicas' devices where the forward and backward
+      pass is traced once for all of them (`TracedOnceForwardBackward`:
+      MirroredStrategy over several CPU devices); () traces it per replica.
   """
   global_batch: int
   num_replicas: int
@@ -76,6 +83,7 @@ class StepSpec:
   weight_decay: float = 0.0
   weight_decay_exclude: Tuple[str, ...] = ()
   jit_compile: bool = False
+  trace_once_devices: Tuple[str, ...] = ()
 
   @property
   def mixes(self) -> bool:
@@ -92,6 +100,8 @@ class StepSpec:
     """
     opt = cfg.optimizer
     decays_itself = optimizers.optimizer_applies_weight_decay(opt)
+    jit_compile = distribute.resolve_jit_compile(strategy,
+                                                 cfg.train.jit_compile)
     return cls(
         global_batch=cfg.train.train_batch_size,
         num_replicas=strategy.num_replicas_in_sync,
@@ -104,8 +114,9 @@ class StepSpec:
         on_tpu=distribute.is_tpu(strategy),
         weight_decay=0.0 if decays_itself else opt.weight_decay,
         weight_decay_exclude=tuple(opt.weight_decay_exclude),
-        jit_compile=distribute.resolve_jit_compile(strategy,
-                                                   cfg.train.jit_compile))
+        jit_compile=jit_compile,
+        trace_once_devices=(() if jit_compile else
+                            distribute.trace_once_devices(strategy)))
 
 
 def compute_dtype(use_bfloat16: bool = False,
@@ -123,6 +134,46 @@ def normalize(spec: StepSpec, images: tf.Tensor) -> tf.Tensor:
   host-to-device link, and no per-image float work on the host CPU).
   """
   return preprocessing.normalize(images, spec.input_dtype, spec.on_tpu)
+
+
+def _loss_and_logits(spec: StepSpec, model: keras.Model, images: tf.Tensor,
+                     labels: tf.Tensor, seed: tf.Tensor,
+                     variables: Sequence[tf.Variable]):
+  """This replica's share of the loss, and the model's logits (the part of
+  `forward_backward` under the gradient tape)."""
+  x = normalize(spec, images)
+  if spec.mixes:
+    x, targets = mixing.mix_batch(
+        x, labels, spec.num_classes, spec.mixup_alpha, spec.cutmix_alpha,
+        spec.mixup_switch_prob, spec.label_smoothing, seed=seed)
+  logits = model(x, training=True)
+  if spec.mixes:
+    per_example = losses.soft_cross_entropy(targets, logits)
+  else:
+    per_example = losses.smoothed_cross_entropy(
+        labels, logits, spec.num_classes, spec.label_smoothing)
+  loss = tf.reduce_sum(per_example) / spec.global_batch
+  # Gradients are summed over replicas: each adds 1/R of the L2 term.
+  loss += optimizers.l2_penalty(spec.weight_decay, spec.weight_decay_exclude,
+                                variables) / spec.num_replicas
+  return loss, logits
+
+
+def _scaled(loss: tf.Tensor, scale: Optional[tf.Tensor]) -> tf.Tensor:
+  return loss if scale is None else loss * scale
+
+
+def _unscaled_gradients(tape: tf.GradientTape, scaled: tf.Tensor, variables,
+                        scale: Optional[tf.Tensor]):
+  """The gradients of `scaled` (taken under `tape`), divided by `scale`."""
+  # The optimizer all-reduces these; TF's differentiable all_reduce then
+  # walks the whole multi-replica graph at trace time, once per call. The
+  # gradients need no gradient of their own: stopping it cuts the trace of
+  # a tiny model on 8 CPU replicas from ~2 minutes to under one.
+  grads = [tf.stop_gradient(g) for g in tape.gradient(scaled, variables)]
+  if scale is not None:
+    grads = [g / scale for g in grads]
+  return grads
 
 
 def forward_backward(spec: StepSpec, model: keras.Model, images: tf.Tensor,
@@ -146,31 +197,114 @@ def forward_backward(spec: StepSpec, model: keras.Model, images: tf.Tensor,
   """
   variables = model.trainable_variables
   with tf.GradientTape() as tape:
-    x = normalize(spec, images)
-    if spec.mixes:
-      x, targets = mixing.mix_batch(
-          x, labels, spec.num_classes, spec.mixup_alpha, spec.cutmix_alpha,
-          spec.mixup_switch_prob, spec.label_smoothing, seed=seed)
-    logits = model(x, training=True)
-    if spec.mixes:
-      per_example = losses.soft_cross_entropy(targets, logits)
-    else:
-      per_example = losses.smoothed_cross_entropy(
-          labels, logits, spec.num_classes, spec.label_smoothing)
-    loss = tf.reduce_sum(per_example) / spec.global_batch
-    # Gradients are summed over replicas: each adds 1/R of the L2 term.
-    loss += optimizers.l2_penalty(spec.weight_decay,
-                                  spec.weight_decay_exclude,
-                                  variables) / spec.num_replicas
-    scaled = loss if scale is None else loss * scale
-  # The optimizer all-reduces these; TF's differentiable all_reduce then
-  # walks the whole multi-replica graph at trace time, once per call. The
-  # gradients need no gradient of their own: stopping it cuts the trace of
-  # a tiny model on 8 CPU replicas from ~2 minutes to under one.
-  grads = [tf.stop_gradient(g) for g in tape.gradient(scaled, variables)]
-  if scale is not None:
-    grads = [g / scale for g in grads]
+    loss, logits = _loss_and_logits(spec, model, images, labels, seed,
+                                    variables)
+    scaled = _scaled(loss, scale)
+  grads = _unscaled_gradients(tape, scaled, variables, scale)
   return loss, tf.cast(logits, tf.float32), grads
+
+
+class TracedOnceForwardBackward:
+  """`forward_backward` traced once and run on every replica's device.
+
+  MirroredStrategy traces the replica step once per replica (one thread
+  each, a copy of the model's forward and backward pass per device). Here
+  the pass is a function of the variables' values, traced once (in
+  Keras' `StatelessScope`, as `Layer.stateless_call` does) and called by
+  every replica with its own copies: the batch-norm group sums inside it are
+  TF's collective ops (`collectives.traced_replica`), which find their group
+  at run time from the replica id passed in. The replicas' calls are the
+  only per-replica part of the trace. The moving statistics and random
+  states it updates are assigned to the replica's copies after the call.
+
+  Called in replica context (`strategy.run`), like `forward_backward`.
+  """
+
+  def __init__(self, spec: StepSpec, model: keras.Model):
+    self._spec = spec
+    self._model = model
+    self._devices = tuple(spec.trace_once_devices)
+    self._lock = threading.Lock()
+    # {argument specs: (concrete function, indices of the non-trainable
+    # variables it updates)}
+    self._traced = {}
+
+  def _body(self, trainable, non_trainable, images, labels, seed, scale,
+            replica_handle):
+    model = self._model
+    mapping = (list(zip(model.trainable_variables, trainable)) +
+               list(zip(model.non_trainable_variables, non_trainable)))
+    replica = collectives.TracedReplica(replica_handle, self._devices)
+    with collectives.traced_replica(replica):
+      with tf.GradientTape() as tape:
+        tape.watch(trainable)
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+          before = [scope.get_current_value(v)
+                    for v in model.non_trainable_variables]
+          loss, logits = _loss_and_logits(self._spec, model, images, labels,
+                                          seed, model.trainable_variables)
+          after = [scope.get_current_value(v)
+                   for v in model.non_trainable_variables]
+        scaled = _scaled(loss, scale)
+      grads = _unscaled_gradients(tape, scaled, trainable, scale)
+    updated = [i for i, (b, a) in enumerate(zip(before, after)) if a is not b]
+    return ((loss, tf.cast(logits, tf.float32), grads,
+             [after[i] for i in updated]), updated)
+
+  def _concrete(self, args, replica: int):
+    """The function for `args`' shapes and dtypes, traced at its first
+    call (by the first replica), and the indices of the non-trainable
+    variables it updates.
+
+    Raises:
+      ValueError: replica `replica` (not the first) finds no trace for its
+        arguments: its batch's shape differs from the first replica's, and
+        a trace of its own would wait forever in collectives no other
+        replica joins.
+    """
+    # Shapes and dtypes only: every replica must get the one trace (its
+    # collectives' instance keys are the others'), and a spec made with
+    # `from_tensor` would carry the replica's tensor name.
+    specs = tf.nest.map_structure(
+        lambda t: None if t is None else tf.TensorSpec(t.shape, t.dtype), args)
+    key = tuple(tf.nest.flatten(specs))
+    with self._lock:
+      if key not in self._traced:
+        if replica != 0:
+          raise ValueError(
+              f'TracedOnceForwardBackward: replica {replica} was given '
+              f'arguments of other shapes or dtypes than the first replica '
+              f'(its images: {specs[2]}); every replica needs the same '
+              'per-replica batch shape')
+        updated = []
+
+        def fn(*fn_args):
+          outputs, indices = self._body(*fn_args)
+          updated.extend(indices)
+          return outputs
+
+        concrete = collectives.trace_for_every_replica(fn, *specs)
+        self._traced[key] = (concrete, tuple(updated))
+      return self._traced[key]
+
+  def __call__(self, images, labels, seed, scale=None):
+    model = self._model
+    replica_id, _ = collectives.replica_index()
+    index = tf.get_static_value(replica_id)
+    if index is None:
+      raise ValueError('TracedOnceForwardBackward: the replica id must be '
+                       'known when tracing (MirroredStrategy)')
+    trainable = [tf.convert_to_tensor(v) for v in model.trainable_variables]
+    non_trainable = [tf.convert_to_tensor(v)
+                     for v in model.non_trainable_variables]
+    args = (trainable, non_trainable, images, labels, seed, scale,
+            collectives.replica_handle(self._devices[int(index)], index))
+    concrete, updated = self._concrete(args, int(index))
+    loss, logits, grads, new_values = concrete(*args)
+    variables = model.non_trainable_variables
+    for i, value in zip(updated, new_values):
+      variables[i].assign(value)
+    return loss, logits, grads
 
 
 def _compiled(spec: StepSpec, fn: Callable) -> Callable:
@@ -189,6 +323,9 @@ def compile_forward_backward(spec: StepSpec, model: keras.Model) -> Callable:
   Make it once per model and hand it to `train_step`: one function, traced
   once for all replicas.
   """
+
+  if spec.trace_once_devices:
+    return TracedOnceForwardBackward(spec, model)
 
   def fn(images, labels, seed, scale=None):
     return forward_backward(spec, model, images, labels, seed, scale)

@@ -53,6 +53,47 @@ def test_grouped_sum_values_and_gradient(strategy, g):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize('g', [1, 2, 4, 0])
+def test_grouped_sum_traced_once_for_every_replica(strategy, g):
+  """One function, traced once with the replica id, token and devices as
+  `collectives.traced_replica` hands them, run on every replica's device:
+  TF's collective ops give the group sums and their gradients."""
+  rng = np.random.default_rng(10 + g)
+  x = rng.normal(size=(R, 3, 5)).astype(np.float32)
+  w = rng.normal(size=(R, 3, 5)).astype(np.float32)
+  devices = tuple(strategy.extended.worker_devices)
+
+  def body(x, w, handle):
+    replica = collectives.TracedReplica(handle, devices)
+    with collectives.traced_replica(replica):
+      assert collectives.replica_index() == (replica.replica_id, R)
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        s = collectives.grouped_sum(x, g)
+        loss = tf.reduce_sum(s * w)
+    return s, tape.gradient(loss, x)
+
+  spec = tf.TensorSpec([3, 5], tf.float32)
+  concrete = collectives.trace_for_every_replica(
+      body, spec, spec, tf.TensorSpec([], tf.resource))
+  # Left with the trace: outside, the default (single) replica again.
+  assert collectives.replica_index()[1] == 1
+
+  def replica(x, w):
+    rid = tf.get_static_value(
+        tf.distribute.get_replica_context().replica_id_in_sync_group)
+    return concrete(x, w, collectives.replica_handle(devices[rid], rid))
+
+  step = tf.function(lambda x, w: strategy.run(replica, args=(x, w)))
+  s_all, gx_all = [local_values(strategy, t) for t in step(
+      per_replica(strategy, x), per_replica(strategy, w))]
+  size = g or R
+  for r, (s, gx) in enumerate(zip(s_all, gx_all)):
+    members = np.arange(r // size * size, (r // size + 1) * size)
+    np.testing.assert_allclose(s, x[members].sum(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gx, w[members].sum(0), rtol=1e-6, atol=1e-6)
+
+
 def test_all_group_sums(strategy):
   x = np.random.default_rng(0).normal(size=(R, 4)).astype(np.float32)
 

@@ -12,7 +12,8 @@ from efficientnet_tpu import replicated
 from efficientnet_tpu import state as state_lib
 from efficientnet_tpu import step
 from efficientnet_tpu.config import DEFAULT_WEIGHT_DECAY_EXCLUDE
-from tests.helpers import cpu_replicas, small_config, strategy_for
+from tests.helpers import (cpu_replicas, local_values, per_replica,
+                           small_config, split_batch, strategy_for)
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
@@ -225,3 +226,94 @@ def test_float16_eval_feeds_float16_and_matches_float32(tmp_path):
   # float16 rounding may flip a near tie, no more.
   assert abs(got['top_1_accuracy'] * count - hits) <= 2, (got, hits)
   np.testing.assert_allclose(got['loss'], losses / count, rtol=1e-2)
+
+
+def _conv_ops(concrete):
+  """Convolution ops in a traced function, its function library included."""
+  graph_def = concrete.graph.as_graph_def()
+  nodes = list(graph_def.node)
+  for fdef in graph_def.library.function:
+    nodes.extend(fdef.node_def)
+  return sum(n.op in ('Conv2D', 'DepthwiseConv2dNative') for n in nodes)
+
+
+@pytest.mark.parametrize('group_size', [2, 0])
+def test_traced_once_step_matches_the_per_replica_trace(tmp_path, group_size):
+  """4 CPU replicas: the forward and backward pass traced once (TF's
+  collective ops for group BN, replica ids as inputs) gives every replica
+  the loss, gradients, logits, moving statistics and dropout draws of
+  MirroredStrategy's per-replica trace (tf.distribute's all-reduce), with
+  one copy of the model's convolutions instead of four."""
+  cfg = small_config(tmp_path, num_replicas=4,
+                     model=dict(num_label_classes=CLASSES, image_size=16,
+                                bn_group_size=group_size, dropout_rate=0.3,
+                                stochastic_depth_rate=0.3),
+                     optimizer=dict(label_smoothing=0.1, weight_decay=1e-3))
+  strategy = cpu_replicas(4)
+  spec = step.StepSpec.from_config(cfg, strategy)
+  assert spec.trace_once_devices == tuple(strategy.extended.worker_devices)
+  per_replica_spec = dataclasses.replace(spec, trace_once_devices=())
+  state = state_lib.build_model_state(cfg, strategy,
+                                      group_size or 4)
+  model = state.model
+  images, labels = _batch(32, seed=3)
+  batch = {'images': split_batch(strategy, images),
+           'labels': split_batch(strategy, labels)}
+  initial = [v.numpy() for v in model.variables]
+
+  def run(fb_fn):
+    for v, value in zip(model.variables, initial):
+      v.assign(value)
+
+    def replica(images, labels):
+      seed = tf.constant([1, 2], tf.int64)
+      loss, logits, grads = fb_fn(images, labels, seed)
+      stats = [tf.identity(v) for v in model.non_trainable_variables]
+      return loss, logits, grads, stats
+
+    fn = tf.function(lambda b: strategy.run(
+        replica, args=(b['images'], b['labels'])))
+    concrete = fn.get_concrete_function(batch)
+    out = concrete(batch)
+    return _conv_ops(concrete), tf.nest.map_structure(
+        lambda v: local_values(strategy, v), out)
+
+  traced_once = step.compile_forward_backward(spec, model)
+  assert isinstance(traced_once, step.TracedOnceForwardBackward)
+  once_convs, once = run(traced_once)
+  per_convs, want = run(step.compile_forward_backward(per_replica_spec, model))
+  assert per_convs == 4 * once_convs > 0
+  want_loss, want_logits, want_grads, want_stats = want
+  loss, logits, grads, stats = once
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-5)
+  for got_v, want_v in zip(grads, want_grads):
+    _assert_close_grads(got_v, want_v)
+  for got_v, want_v in zip(stats, want_stats):
+    np.testing.assert_allclose(got_v, want_v, rtol=1e-5, atol=1e-6)
+  # The draws and statistics are per replica (or per group), not shared.
+  assert not np.allclose(loss[0], loss[1])
+  moving_mean = next(i for i, v in enumerate(model.non_trainable_variables)
+                     if v.path.endswith('moving_mean'))
+  first = stats[moving_mean]
+  assert np.allclose(first[0], first[1]) and (
+      np.allclose(first[0], first[2]) == (group_size == 0))
+
+
+def test_traced_once_step_refuses_replicas_of_other_batch_shapes(tmp_path):
+  """A replica whose batch differs in shape from the first replica's would
+  need a trace of its own, whose collectives no other replica joins (a
+  hang): it is refused when tracing, naming the shapes."""
+  cfg = small_config(tmp_path, num_replicas=2,
+                     model=dict(num_label_classes=CLASSES, bn_group_size=0))
+  strategy = cpu_replicas(2)
+  spec = step.StepSpec.from_config(cfg, strategy)
+  state = state_lib.build_model_state(cfg, strategy, 2)
+  fb = step.compile_forward_backward(spec, state.model)
+  images = [_batch(n)[0] for n in (8, 4)]
+  labels = [_batch(n)[1] for n in (8, 4)]
+  batch = (per_replica(strategy, images), per_replica(strategy, labels))
+  run = tf.function(lambda x, y: strategy.run(
+      lambda a, b: fb(a, b, tf.constant([0, 0], tf.int64))[0], args=(x, y)))
+  with pytest.raises(ValueError, match=r'replica 1 .*\(4, 16, 16, 3\)'):
+    run.get_concrete_function(*batch)
