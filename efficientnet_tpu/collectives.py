@@ -92,8 +92,8 @@ def replica_handle(device: str, replica_id: int) -> tf.Tensor:
   The function reads the replica id from it (`TracedReplica.replica_id`)
   and orders its collectives on it. A resource, not a constant: a small
   constant argument would be folded in, and TF's function optimizer then
-  specializes the function per call site, optimizing every copy (and, seen
-  on 8 CPU replicas, handing one replica another's id).
+  specializes the function per call site and optimizes every copy (seen in
+  its log with the ids as constants).
   """
   key = (device, int(replica_id))
   with _instance_keys_lock:
@@ -135,12 +135,11 @@ def trace_for_every_replica(fn, *specs):
   own device, with a `TracedReplica` of its own inside.
 
   Traced with no device scope (the caller's would pin every op to one
-  replica's device) and never inlined: a call then runs on the caller's
-  device, its ops included. Inlined into the caller's graph, TF places a
-  function's ops that name no device by itself (most went to the first CPU
-  device, and the collectives of several replicas met on one device), and
-  its function optimizer would specialize and optimize a copy per call site.
-  Not autograph-converted (no tensor-dependent Python control flow).
+  replica's device): the collectives run where their replica's handle is
+  (a resource input). Never inlined: TF optimizes the body once per device
+  (Grappler's log), not as part of the caller's graph, which made the step
+  of 4 CPU replicas faster (benchmarks/README.md section 4). Not
+  autograph-converted (no tensor-dependent Python control flow).
   """
   with tf.device(None):
     return tf.function(
