@@ -73,11 +73,12 @@ _GROUP_KEY_BASE = 1 << 28
 # Instance keys: new ones for every trace (an instance key names one call
 # site with one shape and dtype for the life of the process).
 _instance_keys = itertools.count(1 << 28)
-_instance_keys_lock = threading.Lock()
+# Guards the key counters and the handle registry (replica threads trace).
+_lock = threading.Lock()
 
 
 def _next_instance_key() -> int:
-  with _instance_keys_lock:
+  with _lock:
     return next(_instance_keys)
 
 
@@ -96,7 +97,7 @@ def replica_handle(device: str, replica_id: int) -> tf.Tensor:
   its log with the ids as constants).
   """
   key = (device, int(replica_id))
-  with _instance_keys_lock:
+  with _lock:
     if key not in _replica_handles:
       # A bare resource, outside any strategy's scope and function.
       with tf.init_scope(), tf.device(device):
@@ -110,7 +111,7 @@ def replica_handle(device: str, replica_id: int) -> tf.Tensor:
 
 
 def _group_key(devices: Tuple[str, ...]) -> int:
-  with _instance_keys_lock:
+  with _lock:
     return _group_keys.setdefault(devices, _GROUP_KEY_BASE + len(_group_keys))
 
 
@@ -187,10 +188,9 @@ def effective_group_size(group_size: int, num_replicas: int) -> int:
 
 def group_id(group_size: int) -> tf.Tensor:
   """This replica's group index (a scalar int32 tensor)."""
-  if _traced_replica() is None:
-    _replica_context()
-  rid, _ = replica_index()
-  return tf.cast(rid, tf.int32) // group_size
+  ctx = _replica_context()
+  rid = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+  return rid // group_size
 
 
 def _traced_group_sum(x: tf.Tensor, group_size: int,

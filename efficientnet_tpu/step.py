@@ -318,10 +318,11 @@ def _compiled(spec: StepSpec, fn: Callable) -> Callable:
 
 def compile_forward_backward(spec: StepSpec, model: keras.Model) -> Callable:
   """`forward_backward` of `model`, `(images, labels, seed, scale=None) ->
-  (loss, logits, grads)`, XLA-compiled when `spec.jit_compile`.
+  (loss, logits, grads)`, XLA-compiled when `spec.jit_compile`, traced
+  once for all replicas when `spec.trace_once_devices`
+  (`TracedOnceForwardBackward`), else traced by each replica.
 
-  Make it once per model and hand it to `train_step`: one function, traced
-  once for all replicas.
+  Make it once per model and hand it to `train_step`.
   """
 
   if spec.trace_once_devices:
